@@ -1,0 +1,60 @@
+"""The ``albert`` command line. Each sub-command lives in its own module with a ``register``.
+
+User mistakes (:class:`~pyalbert.errors.AlbertError`) print one paragraph and exit non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pyalbert import __version__
+from pyalbert.errors import AlbertError
+from pyalbert.ui import console_err
+
+#: modules under pyalbert.cli, each with ``register(subparsers)``
+COMMAND_MODULES = ("config_cmd", "setup_cmd", "api_cmd", "smoke_cmd", "image_cmd", "client_cmd")
+
+
+def common_env(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--env`` and ``--config-dir``: which environment, from which config folder."""
+    parser.add_argument("--env", "-e", required=required, help="environment name (config/environments/NAME.toml)")
+    parser.add_argument("--config-dir", type=_path, default=None, help="config folder (default: ./config or $ALBERT_CONFIG_DIR)")
+
+
+def _path(value: str):
+    from pathlib import Path
+
+    return Path(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="albert",
+        description="Albert Deploy: serve open-weight LLMs behind an OpenAI-compatible API.",
+    )
+    parser.add_argument("--version", action="version", version=f"albert {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"pyalbert.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AlbertError as exc:
+        console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console_err.print("[yellow]interrupted[/]")
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

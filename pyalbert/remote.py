@@ -1,0 +1,202 @@
+"""The one place that executes commands: on a host over SSH (Fabric), locally, or not at all.
+
+Everything else builds :class:`~pyalbert.commands.base.Cmd` values. A runner logs the masked
+``display()`` form, sends secrets only on stdin or inside the rendered command, and turns
+connection failures into one-paragraph :class:`~pyalbert.errors.AlbertError` messages.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pyalbert.commands.base import Cmd
+from pyalbert.config.environment import HostSpec, SshSpec
+from pyalbert.errors import AlbertError, RemoteError
+
+
+@dataclass(frozen=True)
+class Result:
+    cmd: Cmd
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Runner(Protocol):
+    label: str
+
+    def run(self, cmd: Cmd, *, check: bool = True, timeout: float | None = None) -> Result: ...
+
+
+def _failed(label: str, result: Result) -> RemoteError:
+    detail = (result.stderr or result.stdout).strip().splitlines()[-15:]
+    text = "\n    ".join(detail) if detail else "(no output)"
+    return RemoteError(
+        f"on {label}: command failed with exit code {result.exit_code}: "
+        f"{result.cmd.display()}\n    {text}"
+    )
+
+
+@dataclass
+class LocalRunner:
+    """Runs commands on this machine (``bash -c``)."""
+
+    label: str = "localhost"
+    env: dict[str, str] | None = None
+
+    def run(self, cmd: Cmd, *, check: bool = True, timeout: float | None = None) -> Result:
+        try:
+            proc = subprocess.run(
+                ["bash", "-c", cmd.render()],
+                input=cmd.stdin_text,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, **(self.env or {})},
+            )
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"on {self.label}: timed out after {timeout}s: {cmd.display()}") from None
+        result = Result(cmd, proc.returncode, proc.stdout, proc.stderr)
+        if check and not result.ok:
+            raise _failed(self.label, result)
+        return result
+
+
+@dataclass
+class DryRunner:
+    """Connects nowhere: records what would run. Probes answer 'not there' (exit 1)."""
+
+    label: str
+    commands: list[Cmd] = field(default_factory=list)
+
+    def run(self, cmd: Cmd, *, check: bool = True, timeout: float | None = None) -> Result:
+        self.commands.append(cmd)
+        return Result(cmd, 0, "", "")
+
+
+def _known_hosts_file(ssh: SshSpec) -> str:
+    """known_hosts from ``$SSH_KNOWN_HOSTS`` (content or path), else ``~/.ssh/known_hosts``."""
+    value = os.environ.get(ssh.known_hosts_env, "")
+    if value and os.path.isfile(value):
+        return value
+    if value:
+        tmp = tempfile.NamedTemporaryFile("w", prefix="albert-known-hosts-", delete=False)
+        tmp.write(value if value.endswith("\n") else value + "\n")
+        tmp.close()
+        return tmp.name
+    return str(Path.home() / ".ssh" / "known_hosts")
+
+
+def _private_key(ssh: SshSpec) -> dict:
+    """connect_kwargs for the key in ``$SSH_PRIVATE_KEY`` (path or content), else the agent."""
+    import paramiko
+
+    value = os.environ.get(ssh.key_env, "")
+    if not value:
+        return {}
+    if os.path.isfile(value):
+        return {"key_filename": value, "look_for_keys": False, "allow_agent": False}
+    text = value if value.endswith("\n") else value + "\n"
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return {"pkey": kind.from_private_key(io.StringIO(text)), "look_for_keys": False,
+                    "allow_agent": False}
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise AlbertError(
+        f"${ssh.key_env} is neither a readable file nor a private key in OpenSSH/PEM form. "
+        f"Fix: set it as a GitLab 'File' variable holding the key, or unset it to use ssh-agent."
+    )
+
+
+@dataclass
+class SSHRunner:
+    """Runs commands on a host as its SSH user, host key checked against known_hosts."""
+
+    host: HostSpec
+    ssh: SshSpec = field(default_factory=SshSpec)
+    _conn: object | None = None
+
+    @property
+    def label(self) -> str:
+        return self.host.name
+
+    def connection(self):
+        if self._conn is None:
+            import paramiko
+            from fabric import Connection
+
+            conn = Connection(
+                self.host.address,
+                user=self.host.user,
+                port=self.host.port,
+                connect_timeout=self.ssh.connect_timeout_s,
+                connect_kwargs=_private_key(self.ssh),
+            )
+            # Fabric trusts unknown hosts by default; we never do.
+            conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            known = _known_hosts_file(self.ssh)
+            if os.path.isfile(known):
+                conn.client.load_host_keys(known)
+            self._open(conn, known)
+            self._conn = conn
+        return self._conn
+
+    def _open(self, conn, known: str) -> None:
+        import paramiko
+
+        where = f"host {self.host.name} ({self.host.user}@{self.host.address}:{self.host.port})"
+        try:
+            conn.open()
+        except paramiko.AuthenticationException:
+            raise AlbertError(
+                f"{where} rejected the SSH key. Fix: add the public key of ${self.ssh.key_env} "
+                f"to ~{self.host.user}/.ssh/authorized_keys on the host (run provision), or set "
+                f"${self.ssh.key_env} to the right key."
+            ) from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc) or "known_hosts" in str(exc):
+                raise AlbertError(
+                    f"{where} presented a host key that is not in known_hosts ({known}). Fix: add "
+                    f"its key (ssh-keyscan -p {self.host.port} {self.host.address}, checked out of "
+                    f"band) to ${self.ssh.known_hosts_env} or ~/.ssh/known_hosts."
+                ) from None
+            raise AlbertError(f"{where}: SSH failed: {exc}") from None
+        except (TimeoutError, OSError) as exc:
+            raise AlbertError(
+                f"{where} is unreachable ({exc.__class__.__name__}: {exc}). Fix: check the address "
+                f"and port in the environment file, the network, and that sshd runs."
+            ) from None
+
+    def run(self, cmd: Cmd, *, check: bool = True, timeout: float | None = None) -> Result:
+        conn = self.connection()
+        stdin = cmd.stdin_text
+        res = conn.run(
+            cmd.render(),
+            hide=True,
+            warn=True,
+            in_stream=io.StringIO(stdin) if stdin is not None else False,
+            timeout=timeout,
+        )
+        result = Result(cmd, res.exited, res.stdout, res.stderr)
+        if check and not result.ok:
+            raise _failed(self.label, result)
+        return result
+
+    def put(self, local: str, remote: str) -> None:
+        self.connection().put(local, remote)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # type: ignore[attr-defined]
+            self._conn = None

@@ -1,0 +1,179 @@
+"""The config model: every bad input names file, key and fix; good input resolves to a plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyalbert.config import load_spec, resolve_plan
+from pyalbert.errors import ConfigError
+
+
+def check(factory, env: str = "test"):
+    return load_spec(env, factory.root)
+
+
+def error_of(factory, env: str = "test") -> str:
+    with pytest.raises(ConfigError) as info:
+        check(factory, env)
+    return str(info.value)
+
+
+def test_valid_config_resolves_hosts_ports_and_gpus(simple_config):
+    plan = resolve_plan(check(simple_config))
+    assert [(i.name, i.host.name, i.port, i.gpu_ids) for i in plan.vllm] == [
+        ("albert-test-vllm-small", "gpu-1", 8001, (0,)),
+        ("albert-test-vllm-other", "gpu-1", 8002, (0,)),
+    ]
+    assert plan.backends == {"small": ["http://10.0.0.1:8001"], "other": ["http://10.0.0.1:8002"]}
+    assert [a.name for a in plan.api] == ["albert-test-api"]
+
+
+def test_unknown_key_names_file_key_and_suggests_spelling(simple_config):
+    simple_config.routing({"small": {"model": "org/small", "port": 8001, "gpu_mem_usee": 0.4}})
+    message = error_of(simple_config)
+    assert "llm_routing_table.json" in message
+    assert "small.gpu_mem_usee" in message
+    assert "did you mean 'gpu_mem_use'" in message
+
+
+def test_unknown_key_in_environment_file(simple_config):
+    simple_config.env('routing_tabel = "x.json"\n' + "[[hosts]]\nname='a'\naddress='h'\n")
+    message = error_of(simple_config)
+    assert "test.toml" in message and "routing_tabel" in message and "routing_table" in message
+
+
+def test_legacy_tensor_parralel_size_is_read_with_a_warning(simple_config):
+    simple_config.routing({"small": {"model": "org/small", "port": 8001, "tensor_parralel_size": 1}})
+    spec = check(simple_config)
+    assert spec.models["small"].tensor_parallel_size == 1
+    assert any("tensor_parralel_size" in n and "tensor_parallel_size" in n for n in spec.notes)
+
+
+def test_both_spellings_of_tensor_parallel_size_is_an_error(simple_config):
+    simple_config.routing(
+        {"small": {"model": "o/s", "port": 8001, "tensor_parralel_size": 1, "tensor_parallel_size": 1}}
+    )
+    assert "keep only 'tensor_parallel_size'" in error_of(simple_config)
+
+
+def test_duplicate_ports_on_one_host(simple_config):
+    simple_config.routing(
+        {
+            "a": {"model": "org/a", "port": 8001, "gpu_mem_use": 0.3},
+            "b": {"model": "org/b", "port": 8001, "gpu_mem_use": 0.3},
+        }
+    )
+    message = error_of(simple_config)
+    assert "b.port" in message and "8001" in message and "model 'a'" in message
+
+
+def test_port_clash_with_the_api(simple_config):
+    simple_config.routing({"a": {"model": "org/a", "port": 8080}})
+    assert "api service" in error_of(simple_config)
+
+
+def test_gpu_oversubscription(simple_config):
+    simple_config.routing(
+        {
+            "a": {"model": "org/a", "port": 8001, "gpu_mem_use": 0.6},
+            "b": {"model": "org/b", "port": 8002, "gpu_mem_use": 0.6},
+        }
+    )
+    message = error_of(simple_config)
+    assert "GPU over-subscription on host gpu-1" in message and "'b'" not in message.split("key")[0]
+    assert "key 'b'" in message and "lower gpu_mem_use" in message
+
+
+def test_tensor_parallel_wider_than_host(simple_config):
+    simple_config.routing({"a": {"model": "org/a", "port": 8001, "tensor_parallel_size": 2}})
+    assert "tensor_parallel_size 2 > 1 GPU(s) on host gpu-1" in error_of(simple_config)
+
+
+def test_tensor_parallel_spreads_over_gpus(config_factory):
+    config_factory.env("[[hosts]]\nname='big'\naddress='h'\ngpus=4\n")
+    config_factory.routing(
+        {
+            "a": {"model": "org/a", "port": 8001, "tensor_parallel_size": 2, "gpu_mem_use": 0.9},
+            "b": {"model": "org/b", "port": 8002, "tensor_parallel_size": 2, "gpu_mem_use": 0.9},
+        }
+    )
+    plan = resolve_plan(check(config_factory))
+    assert [i.gpu_ids for i in plan.vllm] == [(0, 1), (2, 3)]
+
+
+@pytest.mark.parametrize(
+    "model_id", ["../etc", "a b", "/abs", ".hidden", "a/b/c", "org/..", ""], ids=repr
+)
+def test_invalid_model_ids(simple_config, model_id):
+    simple_config.routing({model_id: {"model": "org/a", "port": 8001}})
+    assert "not a valid model id" in error_of(simple_config)
+
+
+def test_invalid_hub_repo_id(simple_config):
+    simple_config.routing({"a": {"model": "org/../../x", "port": 8001}})
+    assert "a.model" in error_of(simple_config)
+
+
+def test_malformed_json_gives_line_and_column(simple_config):
+    simple_config.routing('{\n  "a": {"model": "org/a", "port": 8001,}\n}')
+    message = error_of(simple_config)
+    assert "malformed JSON at line 2, column" in message and "llm_routing_table.json" in message
+
+
+def test_malformed_toml(simple_config):
+    simple_config.env("[[hosts]\nname=")
+    assert "malformed TOML" in error_of(simple_config)
+
+
+def test_unknown_environment_lists_known_ones(simple_config):
+    message = error_of(simple_config, env="nope")
+    assert "no environment named 'nope'" in message and "test" in message
+
+
+def test_gpu_memory_fraction_bounds(simple_config):
+    simple_config.routing({"a": {"model": "org/a", "port": 8001, "gpu_mem_use": 1.5}})
+    assert "a.gpu_mem_use" in error_of(simple_config)
+
+
+def test_replicas_spread_over_hosts(config_factory):
+    config_factory.env(
+        "[[hosts]]\nname='h1'\naddress='10.0.0.1'\ngpus=1\n"
+        "[[hosts]]\nname='h2'\naddress='10.0.0.2'\ngpus=1\nservices=['vllm']\n"
+    )
+    config_factory.routing({"a": {"model": "org/a", "port": 8001, "replicas": 2}})
+    plan = resolve_plan(check(config_factory))
+    assert plan.backends == {"a": ["http://10.0.0.1:8001", "http://10.0.0.2:8001"]}
+
+
+def test_more_replicas_than_hosts(simple_config):
+    simple_config.routing({"a": {"model": "org/a", "port": 8001, "replicas": 3}})
+    assert "3 replicas but only 1 host" in error_of(simple_config)
+
+
+def test_placement_names_unknown_host(simple_config):
+    simple_config.env(
+        "[[hosts]]\nname='gpu-1'\naddress='h'\ngpus=1\n[placement]\nsmall=['gpu-9']\n"
+    )
+    assert "gpu-9" in error_of(simple_config)
+
+
+def test_cpu_host_rejects_tensor_parallel(config_factory):
+    config_factory.env("[[hosts]]\nname='cpu'\naddress='h'\n")
+    config_factory.routing({"a": {"model": "org/a", "port": 8001, "tensor_parallel_size": 2}})
+    assert "has no GPU" in error_of(config_factory)
+
+
+def test_secrets_come_from_the_environment(simple_config, monkeypatch, tmp_path):
+    spec = check(simple_config)
+    ref = spec.env.secrets["hf_token"]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert ref.resolve() is None
+    monkeypatch.setenv("HF_TOKEN", "hf_abc")
+    assert ref.resolve().get_secret_value() == "hf_abc"
+    assert "hf_abc" not in repr(ref.resolve())
+
+
+def test_repo_environments_are_valid():
+    for env in ("local", "staging", "production"):
+        plan = resolve_plan(load_spec(env))
+        assert plan.vllm and plan.api
