@@ -16,7 +16,15 @@ from pyalbert.errors import AlbertError
 from pyalbert.ui import console_err
 
 #: modules under pyalbert.cli, each with ``register(subparsers)``
-COMMAND_MODULES = ("config_cmd", "setup_cmd", "api_cmd", "smoke_cmd", "image_cmd", "client_cmd")
+COMMAND_MODULES = (
+    "config_cmd",
+    "setup_cmd",
+    "whitelist_cmd",
+    "api_cmd",
+    "smoke_cmd",
+    "image_cmd",
+    "client_cmd",
+)
 
 
 def common_env(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
