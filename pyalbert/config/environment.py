@@ -68,8 +68,14 @@ def _default_secrets() -> dict[str, SecretRef]:
         ),
         "api_keys": SecretRef(
             env="ALBERT_API_KEYS",
+            file=True,
             required=False,
-            description="API keys file of the gateway (one key per line, or JSON)",
+            description="API keys file of the gateway (hashed keys, per-key models and limits)",
+        ),
+        "api_key": SecretRef(
+            env="ALBERT_API_KEY",
+            required=False,
+            description="a client key the smoke test calls the api with",
         ),
     }
 

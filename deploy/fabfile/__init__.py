@@ -1,0 +1,9 @@
+"""Fabric tasks (``fab --list``): thin wrappers that load config, build a plan, run it, report.
+
+Run from ``deploy/`` (``cd deploy && fab deploy --env staging``) or anywhere with
+``fab -r deploy ...``. Each module below owns one group of tasks.
+"""
+
+from invoke import Collection
+
+ns = Collection()
