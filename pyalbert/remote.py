@@ -90,9 +90,8 @@ def _known_hosts_file(ssh: SshSpec) -> str:
     if value and os.path.isfile(value):
         return value
     if value:
-        tmp = tempfile.NamedTemporaryFile("w", prefix="albert-known-hosts-", delete=False)
-        tmp.write(value if value.endswith("\n") else value + "\n")
-        tmp.close()
+        with tempfile.NamedTemporaryFile("w", prefix="albert-known-hosts-", delete=False) as tmp:
+            tmp.write(value if value.endswith("\n") else value + "\n")
         return tmp.name
     return str(Path.home() / ".ssh" / "known_hosts")
 

@@ -40,7 +40,7 @@ class Raw:
     text: str
 
 
-Token = Union[str, Secret, Op, Raw]
+Token = Union[str, Secret, Op, Raw]  # noqa: UP007 (a runtime alias)
 Arg = Union[Token, int, float, "Cmd", None, bool, Iterable["Arg"]]
 
 
