@@ -1,0 +1,171 @@
+"""Docker images for tests, built only from local material (no registry pulls).
+
+A Debian rootfs made once with ``debootstrap`` (cached under ``$ALBERT_TEST_CACHE``), imported
+as ``albert-test/bookworm:base``; a Python image on top of it from ``.deb`` files fetched on the
+machine (containers have no network). A root-namespace ``dockerd`` builds them; namespace hosts
+get them with :func:`load_into`.
+
+Usable from several processes at once: every build step holds a file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+CACHE = Path(os.environ.get("ALBERT_TEST_CACHE", "/var/cache/albert-test"))
+ROOT_SOCKET = "/run/docker.sock"
+BASE_IMAGE = "albert-test/bookworm:base"
+PYTHON_IMAGE = "albert-test/python:bookworm"
+PYTHON_DEBS = ("python3", "python3-venv", "python3-pip", "ca-certificates", "curl", "procps")
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def docker(*args: str, socket: str = ROOT_SOCKET, **kwargs) -> subprocess.CompletedProcess:
+    return _run(["docker", "-H", f"unix://{socket}", *args], **kwargs)
+
+
+def ensure_dockerd(socket: str = ROOT_SOCKET, timeout: float = 60) -> str:
+    """A dockerd in the root namespace (started once, left running for later sessions)."""
+    probe = ["docker", "-H", f"unix://{socket}", "info", "--format", "{{.ServerVersion}}"]
+    if subprocess.run(probe, capture_output=True).returncode == 0:
+        return socket
+    with _locked("dockerd"):
+        if subprocess.run(probe, capture_output=True).returncode != 0:
+            log = open(CACHE / "dockerd.log", "ab")  # noqa: SIM115 - owned by the daemon
+            subprocess.Popen(
+                ["dockerd", "-H", f"unix://{socket}", "--shutdown-timeout=3"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout
+            while subprocess.run(probe, capture_output=True).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"dockerd did not start in {timeout}s: see {CACHE}/dockerd.log")
+                time.sleep(0.3)
+    return socket
+
+
+def debian_mirror() -> str:
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    return "http://deb.debian.org/debian"
+
+
+def ensure_rootfs() -> Path:
+    """A minimal Debian bookworm rootfs (debootstrap, ~30 s once)."""
+    rootfs = CACHE / "rootfs-bookworm"
+    with _locked("rootfs"):
+        if (rootfs / ".albert-complete").exists():
+            return rootfs
+        shutil.rmtree(rootfs, ignore_errors=True)
+        tmp = CACHE / "rootfs-bookworm.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), debian_mirror()])
+        shutil.copy("/etc/resolv.conf", tmp / "etc/resolv.conf")
+        _run(["chroot", str(tmp), "apt-get", "update", "-qq"])
+        (tmp / ".albert-complete").touch()
+        tmp.rename(rootfs)
+    return rootfs
+
+
+def image_exists(tag: str, socket: str = ROOT_SOCKET) -> bool:
+    probe = ["docker", "-H", f"unix://{socket}", "image", "inspect", tag]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def ensure_base_image(socket: str = ROOT_SOCKET) -> str:
+    ensure_dockerd(socket)
+    with _locked("base-image"):
+        if not image_exists(BASE_IMAGE, socket):
+            rootfs = ensure_rootfs()
+            tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude=./var/lib/apt/lists/*",
+                                    "--exclude=./var/cache/apt/*", "-c", "."], stdout=subprocess.PIPE)
+            docker("import", "-", BASE_IMAGE, socket=socket, stdin=tar.stdout)
+            tar.wait()
+    return BASE_IMAGE
+
+
+def fetch_debs(packages: tuple[str, ...], dest: Path) -> list[Path]:
+    """Download .deb files (with dependencies missing from the base) on the machine."""
+    rootfs = ensure_rootfs()
+    with _locked("debs"):
+        cache = rootfs / "tmp" / "albert-debs"
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "partial").mkdir(exist_ok=True)
+        _run(["chroot", str(rootfs), "apt-get", "install", "-y", "-qq", "--download-only",
+              "-o", "Dir::Cache::archives=/tmp/albert-debs", *packages])
+        dest.mkdir(parents=True, exist_ok=True)
+        debs = []
+        for deb in sorted(cache.glob("*.deb")):
+            shutil.copy(deb, dest / deb.name)
+            debs.append(dest / deb.name)
+    return debs
+
+
+def build(context: Path, tag: str, socket: str = ROOT_SOCKET, dockerfile: str = "Dockerfile",
+          build_args: dict[str, str] | None = None) -> str:
+    args = [f"--build-arg={k}={v}" for k, v in (build_args or {}).items()]
+    docker("build", "-q", "-t", tag, "-f", str(context / dockerfile), *args, str(context), socket=socket)
+    return tag
+
+
+def ensure_python_image(socket: str = ROOT_SOCKET) -> str:
+    """``albert-test/python:bookworm``: Debian python3 + venv + pip + curl, no network needed."""
+    ensure_base_image(socket)
+    with _locked("python-image"):
+        if not image_exists(PYTHON_IMAGE, socket):
+            with tempfile.TemporaryDirectory(prefix="albert-python-image-") as tmp:
+                context = Path(tmp)
+                fetch_debs(PYTHON_DEBS, context / "debs")
+                (context / "Dockerfile").write_text(
+                    f"FROM {BASE_IMAGE}\n"
+                    "COPY debs /tmp/debs\n"
+                    "RUN apt-get install -y -qq --no-install-recommends /tmp/debs/*.deb "
+                    "&& rm -rf /tmp/debs /var/lib/apt/lists/* /var/cache/apt/*\n"
+                    'CMD ["python3"]\n'
+                )
+                build(context, PYTHON_IMAGE, socket)
+    return PYTHON_IMAGE
+
+
+def save(tag: str, socket: str = ROOT_SOCKET) -> Path:
+    """``docker save`` of ``tag``, cached by image id (for loading into namespace hosts)."""
+    image_id = docker("image", "inspect", "--format", "{{.Id}}", tag, socket=socket).stdout.strip()
+    path = CACHE / "saved" / f"{image_id.replace(':', '-')}.tar"
+    with _locked("save"):
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            docker("save", "-o", f"{path}.partial", tag, socket=socket)
+            os.replace(f"{path}.partial", path)
+    return path
+
+
+def load_into(tag: str, target_socket: str, source_socket: str = ROOT_SOCKET) -> None:
+    """Make ``tag`` available to the dockerd behind ``target_socket`` (a namespace host's)."""
+    if image_exists(tag, target_socket):
+        return
+    docker("load", "-q", "-i", str(save(tag, source_socket)), socket=target_socket)
