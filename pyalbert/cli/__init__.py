@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "smoke_cmd",
     "image_cmd",
     "client_cmd",
+    "testhost_cmd",
 )
 
 

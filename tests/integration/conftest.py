@@ -1,5 +1,7 @@
 import pytest
 
+from tests.support.hosts import host_environment, make_host, one_host  # noqa: F401 (fixtures)
+
 
 def pytest_collection_modifyitems(items):
     for item in items:
