@@ -1,7 +1,73 @@
-"""Sub-commands of this module are added by their own issue."""
+"""``albert smoke --env ENV``: check a deployed environment end to end through its api."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from pyalbert.ui import console, console_err
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    del sub
+    from pyalbert.cli import common_env
+
+    smoke = sub.add_parser("smoke", help="end-to-end check of an environment's api (the pipeline's test job)")
+    common_env(smoke)
+    smoke.add_argument("--url", default=None,
+                       help="api base URL (default: the environment's url, else its first api host)")
+    smoke.add_argument("--junit", type=Path, default=None, help="write a JUnit XML report there")
+    smoke.add_argument("--timeout", type=_positive, default=60.0,
+                       help="per-request timeout in seconds (default 60)")
+    smoke.add_argument("--wait", type=_positive, default=120.0,
+                       help="how long to wait for the api and its models to come up (default 120 s)")
+    smoke.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each test chat")
+    smoke.set_defaults(func=smoke_command)
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    return number
+
+
+def target_for(args: argparse.Namespace):
+    from pyalbert.config import load_spec, resolve_plan
+    from pyalbert.errors import AlbertError
+    from pyalbert.smoke import SmokeTarget
+
+    spec = load_spec(args.env, args.config_dir)
+    env = spec.env
+    url = args.url or env.url or resolve_plan(spec).api[0].url
+    ref = env.secrets["api_key"]
+    key = ref.resolve()
+    if key is None:
+        raise AlbertError(
+            f"the smoke test of {env.name} needs a client API key and {ref.env} is not set. "
+            f"Fix: export {ref.env} with a key the gateway accepts (a masked CI/CD variable in "
+            f"GitLab; key 'secrets.api_key' of {spec.env_file.name} names the variable)."
+        )
+    return SmokeTarget(env=env.name, url=url.rstrip("/"), api_key=key.get_secret_value(),
+                       models=tuple(spec.models.ids()), whitelist_mode=env.api.whitelist_mode,
+                       timeout_s=args.timeout, wait_s=args.wait, max_tokens=args.max_tokens)
+
+
+def smoke_command(args: argparse.Namespace) -> int:
+    from pyalbert.smoke import run_smoke, summary_table, write_junit
+
+    target = target_for(args)
+    console.print(f"smoke test of [bold]{target.env}[/] at {target.url}: {len(target.models)} model(s), "
+                  f"whitelist mode {target.whitelist_mode}")
+    results = run_smoke(target)
+    console.print(summary_table(results, f"albert smoke {target.env}"))
+    if args.junit:
+        write_junit(args.junit, results, f"albert-smoke-{target.env}")
+        console.print(f"JUnit report: {args.junit}")
+    failed = [r for r in results if r.failed]
+    for r in failed:
+        console_err.print(f"[bold red]FAILED[/] {r.name}: {r.detail}", soft_wrap=True)
+    if failed:
+        console_err.print(f"[bold red]{len(failed)} of {len(results)} check(s) failed[/]")
+        return 1
+    console.print(f"[green]ok[/]: {len(results)} check(s) passed or skipped")
+    return 0
