@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "image_cmd",
     "client_cmd",
     "testhost_cmd",
+    "supervise_cmd",
 )
 
 

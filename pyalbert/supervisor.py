@@ -1,0 +1,259 @@
+"""A small process supervisor for hosts without systemd (test hosts, containers, some VMs).
+
+``albert supervise start NAME --state-dir DIR [--env-file F] -- CMD...`` detaches, writes
+``DIR/NAME.json`` (supervisor pid, child pid, restarts, state), runs CMD with its output appended
+to ``DIR/NAME.log`` (rotated at ``--log-max-bytes``, ``--log-backups`` kept), and restarts it when
+it exits with an error (backoff; gives up after ``--max-restarts`` within a minute and records
+``failed``). ``stop`` sends SIGTERM to the supervisor, which stops the child (SIGTERM, then
+SIGKILL after ``--stop-timeout``) and exits. ``status`` prints the state files as JSON.
+
+The venv runtime's builders (:mod:`pyalbert.commands.process`) call this on the host; systemd
+hosts get units instead. Stdlib only: it runs from the tools venv on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _state_path(state_dir: Path, name: str) -> Path:
+    return state_dir / f"{name}.json"
+
+
+def _write_state(state_dir: Path, **state) -> None:
+    path = _state_path(state_dir, state["name"])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not alive
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def read_env_file(path: str | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if not path:
+        return env
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        env[key.strip()] = value
+    return env
+
+
+class RotatingLog:
+    def __init__(self, path: Path, max_bytes: int, backups: int):
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.handle = open(path, "ab")  # noqa: SIM115 - lives as long as the supervisor
+
+    def write(self, data: bytes) -> None:
+        while data:
+            room = max(self.max_bytes - self.handle.tell(), 0)
+            self.handle.write(data[:room])
+            self.handle.flush()
+            data = data[room:]
+            if self.handle.tell() >= self.max_bytes:
+                self.rotate()
+
+    def rotate(self) -> None:
+        self.handle.close()
+        for i in range(self.backups - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{i}")
+            if src.exists():
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+        self.handle = open(self.path, "ab")  # noqa: SIM115
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """Runs in the detached supervisor process."""
+    state_dir, name = Path(args.state_dir), args.name
+    log = RotatingLog(state_dir / f"{name}.log", args.log_max_bytes, args.log_backups)
+    env = {**os.environ, **read_env_file(args.env_file)}
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def on_term(signum, frame):
+        nonlocal stopping
+        stopping = True
+        if child and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    restarts, recent = 0, []
+    started = time.time()
+    while True:
+        log.write(f"--- albert-supervise: starting {name} (restart {restarts})\n".encode())
+        child = subprocess.Popen(args.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=env, cwd=args.cwd or None)
+        _write_state(state_dir, name=name, supervisor_pid=os.getpid(), pid=child.pid,
+                     state="running", restarts=restarts, started=started, cmd=args.cmd)
+        _pump(child, log)
+        code = _wait(child, args.stop_timeout if stopping else None)
+        log.write(f"--- albert-supervise: {name} exited with {code}\n".encode())
+        if stopping:
+            _write_state(state_dir, name=name, supervisor_pid=None, pid=None, state="stopped",
+                         restarts=restarts, started=started, exit_code=code, cmd=args.cmd)
+            return 0
+        now = time.monotonic()
+        recent = [t for t in recent if now - t < 60] + [now]
+        if code == 0 and not args.restart_always or len(recent) > args.max_restarts:
+            state = "exited" if code == 0 else "failed"
+            _write_state(state_dir, name=name, supervisor_pid=None, pid=None, state=state,
+                         restarts=restarts, started=started, exit_code=code, cmd=args.cmd)
+            return 0 if code == 0 else 1
+        restarts += 1
+        _write_state(state_dir, name=name, supervisor_pid=os.getpid(), pid=None,
+                     state="restarting", restarts=restarts, started=started, exit_code=code,
+                     cmd=args.cmd)
+        time.sleep(min(2 ** len(recent) * 0.25, 10))
+        if stopping:
+            return 0
+
+
+def _pump(child: subprocess.Popen, log: RotatingLog) -> None:
+    """Copy the child's output to the log until it closes."""
+    assert child.stdout is not None
+    while chunk := child.stdout.read1(65536):  # type: ignore[attr-defined]
+        log.write(chunk)
+
+
+def _wait(child: subprocess.Popen, timeout: float | None) -> int:
+    try:
+        return child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
+
+
+def start(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    current = status_of(state_dir, args.name)
+    if current.get("running"):
+        print(f"{args.name}: already running (pid {current['pid']})")
+        return 0
+    if os.fork():  # parent: wait until the child wrote its state
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if status_of(state_dir, args.name).get("running"):
+                print(f"{args.name}: started")
+                return 0
+            time.sleep(0.05)
+        print(f"{args.name}: did not start, see {state_dir / (args.name + '.log')}", file=sys.stderr)
+        return 1
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    try:
+        code = supervise(args)
+    except BaseException:  # a bug: leave the traceback where the user looks
+        import traceback
+
+        with open(state_dir / f"{args.name}.log", "a") as log:
+            traceback.print_exc(file=log)
+        code = 70
+    os._exit(code)
+
+
+def status_of(state_dir: Path, name: str) -> dict:
+    path = _state_path(state_dir, name)
+    if not path.exists():
+        return {"name": name, "state": "absent", "running": False}
+    state = json.loads(path.read_text())
+    state["running"] = _alive(state.get("supervisor_pid")) and state.get("state") in {"running", "restarting"}
+    if not _alive(state.get("supervisor_pid")) and state.get("state") in {"running", "restarting"}:
+        state["state"] = "dead"
+    return state
+
+
+def stop(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    state = status_of(state_dir, args.name)
+    if not state["running"]:
+        print(f"{args.name}: not running")
+        return 0
+    os.kill(state["supervisor_pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.stop_timeout + 5
+    while time.monotonic() < deadline and _alive(state["supervisor_pid"]):
+        time.sleep(0.05)
+    if _alive(state["supervisor_pid"]):
+        for pid in (state.get("pid"), state["supervisor_pid"]):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    print(f"{args.name}: stopped")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    names = args.names or sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.exists() else []
+    print(json.dumps([status_of(state_dir, n) for n in names], sort_keys=True))
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="albert supervise", description=__doc__.splitlines()[0])
+    actions = parser.add_subparsers(dest="action", required=True)
+    p_start = actions.add_parser("start", help="start NAME detached and keep it running")
+    p_start.add_argument("name")
+    p_start.add_argument("--state-dir", required=True)
+    p_start.add_argument("--env-file")
+    p_start.add_argument("--cwd")
+    p_start.add_argument("--log-max-bytes", type=int, default=50 * 1024 * 1024)
+    p_start.add_argument("--log-backups", type=int, default=3)
+    p_start.add_argument("--max-restarts", type=int, default=5, help="per minute, then give up")
+    p_start.add_argument("--restart-always", action="store_true", help="restart on exit code 0 too")
+    p_start.add_argument("--stop-timeout", type=float, default=10)
+    p_start.add_argument("cmd", nargs="+")
+    p_start.set_defaults(func=start)
+    p_stop = actions.add_parser("stop", help="stop NAME and its process")
+    p_stop.add_argument("name")
+    p_stop.add_argument("--state-dir", required=True)
+    p_stop.add_argument("--stop-timeout", type=float, default=10)
+    p_stop.set_defaults(func=stop)
+    p_status = actions.add_parser("status", help="state of the supervised processes, as JSON")
+    p_status.add_argument("names", nargs="*")
+    p_status.add_argument("--state-dir", required=True)
+    p_status.set_defaults(func=status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

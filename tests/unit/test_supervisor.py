@@ -1,0 +1,94 @@
+"""The venv runtime's supervisor, with real processes on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PY = sys.executable
+
+
+def albert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "pyalbert.supervisor", *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def state(state_dir: Path, name: str) -> dict:
+    out = albert("status", name, "--state-dir", str(state_dir))
+    return json.loads(out.stdout)[0]
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    yield tmp_path
+    for path in tmp_path.glob("*.json"):
+        albert("stop", path.stem, "--state-dir", str(tmp_path), "--stop-timeout", "2")
+
+
+SERVER = "import time,sys; print('hello', flush=True); time.sleep(60)"
+
+
+def test_start_status_stop(state_dir):
+    out = albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", SERVER)
+    assert out.returncode == 0 and "started" in out.stdout
+    st = state(state_dir, "svc")
+    assert st["running"] and st["state"] == "running"
+    wait_for(lambda: "hello" in (state_dir / "svc.log").read_text())
+    again = albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", SERVER)
+    assert "already running" in again.stdout
+    child = st["pid"]
+    assert albert("stop", "svc", "--state-dir", str(state_dir)).returncode == 0
+    final = state(state_dir, "svc")
+    assert final["state"] == "stopped" and not final["running"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def test_crashed_process_is_restarted(state_dir):
+    albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", SERVER)
+    first = state(state_dir, "svc")["pid"]
+    os.kill(first, signal.SIGKILL)
+    restarted = wait_for(lambda: (s := state(state_dir, "svc"))["pid"] not in (None, first) and s)
+    assert restarted["restarts"] == 1 and restarted["running"]
+
+
+def test_crash_loop_gives_up_as_failed(state_dir):
+    albert("start", "bad", "--state-dir", str(state_dir), "--max-restarts", "2", "--",
+           PY, "-c", "import sys; sys.exit(3)")
+    final = wait_for(lambda: (s := state(state_dir, "bad"))["state"] == "failed" and s, timeout=20)
+    assert final["exit_code"] == 3 and final["restarts"] == 2 and not final["running"]
+
+
+def test_env_file_and_log_rotation(state_dir):
+    env = state_dir / "env"
+    env.write_text("# comment\nGREETING=bonjour tout le monde\n")
+    script = "import os; [print(os.environ['GREETING'], i, flush=True) for i in range(2000)]"
+    albert("start", "chatty", "--state-dir", str(state_dir), "--env-file", str(env),
+           "--log-max-bytes", "4096", "--log-backups", "2", "--", PY, "-c", script)
+    wait_for(lambda: state(state_dir, "chatty")["state"] == "exited")
+    logs = sorted(p.name for p in state_dir.glob("chatty.log*"))
+    assert logs == ["chatty.log", "chatty.log.1", "chatty.log.2"]
+    assert all(p.stat().st_size < 4096 + 200 for p in state_dir.glob("chatty.log*"))
+    assert "bonjour tout le monde 1999" in (state_dir / "chatty.log.1").read_text() + (
+        state_dir / "chatty.log").read_text()
+
+
+def test_status_of_unknown_name(state_dir):
+    assert state(state_dir, "nothing") == {"name": "nothing", "state": "absent", "running": False}
