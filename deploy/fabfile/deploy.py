@@ -1,0 +1,203 @@
+"""Deploy tasks: thin wrappers (parse args -> load spec -> plan -> deployer -> report).
+
+Every task takes ``--env``; ``deploy`` also takes ``--dry-run`` (the full command plan, no
+connection, secrets masked). The logic is in ``pyalbert.plans`` and ``pyalbert.deployer``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+from invoke import Exit, task
+
+
+def _spec(env: str, config_dir: str | None = None):
+    from pathlib import Path
+
+    from pyalbert.config import load_spec
+
+    return load_spec(env, Path(config_dir) if config_dir else None)
+
+
+def _errors(fn):
+    """An AlbertError becomes one paragraph and an exit code, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pyalbert.errors import AlbertError
+        from pyalbert.ui import console_err
+
+        try:
+            return fn(*args, **kwargs)
+        except AlbertError as exc:
+            console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+
+    return wrapper
+
+
+_ENV = {"env": "environment name (config/environments/NAME.toml)",
+        "config-dir": "config folder (default: ./config or $ALBERT_CONFIG_DIR)"}
+
+
+@task(help={**_ENV, "service": "vllm, api or all (default)", "model": "only this model id",
+            "dry-run": "print the command plan; connect nowhere", "message": "note in the lock"})
+@_errors
+def deploy(c, env, service="all", model=None, dry_run=False, message="", config_dir=None):
+    """Deploy the routing table's vLLM servers and the api; unchanged units are not restarted."""
+    from pyalbert.deployer import deploy_env
+
+    if service not in ("vllm", "api", "all"):
+        raise Exit(f"--service must be vllm, api or all (got {service!r})", code=2)
+    deploy_env(_spec(env, config_dir), service=service, model=model, dry_run=dry_run,
+               message=message)
+
+
+@task(help=_ENV)
+@_errors
+def status(c, env, config_dir=None):
+    """A table per host: containers, image, release, ports, state, health, GPU memory."""
+    from rich.table import Table
+
+    from pyalbert.deployer import status_env
+    from pyalbert.errors import AlbertError
+    from pyalbert.ui import console
+
+    for host, value in status_env(_spec(env, config_dir)).items():
+        if isinstance(value, AlbertError):
+            console.print(f"[bold]{host}[/]: [red]{value}[/]")
+            continue
+        table = Table(title=f"{host} {value['gpus']}".strip(), title_justify="left")
+        for col in ("container", "image", "release", "ports", "state", "health"):
+            table.add_column(col)
+        for row in value["rows"]:
+            table.add_row(row["name"], row["image"], row["release"], row["ports"], row["status"],
+                          row["health"])
+        console.print(table)
+
+
+@task(help={**_ENV, "service": "vllm or api", "model": "model id (vllm)", "n": "lines",
+            "follow": "keep streaming"})
+@_errors
+def logs(c, env, service="vllm", model=None, n=100, follow=False, config_dir=None):
+    """Last lines of a service's container logs on every host running it."""
+    from pyalbert.config import resolve_plan
+    from pyalbert.deployer import on_hosts, raise_errors
+    from pyalbert.plans import runtime_for
+    from pyalbert.ui import console
+
+    spec = _spec(env, config_dir)
+    plan = resolve_plan(spec)
+    rt = runtime_for(spec.env.runtime)
+
+    def one(r, host):
+        rows = rt.parse_units(r.run(rt.list_units(spec.env.name)).stdout)
+        names = [row["name"] for row in rows if row["service"] == service
+                 and (model is None or row["model"] == model) and row["state"] == "running"]
+        for name in names:
+            if follow and hasattr(r, "stream"):
+                r.stream(rt.logs(name, int(n), follow=True), prefix=f"[{host.name} {name}] ")
+            else:
+                text = r.run(rt.logs(name, int(n))).stdout
+                console.print(f"[bold cyan]== {host.name} {name}[/]")
+                console.print(text, markup=False, highlight=False, end="")
+        return names
+
+    hosts = [h for h in spec.env.hosts if plan.vllm_on(h.name) or plan.api_on(h.name)]
+    raise_errors(on_hosts(spec, one, hosts=hosts), "logs")
+
+
+@task(help={**_ENV, "to": "release id (default: the one before the current)"})
+@_errors
+def rollback(c, env, to=None, config_dir=None):
+    """Go back to a kept release (restarts only what differs)."""
+    from pyalbert.deployer import rollback_env
+
+    rollback_env(_spec(env, config_dir), to=to)
+
+
+@task(help=_ENV)
+@_errors
+def releases(c, env, config_dir=None):
+    """Releases kept on each host, the current one marked."""
+    from pyalbert.deployer import list_releases
+    from pyalbert.ui import console
+
+    for host, (current, items) in list_releases(_spec(env, config_dir)).items():
+        console.print(f"[bold]{host}[/]")
+        for item in items:
+            mark = "*" if item["id"] == current else " "
+            console.print(f"  {mark} {item['id']}  {item['created']}  {item['who']}  "
+                          f"{item['units']} unit(s)", highlight=False)
+        if not items:
+            console.print("    (none)")
+
+
+@task(help={**_ENV, "message": "why (shown to whoever tries to deploy)"})
+@_errors
+def lock(c, env, message="", config_dir=None):
+    """Take the deploy lock on every host of the environment."""
+    from pyalbert.deployer import lock_env
+
+    lock_env(_spec(env, config_dir), message)
+    print(f"locked {env}")
+
+
+@task(help=_ENV)
+@_errors
+def unlock(c, env, config_dir=None):
+    """Release the deploy lock on every host (idempotent)."""
+    from pyalbert.deployer import unlock_env
+
+    for host, state in unlock_env(_spec(env, config_dir)).items():
+        print(f"{host}: {state}")
+
+
+@task(name="link-gpu", help=_ENV)
+@_errors
+def link_gpu(c, env, config_dir=None):
+    """Take this pipeline's lease on the shared GPU host (refuses while another holds it)."""
+    from pyalbert.deployer import link_gpu_env as link
+
+    for host, state in link(_spec(env, config_dir)).items():
+        print(f"{host}: {state}")
+
+
+@task(name="unlink-gpu", help=_ENV)
+@_errors
+def unlink_gpu(c, env, config_dir=None):
+    """Stop this env's vLLM containers and release the GPU lease (idempotent)."""
+    from pyalbert.deployer import unlink_gpu_env as unlink
+
+    for host, state in unlink(_spec(env, config_dir)).items():
+        print(f"{host}: {state}")
+
+
+@task(help=_ENV)
+@_errors
+def smoke(c, env, config_dir=None):
+    """Run `albert smoke` against the environment."""
+    argv = [sys.executable, "-c", "from pyalbert.cli import run; run()", "smoke", "--env", env]
+    if config_dir:
+        argv += ["--config-dir", config_dir]
+    code = subprocess.call(argv, env=os.environ.copy())
+    if code:
+        raise Exit(code=code)
+
+
+@task(help=_ENV)
+@_errors
+def down(c, env, config_dir=None):
+    """Stop and remove every container of the environment."""
+    from pyalbert.deployer import down_env
+
+    for host, names in down_env(_spec(env, config_dir)).items():
+        print(f"{host}: removed {len(names)} container(s)")
+
+
+TASKS = (deploy, status, logs, rollback, releases, lock, unlock, link_gpu, unlink_gpu, smoke, down)

@@ -1,0 +1,55 @@
+"""The api gateway on a host: ``albert api`` behind a tiny TCP forwarder (the *edge*).
+
+Zero-loss redeploy: the edge listens on the public ``api.port`` and forwards each new connection
+to the port named in an upstream file. A new api container starts on the spare port of the other
+colour (``blue``/``green``, bound to 127.0.0.1 only), is checked ready, then the upstream file is
+rewritten (atomic ``mv``) and the old container is stopped gracefully: it finishes its in-flight
+requests while new ones already reach the new one.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Literal
+
+from pyalbert.commands.base import Cmd
+
+Colour = Literal["blue", "green"]
+COLOURS: tuple[Colour, Colour] = ("blue", "green")
+#: where files are seen inside the api container
+IN_CONTAINER = "/etc/albert"
+
+
+def spare_port(public_port: int, colour: Colour) -> int:
+    """A port for one colour, derived from the public one, bound to 127.0.0.1 only."""
+    return 20000 + (public_port % 10000) * 2 + COLOURS.index(colour)
+
+
+def other(colour: Colour) -> Colour:
+    return "green" if colour == "blue" else "blue"
+
+
+def serve_args(env: str, port: int, *, keys: bool, whitelist: bool, workers: int = 1) -> list[str]:
+    """``albert api ...`` inside the container (config and files under ``/etc/albert``)."""
+    return [
+        "albert", "api", "--env", env, "--config-dir", f"{IN_CONTAINER}/config",
+        "--backends", f"{IN_CONTAINER}/backends.json",
+        *(["--keys", f"{IN_CONTAINER}/keys.json"] if keys else []),
+        *(["--whitelist", f"{IN_CONTAINER}/whitelist.json"] if whitelist else []),
+        "--host", "0.0.0.0", "--port", str(port), "--workers", str(workers),
+    ]
+
+
+def edge_args(listen_port: int, upstream_file: str) -> list[str]:
+    """The forwarder's command (``python3 /edge/edge.py``, script mounted from the host)."""
+    return ["python3", "/edge/edge.py", "--listen", str(listen_port), "--upstream-file", upstream_file]
+
+
+def switch_upstream(path: str, port: int) -> Cmd:
+    """Point the edge at ``port`` (atomic: write then rename)."""
+    q = shlex.quote(path)
+    return Cmd.of("sh", "-c", f"echo {port} > {q}.tmp && mv -f {q}.tmp {q}")
+
+
+def read_upstream(path: str) -> Cmd:
+    return Cmd.of("cat", path)

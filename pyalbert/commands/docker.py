@@ -1,0 +1,122 @@
+"""Docker builders: one container per unit, labelled so probes find it again.
+
+Pure: every function returns a :class:`Cmd`. The deployer runs them; tests compare whole strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from pyalbert.commands.base import Cmd, Op, any_of, combine, group
+
+#: labels every container of ours carries (``albert.<key>``)
+LABELS = ("env", "service", "model", "release", "config-hash")
+HASH_LABEL = "albert.config-hash"
+
+
+def gpus_flag(gpu_ids: Sequence[int]) -> list[str]:
+    """``--gpus '"device=0,1"'`` (the inner quotes are docker's syntax for a list)."""
+    if not gpu_ids:
+        return []
+    return ["--gpus", '"device=' + ",".join(str(g) for g in gpu_ids) + '"']
+
+
+def run(
+    name: str,
+    image: str,
+    command: Sequence[str] = (),
+    *,
+    ports: Sequence[str] = (),
+    volumes: Sequence[str] = (),
+    env_file: str | None = None,
+    gpu_ids: Sequence[int] = (),
+    labels: Mapping[str, str] | None = None,
+    restart: str = "unless-stopped",
+    ipc_host: bool = False,
+    network: str | None = None,
+    entrypoint: str | None = None,
+) -> Cmd:
+    """``docker run -d --name NAME ...``: secrets only through ``--env-file`` (never ``-e``)."""
+    return Cmd.of(
+        "docker", "run", "-d", "--name", name,
+        ("--restart", restart) if restart else None,
+        "--ipc=host" if ipc_host else None,
+        ("--network", network) if network else None,
+        [("-p", p) for p in ports],
+        [("-v", v) for v in volumes],
+        gpus_flag(gpu_ids),
+        ("--env-file", env_file) if env_file else None,
+        [("--label", f"{k}={v}") for k, v in (labels or {}).items()],
+        ("--entrypoint", entrypoint) if entrypoint else None,
+        image,
+        list(command),
+    )
+
+
+def stop(name: str, timeout_s: int = 30) -> Cmd:
+    """Stop gracefully (SIGTERM, then SIGKILL after ``timeout_s``) and remove; fine if absent."""
+    quiet = [Op(">/dev/null"), Op("2>&1")]
+    return any_of(
+        group(combine(
+            Cmd.of("docker", "stop", "-t", timeout_s, name, quiet),
+            Cmd.of("docker", "rm", "-f", name, quiet),
+        )),
+        remove(name),
+    )
+
+
+def remove(name: str) -> Cmd:
+    """``docker rm -f NAME`` that succeeds when there is nothing to remove."""
+    return any_of(Cmd.of("docker", "rm", "-f", name, Op(">/dev/null"), Op("2>&1")), Cmd.of("true"))
+
+
+def inspect_state(name: str) -> Cmd:
+    """Probe: ``<running> <config hash> <release>`` of a container; exit 1 when absent."""
+    fmt = ('{{.State.Running}} {{index .Config.Labels "albert.config-hash"}} '
+           '{{index .Config.Labels "albert.release"}}')
+    return Cmd.of("docker", "inspect", "--format", fmt, name)
+
+
+def parse_state(stdout: str) -> tuple[bool, str, str]:
+    """``(running, config hash, release)`` from :func:`inspect_state` output."""
+    parts = stdout.split()
+    running = bool(parts) and parts[0] == "true"
+    config_hash = parts[1] if len(parts) > 1 and parts[1] != "<no" else ""
+    release = parts[2] if len(parts) > 2 and not parts[2].startswith("value>") else ""
+    return running, config_hash, release
+
+
+def ps(env: str, service: str | None = None) -> Cmd:
+    """Containers of an environment (all states), one JSON object a line."""
+    return Cmd.of(
+        "docker", "ps", "-a", "--no-trunc", "--filter", f"label=albert.env={env}",
+        ("--filter", f"label=albert.service={service}") if service else None,
+        "--format", "{{json .}}",
+    )
+
+
+def logs(name: str, tail: int = 100, *, follow: bool = False) -> Cmd:
+    return Cmd.of("docker", "logs", "--tail", tail, "-f" if follow else None, name, Op("2>&1"))
+
+
+def server_version() -> Cmd:
+    """Probe: the daemon answers (exit 0 and its version)."""
+    return Cmd.of("docker", "version", "--format", "{{.Server.Version}}")
+
+
+def image_exists(image: str) -> Cmd:
+    return Cmd.of("docker", "image", "inspect", "--format", "{{.Id}}", image, Op(">/dev/null"))
+
+
+def pull(image: str) -> Cmd:
+    return Cmd.of("docker", "pull", "-q", image)
+
+
+def ensure_image(image: str) -> Cmd:
+    """Pull only when the image is not on the host already (check, then act)."""
+    return any_of(image_exists(image), pull(image))
+
+
+def published_by(port: int) -> Cmd:
+    """Probe: names of the containers publishing host port ``port`` (empty: none)."""
+    return Cmd.of("docker", "ps", "--filter", f"publish={port}", "--format", "{{.Names}}")

@@ -1,0 +1,89 @@
+"""Readiness and host probes: a command plus a pure parser of its output.
+
+The probes run *on the host* (over SSH), so a firewall between the deploy box and the model ports
+does not matter, and ``127.0.0.1`` reaches what the container publishes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pyalbert.commands.base import Cmd, Op, any_of, pipe
+
+
+def http_status(url: str, timeout_s: float = 3) -> Cmd:
+    """``curl`` printing only the HTTP status; ``000`` when the connection is refused."""
+    return any_of(
+        Cmd.of("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", f"{timeout_s:g}", url),
+        Cmd.of("true"),
+    )
+
+
+def parse_status(stdout: str) -> int:
+    text = stdout.strip()[-3:]
+    return int(text) if text.isdigit() else 0
+
+
+def get_json(url: str, timeout_s: float = 3) -> Cmd:
+    return any_of(Cmd.of("curl", "-s", "--max-time", f"{timeout_s:g}", url), Cmd.of("true"))
+
+
+def models_listed(stdout: str) -> list[str]:
+    """Model ids of an OpenAI ``/v1/models`` answer; [] for anything else."""
+    try:
+        data = json.loads(stdout)
+        return [str(m["id"]) for m in data.get("data", [])]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
+@dataclass(frozen=True)
+class ReadyCheck:
+    """How to tell a server is ready: ``/health`` is 200, then ``/v1/models`` lists ``model``."""
+
+    port: int
+    model: str | None = None
+    host: str = "127.0.0.1"
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def health(self) -> Cmd:
+        return http_status(f"{self.base}/health")
+
+    def models(self) -> Cmd:
+        return get_json(f"{self.base}/v1/models")
+
+    def display(self) -> str:
+        what = f", /v1/models lists {self.model}" if self.model else ""
+        return f"wait until {self.base}/health is 200{what}"
+
+
+def port_listeners(port: int) -> Cmd:
+    """Probe: sockets listening on TCP ``port`` (with owning process when permitted)."""
+    return Cmd.of("ss", "-Hltnp", f"sport = :{port}")
+
+
+def free_kib(path: str) -> Cmd:
+    """Free space (KiB) of the filesystem holding ``path`` (its nearest existing parent)."""
+    script = ('p="$1"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; '
+              'df -Pk "$p" | tail -n 1')
+    return Cmd.of("sh", "-c", script, "free_kib", path)
+
+
+def parse_free_kib(stdout: str) -> int:
+    """Available KiB from one ``df -Pk`` data line."""
+    fields = stdout.split()
+    return int(fields[3]) if len(fields) >= 4 and fields[3].isdigit() else 0
+
+
+def dir_size_kib(path: str) -> Cmd:
+    """KiB used by ``path`` (0 when absent)."""
+    return any_of(pipe(Cmd.of("du", "-sk", path, Op("2>/dev/null")), Cmd.of("cut", "-f1")),
+                  Cmd.of("echo", "0"))
+
+
+def path_exists(path: str) -> Cmd:
+    return Cmd.of("test", "-e", path)

@@ -1,0 +1,55 @@
+"""The deploy lock: an atomic remote ``mkdir`` plus a details file (Kamal's design).
+
+``mkdir`` either creates the directory or fails because someone holds it: no race between two
+deploys. The details say who, when, which release and why, so the loser can name the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from pyalbert.commands.base import Cmd, Op, any_of
+
+
+def lock_dir(base_dir: str) -> str:
+    return f"{base_dir}/deploy.lock"
+
+
+def details(*, who: str, when: str, release: str, message: str = "", pid: int | None = None,
+            pipeline: str | None = None) -> str:
+    return json.dumps({"who": who, "when": when, "release": release, "message": message,
+                       "pid": pid, "pipeline": pipeline}, sort_keys=True)
+
+
+def acquire(base_dir: str, details_json: str) -> Cmd:
+    """Exit 0: the lock is ours. Non-zero: someone holds it (read :func:`show`)."""
+    d = shlex.quote(lock_dir(base_dir))
+    script = (f"mkdir -p {shlex.quote(base_dir)} && mkdir {d} 2>/dev/null && "
+              f"cat > {d}/details.json")
+    return Cmd.of("sh", "-c", script, stdin=details_json)
+
+
+def show(base_dir: str) -> Cmd:
+    """The holder's details; exit 1 when unlocked."""
+    return Cmd.of("cat", f"{lock_dir(base_dir)}/details.json", Op("2>/dev/null"))
+
+
+def release(base_dir: str) -> Cmd:
+    """Remove the lock; succeeds when it was not held."""
+    return any_of(Cmd.of("rm", "-rf", lock_dir(base_dir)), Cmd.of("true"))
+
+
+def describe_holder(stdout: str) -> str:
+    """One line naming the holder from :func:`show` output."""
+    try:
+        data = json.loads(stdout)
+    except ValueError:
+        return "unknown holder (unreadable lock details)"
+    text = f"{data.get('who', '?')} since {data.get('when', '?')} (release {data.get('release', '?')}"
+    if data.get("pipeline"):
+        text += f", pipeline {data['pipeline']}"
+    text += ")"
+    if data.get("message"):
+        text += f": {data['message']}"
+    return text

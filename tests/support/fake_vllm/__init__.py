@@ -1,0 +1,12 @@
+"""A fake vLLM OpenAI server (and a fake ``albert api``) in a small image, for fast deploy tests.
+
+``vllm.entrypoints.openai.api_server`` takes vLLM's arguments and serves ``/health``,
+``/v1/models`` and ``/v1/chat/completions``. Its behaviour comes from the environment (the
+container's ``--env-file``, so a routing-table ``env`` entry drives it):
+
+- ``FAKE_VLLM_START_DELAY``: seconds of 503 on ``/health`` before ready (weights "loading").
+- ``FAKE_VLLM_FAIL``: ``exit`` (dies at start, like a bad model), ``never-ready`` (503 forever).
+- ``FAKE_VLLM_REQUIRE_MODEL_DIR=1``: exit when ``--model`` is not a directory (a missing mount).
+
+``albert`` (``albert api ...``) serves ``/health`` and lists the backends file's models.
+"""

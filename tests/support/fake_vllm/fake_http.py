@@ -1,0 +1,70 @@
+"""Shared by the fake vLLM server and the fake api: a threaded HTTP server that drains on SIGTERM."""
+
+import json
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() waits for in-flight requests
+    block_on_close = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+
+def serve(handler, host, port, name):
+    server = Server((host, port), handler)
+
+    def stop(signum, frame):
+        print(f"{name}: SIGTERM, draining", flush=True)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"{name}: listening on {host}:{port}", flush=True)
+    server.serve_forever(poll_interval=0.1)
+    server.server_close()
+    print(f"{name}: stopped", flush=True)
+    sys.exit(0)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def send_json(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError:
+            return None
+
+
+def chat_answer(model, body):
+    text = "fake answer"
+    messages = body.get("messages") or []
+    if messages and isinstance(messages[-1], dict):
+        text = f"echo: {str(messages[-1].get('content', ''))[:200]}"
+    delay = float(body.get("fake_delay_s", 0) or 0)
+    if delay:
+        time.sleep(min(delay, 30))
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }

@@ -1,0 +1,61 @@
+"""Fake ``python -m vllm.entrypoints.openai.api_server`` (see tests/support/fake_vllm)."""
+
+import argparse
+import os
+import sys
+import time
+
+from fake_http import Handler, chat_answer, serve
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fake-vllm")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--served-model-name", default=None)
+    args, rest = parser.parse_known_args(argv)
+    name = args.served_model_name or args.model
+    delay = float(os.environ.get("FAKE_VLLM_START_DELAY", "0"))
+    fail = os.environ.get("FAKE_VLLM_FAIL", "")
+    print(f"fake vllm: model {args.model} as {name}, extra args {rest}", flush=True)
+    if fail == "exit":
+        print("fake vllm: ValueError: failed to load the model (FAKE_VLLM_FAIL=exit)", flush=True)
+        sys.exit(1)
+    if os.environ.get("FAKE_VLLM_REQUIRE_MODEL_DIR") == "1" and not os.path.isdir(args.model):
+        print(f"fake vllm: model directory {args.model} does not exist", flush=True)
+        sys.exit(1)
+    ready_at = time.monotonic() + delay
+
+    class VllmHandler(Handler):
+        def ready(self):
+            return fail != "never-ready" and time.monotonic() >= ready_at
+
+        def do_GET(self):
+            if not self.ready():
+                return self.send_json(503, {"error": "loading"})
+            if self.path == "/health":
+                return self.send_json(200, {})
+            if self.path == "/v1/models":
+                return self.send_json(200, {"object": "list", "data": [
+                    {"id": name, "object": "model", "owned_by": "vllm", "root": args.model}]})
+            return self.send_json(404, {"error": "not found"})
+
+        def do_POST(self):
+            body = self.body()
+            if not self.ready():
+                return self.send_json(503, {"error": "loading"})
+            if body is None:
+                return self.send_json(400, {"error": "malformed JSON"})
+            if self.path == "/v1/chat/completions":
+                if body.get("model") != name:
+                    return self.send_json(404, {"error": {"message": f"model {body.get('model')} "
+                                                          "does not exist", "code": 404}})
+                return self.send_json(200, chat_answer(name, body))
+            return self.send_json(404, {"error": "not found"})
+
+    serve(VllmHandler, args.host, args.port, "fake vllm")
+
+
+if __name__ == "__main__":
+    main()

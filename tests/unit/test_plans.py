@@ -1,0 +1,184 @@
+"""Plans are data: a config and inputs in, host plans (checks, files, units) out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pyalbert.commands.base import Cmd
+from pyalbert.config import load_spec, resolve_plan
+from pyalbert.errors import AlbertError
+from pyalbert.plans import (
+    ApiSwap,
+    DeployInputs,
+    DockerRuntime,
+    Unit,
+    deploy_plans,
+    manifest,
+    orphans,
+    runtime_for,
+    units_from_manifest,
+)
+
+TWO_HOSTS = """
+    [deploy]
+    base_dir = "/srv/albert"
+    ready_timeout_s = 30
+
+    [[hosts]]
+    name = "gpu-1"
+    address = "10.0.0.1"
+    gpus = 2
+
+    [[hosts]]
+    name = "cpu-1"
+    address = "10.0.0.2"
+    services = ["api"]
+"""
+
+
+@pytest.fixture
+def plan(config_factory):
+    config_factory.env(TWO_HOSTS)
+    config_factory.routing({
+        "small": {"model": "org/small", "port": 8001, "gpu_mem_use": 0.4,
+                  "env": {"VLLM_X": "1"}},
+        "big": {"model": "org/big", "port": 8002, "tensor_parallel_size": 2, "gpu_mem_use": 0.5},
+    })
+    return resolve_plan(load_spec("test", config_factory.root))
+
+
+def inputs(**kw):
+    base = dict(release_id="20250101-000000-abcdef", secrets={"hf_token": "hf_top_secret"},
+                config_files={"environments/test.toml": "x", "llm_routing_table.json": "{}"})
+    return DeployInputs(**{**base, **kw})
+
+
+def test_one_host_plan_per_host_vllm_first_then_api(plan):
+    hps = deploy_plans(plan, inputs())
+    assert [hp.host.name for hp in hps] == ["gpu-1", "cpu-1"]
+    gpu, cpu = hps
+    assert [u.name for u in gpu.units if isinstance(u, Unit)] == [
+        "albert-test-vllm-small", "albert-test-vllm-big"]
+    assert isinstance(gpu.units[-1], ApiSwap)  # default services: vllm and api
+    assert [type(u).__name__ for u in cpu.units] == ["ApiSwap"]
+    assert gpu.release_dir == "/srv/albert/releases/20250101-000000-abcdef"
+    assert gpu.ready_timeout_s == 30
+
+
+def test_vllm_unit_container_and_secret_env_file(plan):
+    gpu = deploy_plans(plan, inputs())[0]
+    big = gpu.units[1]
+    assert big.start.render() == (
+        "docker run -d --name albert-test-vllm-big --restart unless-stopped --ipc=host "
+        "-p 8002:8002 -v /data/models/big:/models/big:ro --gpus '\"device=0,1\"' "
+        "--env-file /srv/albert/releases/20250101-000000-abcdef/albert-test-vllm-big.env "
+        "--label albert.env=test --label albert.service=vllm --label albert.model=big "
+        "--label albert.release=20250101-000000-abcdef "
+        f"--label albert.config-hash={big.config_hash} vllm/vllm-openai:v0.6.3 "
+        "--host 0.0.0.0 --port 8002 --model /models/big --served-model-name big "
+        "--tensor-parallel-size 2 --gpu-memory-utilization 0.5")
+    assert "hf_top_secret" not in big.start.render()
+    env_file = next(f for f in gpu.files if f.path.endswith("albert-test-vllm-small.env"))
+    assert env_file.secret
+    lines = [ln for ln in env_file.content.splitlines() if not ln.startswith("#")]
+    assert lines == ["HF_TOKEN=hf_top_secret", "HUGGING_FACE_HUB_TOKEN=hf_top_secret", "VLLM_X=1"]
+    assert "hf_top_secret" not in env_file.cmd().display()
+    assert big.ready.model == "big" and big.ready.port == 8002
+
+
+def test_config_hash_ignores_release_id_and_follows_config(plan):
+    a = deploy_plans(plan, inputs())[0].units[0]
+    b = deploy_plans(plan, inputs(release_id="20250202-000000-ffffff"))[0].units[0]
+    c = deploy_plans(plan, inputs(secrets={"hf_token": "other"}))[0].units[0]
+    assert a.config_hash == b.config_hash
+    assert a.config_hash != c.config_hash
+    assert a.start.render() != b.start.render()  # labels and env file name the release
+
+
+def test_api_swap_colours_edge_and_files(plan):
+    cpu = deploy_plans(plan, inputs(secrets={"api_keys": '{"k": 1}'}))[1]
+    swap = cpu.units[0]
+    blue, green = swap.colours["blue"], swap.colours["green"]
+    assert (blue.port, green.port) == (36160, 36161)
+    assert "-p 127.0.0.1:36160:8080" in blue.start.render()
+    assert "--entrypoint albert" in blue.start.render()
+    assert blue.start.render().endswith(
+        "api --env test --config-dir /etc/albert/config --backends /etc/albert/backends.json "
+        "--keys /etc/albert/keys.json --host 0.0.0.0 --port 8080 --workers 1")
+    assert swap.edge.name == "albert-test-api"
+    assert "--network host" in swap.edge.start.render()
+    assert swap.switch("green").render() == (
+        "sh -c 'echo 36161 > /srv/albert/edge-test/upstream.tmp && "
+        "mv -f /srv/albert/edge-test/upstream.tmp /srv/albert/edge-test/upstream'")
+    files = {f.path.rsplit("/releases/20250101-000000-abcdef/", 1)[-1]: f for f in cpu.files}
+    assert set(files) == {"backends.json", "keys.json", "config/environments/test.toml",
+                          "config/llm_routing_table.json"}
+    assert files["keys.json"].secret and not files["backends.json"].secret
+    assert json.loads(files["backends.json"].content) == {
+        "small": ["http://10.0.0.1:8001"], "big": ["http://10.0.0.1:8002"]}
+
+
+def test_service_and_model_filters(plan):
+    only_vllm = deploy_plans(plan, inputs(service="vllm"))
+    assert [hp.host.name for hp in only_vllm] == ["gpu-1"]
+    one = deploy_plans(plan, inputs(model="big"))
+    assert [[u.name for u in hp.units] for hp in one] == [["albert-test-vllm-big"]]
+    assert not one[0].remove_orphans
+    with pytest.raises(AlbertError, match="--model 'nope' is not in the routing table"):
+        deploy_plans(plan, inputs(model="nope"))
+
+
+def test_checks_name_docker_disk_models_and_ports(plan):
+    gpu = deploy_plans(plan, inputs())[0]
+    assert [(c.kind, c.arg) for c in gpu.checks] == [
+        ("docker", ""), ("disk", "1024"), ("model_dir", "small"),
+        ("port", "8001=albert-test-vllm-small"), ("model_dir", "big"),
+        ("port", "8002=albert-test-vllm-big"), ("port", "8080=albert-test-api")]
+    assert gpu.checks[2].cmd.render() == "test -e /data/models/small"
+
+
+def test_manifest_round_trips_into_units_for_rollback(plan):
+    hps = deploy_plans(plan, inputs())
+    for hp in hps:
+        doc = json.loads(json.dumps(manifest(hp, {}, who="ana", when="t", previous=None)))
+        units = units_from_manifest(doc, DockerRuntime())
+        assert [u.config_hash for u in units] == [u.config_hash for u in hp.units]
+        for new, old in zip(units, hp.units, strict=True):
+            if isinstance(old, Unit):
+                assert new.start.render() == old.start.render() and new.name == old.name
+                assert new.ready == old.ready
+            else:
+                assert new.colours["green"].start.render() == old.colours["green"].start.render()
+                assert new.upstream_file == old.upstream_file
+
+
+def test_manifest_keeps_the_release_of_unchanged_units(plan):
+    hp = deploy_plans(plan, inputs())[0]
+    doc = manifest(hp, {"albert-test-vllm-small": "older"}, who="a", when="t", previous="older")
+    assert [u["release"] for u in doc["units"]] == ["older"] + [hp.release_id] * 3
+    assert doc["previous"] == "older" and doc["host"] == "gpu-1"
+
+
+def test_orphans_are_containers_the_plan_no_longer_names(plan):
+    hp = deploy_plans(plan, inputs())[0]
+    running = [{"name": "albert-test-vllm-small"}, {"name": "albert-test-vllm-removed"}]
+    assert orphans(running, hp) == ["albert-test-vllm-removed"]
+    filtered = deploy_plans(plan, inputs(model="small"))[0]
+    assert orphans(running, filtered) == []
+
+
+def test_dry_run_steps_mask_secrets_and_end_with_unlock(plan):
+    hp = deploy_plans(plan, inputs())[0]
+    steps = hp.steps()
+    assert steps[0][0] == "check: docker answers"
+    assert steps[-1][0] == "release the deploy lock"
+    text = "\n".join(c.display() for _, cmds in steps for c in cmds)
+    assert "hf_top_secret" not in text and "[secret," in text
+    assert all(isinstance(c, Cmd) for _, cmds in steps for c in cmds)
+
+
+def test_unknown_runtime_is_a_clear_error():
+    with pytest.raises(AlbertError, match='set runtime = "docker"'):
+        runtime_for("podman")
