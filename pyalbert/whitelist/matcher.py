@@ -73,6 +73,7 @@ _BOUNDARY = re.compile(r"(?<![0-9)])[ \u00a0\u202f]|[^\S \u00a0\u202f]")
 _WHITESPACE = re.compile(r"\s")
 #: cheap tests that decide which patterns can match a region at all
 _MAYBE_URL = re.compile(r"://|www\.", re.IGNORECASE)
+_DIGIT = re.compile(r"[0-9]")
 _SHORT_NUMBER = re.compile(r"(?<![\w+])[0-9]{3,6}(?![\w])")
 _URL_TRAILING = ".,;:!?'\"*_~"
 
@@ -95,21 +96,26 @@ def _trim_url(text: str) -> str:
     return text
 
 
-def _scan(region: str) -> Iterator[tuple[Kind, int, int, str]]:
-    """Raw spans (kind, start, end, text) in one region."""
-    pattern = _pattern(
+def _scanner(region: str) -> re.Pattern[str] | None:
+    return _pattern(
         _MAYBE_URL.search(region) is not None,
         "@" in region,
-        any(c in region for c in "0123456789"),
+        _DIGIT.search(region) is not None,
     )
-    if pattern is None:
-        return
+
+
+def _scan(region: str, pattern: re.Pattern[str]) -> Iterator[tuple[Kind, int, int, str]]:
+    """Raw spans (kind, start, end, text) in one region."""
     for match in pattern.finditer(region):
         kind = match.lastgroup
         start, text = match.start(), match.group()
         if kind == "url":
             text = _trim_url(text)
         yield kind, start, start + len(text), text  # type: ignore[misc]
+
+
+_MISSING = object()
+_NORMALIZERS = {"url": normalize_url, "email": normalize_email, "phone": normalize_phone}
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class Whitelist:
     phones: frozenset[str] = frozenset()
     version: str = "empty"
     _url_keys: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_url_keys", frozenset(url_key(u) for u in self.urls))
@@ -226,13 +233,27 @@ class Whitelist:
             return phone is not None and phone in self.phones
         raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
 
+    def _verdict(self, kind: str, text: str) -> bool | None:
+        """``allows`` with a cache; ``None`` when the span is not a valid URL/e-mail/phone."""
+        key = (kind, text)
+        cached = self._cache.get(key, _MISSING)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
+        valid = _NORMALIZERS[kind](text) is not None
+        verdict = self.allows(kind, text) if valid else None
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[key] = verdict
+        return verdict
+
     def _check(self, region: str, offset: int) -> Iterator[Finding]:
-        for kind, start, end, text in _scan(region):
-            if kind == "url" and normalize_url(text) is None:
-                continue
-            if kind == "phone" and normalize_phone(text) is None:
-                continue
-            yield Finding(kind, offset + start, offset + end, text, self.allows(kind, text))
+        pattern = _scanner(region)
+        if pattern is None:
+            return
+        for kind, start, end, text in _scan(region, pattern):
+            allowed = self._verdict(kind, text)
+            if allowed is not None:
+                yield Finding(kind, offset + start, offset + end, text, allowed)
 
     def findings(self, text: str) -> list[Finding]:
         """Every URL, e-mail and phone number in ``text``, allowed or not.
@@ -276,31 +297,37 @@ class _Splitter:
 
     def cuts(self, buf: str, scan_from: int) -> list[int]:
         out: list[int] = []
+        start, pos = self.region_start, scan_from
         last_natural = None
-        pos = scan_from
-        while True:
-            match = _BOUNDARY.search(buf, pos)
-            natural = match.end() if match else None
-            limit = self.region_start + MAX_REGION
-            if natural is None or natural > limit:
-                forced = _WHITESPACE.search(buf, max(pos, limit - 1))
-                if forced and (natural is None or forced.end() < natural):
-                    if last_natural is not None:
-                        out.append(last_natural)
-                        last_natural = None
-                    out.append(forced.end())
-                    self.region_start = pos = forced.end()
-                    continue
-            if natural is None:
-                break
-            last_natural = self.region_start = pos = natural
+        for match in _BOUNDARY.finditer(buf, scan_from):
+            natural = match.end()
+            if natural - start > MAX_REGION:
+                if last_natural is not None:
+                    out.append(last_natural)
+                    last_natural = None
+                start, pos = self._forced(buf, start, pos, natural, out)
+            last_natural = start = pos = natural
         if last_natural is not None:
             out.append(last_natural)
+        start, _ = self._forced(buf, start, pos, len(buf) + 1, out)
+        self.region_start = start
         return out
+
+    @staticmethod
+    def _forced(buf: str, start: int, pos: int, before: int, out: list[int]) -> tuple[int, int]:
+        """Cut a region that reached MAX_REGION at its next whitespace (ending before ``before``)."""
+        while True:
+            found = _WHITESPACE.search(buf, max(pos, start + MAX_REGION - 1))
+            if not found or found.end() >= before:
+                return start, pos
+            out.append(found.end())
+            start = pos = found.end()
 
 
 def _apply(region: str, offset: int, wl: Whitelist, mode: Mode, found: list[Finding]) -> str:
     """Flag or redact the disallowed spans of one region; append them to ``found``."""
+    if _scanner(region) is None:
+        return region
     pieces: list[str] = []
     last = 0
     for finding in wl._check(region, offset):

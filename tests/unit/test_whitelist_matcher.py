@@ -230,7 +230,7 @@ def random_chunks(rng: random.Random, text: str) -> list[str]:
 @pytest.mark.parametrize("mode", ["off", "flag", "redact"])
 def test_stream_equals_postprocess_for_any_chunking(mode):
     rng = random.Random(f"whitelist-{mode}")
-    for _ in range(600):
+    for _ in range(300):
         text = random_text(rng)
         expected, expected_findings = postprocess(text, WL, mode)
         if mode != "redact":
@@ -276,3 +276,17 @@ def test_stream_findings_carry_stream_offsets():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown whitelist mode"):
         StreamFilter(WL, "loud")  # type: ignore[arg-type]
+
+
+def test_stream_equals_postprocess_across_forced_cuts():
+    """Long runs of spaced digits hit MAX_REGION; the forced cuts must not depend on chunking."""
+    rng = random.Random("forced")
+    pieces = ["1", "23", "01 23 45 67 88", "+33 1 23 45 67 88", "a@b.com", "http://evil.fr/x"]
+    for _ in range(20):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(100, 400)))
+        expected = postprocess(text, WL, "redact")[0]
+        assert REDACTIONS["phone"] in expected or "01 23" not in text
+        for _ in range(3):
+            stream = StreamFilter(WL, "redact")
+            out = "".join(stream.feed(c) for c in random_chunks(rng, text)) + stream.flush()
+            assert out == expected
