@@ -110,30 +110,31 @@ def supervise(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_term)
     restarts, recent = 0, []
     started = time.time()
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+
+    def record(**state) -> None:
+        _write_state(state_dir, name=name, labels=labels, cmd=args.cmd, started=started,
+                     restarts=restarts, **state)
+
     while True:
         log.write(f"--- albert-supervise: starting {name} (restart {restarts})\n".encode())
         child = subprocess.Popen(args.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env=env, cwd=args.cwd or None)
-        _write_state(state_dir, name=name, supervisor_pid=os.getpid(), pid=child.pid,
-                     state="running", restarts=restarts, started=started, cmd=args.cmd)
+        record(supervisor_pid=os.getpid(), pid=child.pid, state="running")
         _pump(child, log)
         code = _wait(child, args.stop_timeout if stopping else None)
         log.write(f"--- albert-supervise: {name} exited with {code}\n".encode())
         if stopping:
-            _write_state(state_dir, name=name, supervisor_pid=None, pid=None, state="stopped",
-                         restarts=restarts, started=started, exit_code=code, cmd=args.cmd)
+            record(supervisor_pid=None, pid=None, state="stopped", exit_code=code)
             return 0
         now = time.monotonic()
         recent = [t for t in recent if now - t < 60] + [now]
         if code == 0 and not args.restart_always or len(recent) > args.max_restarts:
             state = "exited" if code == 0 else "failed"
-            _write_state(state_dir, name=name, supervisor_pid=None, pid=None, state=state,
-                         restarts=restarts, started=started, exit_code=code, cmd=args.cmd)
+            record(supervisor_pid=None, pid=None, state=state, exit_code=code)
             return 0 if code == 0 else 1
         restarts += 1
-        _write_state(state_dir, name=name, supervisor_pid=os.getpid(), pid=None,
-                     state="restarting", restarts=restarts, started=started, exit_code=code,
-                     cmd=args.cmd)
+        record(supervisor_pid=os.getpid(), pid=None, state="restarting", exit_code=code)
         time.sleep(min(2 ** len(recent) * 0.25, 10))
         if stopping:
             return 0
@@ -236,6 +237,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p_start.add_argument("--max-restarts", type=int, default=5, help="per minute, then give up")
     p_start.add_argument("--restart-always", action="store_true", help="restart on exit code 0 too")
     p_start.add_argument("--stop-timeout", type=float, default=10)
+    p_start.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                         help="recorded in the state (release, config hash)")
     p_start.add_argument("cmd", nargs="+")
     p_start.set_defaults(func=start)
     p_stop = actions.add_parser("stop", help="stop NAME and its process")
