@@ -109,6 +109,11 @@ class FakeUpstream:
 
         self._call(down)
 
+    def drop_connections(self) -> None:
+        """Close every open connection, keep listening (call from the fake's loop)."""
+        for conn in list(_Conn.live.get(id(self), ())):
+            conn.transport.close()
+
     def accept(self) -> None:
         self._call(self.serve)
 
