@@ -150,7 +150,7 @@ class PlatformClient:
                 if response.status_code not in RETRY_STATUSES:
                     return self._checked(response, model)
                 retry_after = _retry_after(response)
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 reason, retry_after = f"cannot connect ({exc.__class__.__name__})", None
                 response = None
             remaining = self.backoff.deadline - (self._clock() - start)
