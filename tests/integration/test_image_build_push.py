@@ -1,6 +1,6 @@
 """``albert image build|push`` on the root-namespace dockerd with a local registry.
 
-The base is a fake "vLLM OpenAI server" image made from the local Python image: its server
+The base is a fake "vLLM OpenAI server" image (static busybox, a few MB): its server
 speaks just enough (``/health``, ``/v1/models``) and reports the arguments it was started with,
 so the test sees that the baked image runs with *no* arguments and serves the baked weights on
 port 8000. Then the image goes through Debian's docker-registry (htpasswd auth) and back.
@@ -20,41 +20,38 @@ from pathlib import Path
 import pytest
 
 from pyalbert.cli import main
-from tests.support.images import build, docker, ensure_dockerd, ensure_python_image, image_exists
+from tests.support.images import build, docker, ensure_dockerd, image_exists
 from tests.support.registry import free_port, local_registry
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("dockerd") or not os.path.exists("/usr/bin/docker-registry"),
     reason="needs root, dockerd and docker-registry",
 )
+BUSYBOX = "/bin/busybox"  # static (busybox-static)
 
-FAKE_SERVER = r'''
-"""Fake vllm.entrypoints.openai.api_server: argparse like vLLM's, answers /health and /v1/models."""
-import argparse, json, os, sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
-parser = argparse.ArgumentParser()
-parser.add_argument("--host", default="0.0.0.0")
-parser.add_argument("--port", type=int, default=8000)
-parser.add_argument("--model", required=True)
-parser.add_argument("--served-model-name", required=True)
-args, rest = parser.parse_known_args()
-
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/health":
-            body = b""
-        elif self.path == "/v1/models":
-            files = sorted(os.listdir(args.model)) if os.path.isdir(args.model) else []
-            body = json.dumps({"object": "list", "data": [{"id": args.served_model_name,
-                   "root": args.model, "albert_argv": sys.argv[1:], "albert_files": files,
-                   "albert_offline": os.environ.get("HF_HUB_OFFLINE")}]}).encode()
-        else:
-            self.send_response(404); self.end_headers(); return
-        self.send_response(200); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
-
-HTTPServer((args.host, args.port), H).serve_forever()
+FAKE_SERVER = r'''#!/bin/sh
+# Fake "python3 -m vllm.entrypoints.openai.api_server ARGS": busybox httpd serving /health and a
+# /v1/models that reports the arguments, the model directory's files and HF_HUB_OFFLINE.
+if [ "$1" = "-c" ]; then  # the image's HEALTHCHECK
+    exec wget -q -O /dev/null http://127.0.0.1:8000/health
+fi
+shift 2
+argv=""
+for a in "$@"; do argv="$argv${argv:+, }\"$(printf %s "$a" | sed 's/[\\"]/\\&/g')\""; done
+port=8000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --port) port="$2" ;; --model) model="$2" ;; --served-model-name) name="$2" ;;
+    esac
+    shift
+done
+files=""
+for f in $(ls -A "$model" 2>/dev/null); do files="$files${files:+, }\"$f\""; done
+mkdir -p /www/v1
+: > /www/health
+printf '{"object": "list", "data": [{"id": "%s", "root": "%s", "albert_argv": [%s], "albert_files": [%s], "albert_offline": "%s"}]}' \
+    "$name" "$model" "$argv" "$files" "$HF_HUB_OFFLINE" > /www/v1/models
+exec httpd -f -p "$port" -h /www
 '''
 
 ENV = """
@@ -77,18 +74,18 @@ TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "inter
 
 @pytest.fixture(scope="module")
 def fake_vllm_base(tmp_path_factory) -> str:
+    """A 2 MB stand-in for vllm/vllm-openai: static busybox, ``python3`` is the script above."""
     ensure_dockerd()
-    python = ensure_python_image()
-    tag = "albert-test/fake-vllm-openai:image-test"
+    tag = "albert-test/fake-vllm-openai:busybox"
     if not image_exists(tag):
         context = tmp_path_factory.mktemp("fake-vllm")
-        pkg = context / "vllm" / "entrypoints" / "openai"
-        pkg.mkdir(parents=True)
-        for folder in (context / "vllm", context / "vllm" / "entrypoints", pkg):
-            (folder / "__init__.py").write_text("")
-        (pkg / "api_server.py").write_text(FAKE_SERVER)
+        shutil.copy(BUSYBOX, context / "busybox")
+        (context / "python3").write_text(FAKE_SERVER)
+        (context / "python3").chmod(0o755)
         (context / "Dockerfile").write_text(
-            f"FROM {python}\nCOPY vllm /opt/fake/vllm\nENV PYTHONPATH=/opt/fake\n"
+            "FROM scratch\nCOPY busybox /bin/busybox\n"
+            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+            "COPY python3 /usr/bin/python3\nENV PATH=/usr/bin:/bin\n"
             'ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server"]\n')
         build(context, tag)
     return tag

@@ -208,3 +208,23 @@ def test_cli_bad_token_is_one_paragraph_and_exit_1(node_factory, monkeypatch, ca
     assert code == 1
     err = capsys.readouterr().err
     assert "401 Unauthorized" in err and "Traceback" not in err
+
+
+def test_readme_openai_and_langchain_examples_send_the_platform_headers(node_factory):
+    from langchain_openai import ChatOpenAI
+    from openai import OpenAI
+
+    node = node_factory()
+    headers = {"x-folder-id": FOLDER, "x-node-id": NODE}
+    client = OpenAI(base_url=f"{node.url}/v1", api_key=GOOD_TOKEN, default_headers=headers,
+                    max_retries=0)
+    answer = client.chat.completions.create(model="albert-light",
+                                            messages=[{"role": "user", "content": "Bonjour"}])
+    assert answer.choices[0].message.content == "echo: Bonjour"
+    llm = ChatOpenAI(model="albert-light", base_url=f"{node.url}/v1", api_key=GOOD_TOKEN,
+                     default_headers=headers, max_retries=0)
+    assert llm.invoke("Salut").content == "echo: Salut"
+    for _, raw in node.requests:
+        sent = {k.lower(): v for k, v in raw.items()}
+        assert sent["authorization"] == f"Bearer {GOOD_TOKEN}"
+        assert (sent["x-folder-id"], sent["x-node-id"]) == (FOLDER, NODE)
