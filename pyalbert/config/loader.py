@@ -178,6 +178,21 @@ class DeploymentSpec:
         return self.env.name
 
 
+#: environment variables that override a key of the environment file (the pipeline sets the
+#: images it just built: ``$CI_REGISTRY_IMAGE/vllm:$CI_COMMIT_SHA``)
+OVERRIDES = {"ALBERT_VLLM_IMAGE": ("images", "vllm"), "ALBERT_API_IMAGE": ("images", "api")}
+
+
+def apply_overrides(data: dict, environ: dict[str, str] | None = None) -> dict:
+    """Precedence: environment variable > environment file > defaults."""
+    environ = os.environ if environ is None else environ
+    for var, (section, key) in OVERRIDES.items():
+        if environ.get(var):
+            block = data.get(section)
+            data[section] = {**(block if isinstance(block, dict) else {}), key: environ[var]}
+    return data
+
+
 def load_routing_table(path: Path) -> tuple[RoutingTable, list[str]]:
     data = read_document(path)
     return validate_document(RoutingTable, data, _display(path))
@@ -190,6 +205,7 @@ def load_spec(env: str, config_dir: Path | None = None) -> DeploymentSpec:
     data = read_document(env_file)
     if isinstance(data, dict):
         data.setdefault("name", env)
+        data = apply_overrides(data)
     environment, notes = validate_document(EnvironmentSpec, data, _display(env_file))
     routing_file = (config_dir / environment.routing_table).resolve()
     models, more = load_routing_table(routing_file)

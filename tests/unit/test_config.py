@@ -177,3 +177,11 @@ def test_repo_environments_are_valid():
     for env in ("local", "staging", "production"):
         plan = resolve_plan(load_spec(env))
         assert plan.vllm and plan.api
+
+
+def test_pipeline_images_override_the_environment_file(simple_config, monkeypatch):
+    monkeypatch.setenv("ALBERT_VLLM_IMAGE", "registry.example/vllm:abc123")
+    monkeypatch.delenv("ALBERT_API_IMAGE", raising=False)
+    env = check(simple_config).env
+    assert env.images.vllm == "registry.example/vllm:abc123"
+    assert env.images.api == "albert-api:latest"
