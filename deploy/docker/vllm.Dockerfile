@@ -15,8 +15,9 @@ ENV VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1 \
     HF_HUB_OFFLINE=1
 
-# Weights are on the host's storage dir, never fetched by the server.
+# Weights are on the host's storage dir, never fetched by the server. The health check reads
+# the server's --port from its command line.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
-  CMD python3 -c "import os,sys,urllib.request; port=os.environ.get('VLLM_PORT','8000'); urllib.request.urlopen('http://127.0.0.1:%s/health' % port, timeout=4)" || exit 1
+  CMD python3 -c "import urllib.request; a=open('/proc/1/cmdline').read().split(chr(0)); p=a[a.index('--port')+1] if '--port' in a else '8000'; urllib.request.urlopen('http://127.0.0.1:%s/health' % p, timeout=4)" || exit 1
 
 ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server"]
