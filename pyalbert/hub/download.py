@@ -227,14 +227,21 @@ class Downloader:
         self.reporter.start(where.model_id, plan.fetch_bytes, detail)
         with self._lock:
             self.active[where.model_id] = (plan.partial, baseline)
+        checked: dict[str, str] = {}
+        landed = threading.Event()
+        hasher = threading.Thread(target=self.verify_as_they_land, args=(plan, checked, landed),
+                                  daemon=True)
+        hasher.start()
         try:
             if plan.fetch:
                 remote.fetch_files(where, plan.commit, plan.fetch, plan.partial, self.token,
                                    max_workers=self.files_per_model)
         finally:
+            landed.set()
+            hasher.join()
             with self._lock:
                 self.active.pop(where.model_id, None)
-        self.verify(plan)
+        self.verify(plan, checked)
         self._tidy(plan)
         manifest = Manifest(
             model_id=where.model_id, repo=where.repo, revision=where.revision, commit=plan.commit,
@@ -248,12 +255,27 @@ class Downloader:
         return self.result(where, status, manifest, started, fetched=plan.fetch,
                            reused=len(plan.reuse), fetch_bytes=plan.fetch_bytes)
 
-    def verify(self, plan: DownloadPlan) -> None:
+    @staticmethod
+    def verify_as_they_land(plan: DownloadPlan, checked: dict[str, str], done: threading.Event) -> None:
+        """Hash files while the others still download (huggingface_hub renames a file into place
+        only once it is complete, so a file at its final path of the right size is whole)."""
+        pending = [p for p in plan.files if p not in plan.reuse]
+        while pending:
+            finished = done.is_set()
+            for path in [p for p in pending if _size_is(plan.partial / p, plan.files[p].size)]:
+                checked[path] = check_file(plan.partial / path, plan.files[path])
+                pending.remove(path)
+            if finished:
+                return
+            done.wait(0.1)
+
+    def verify(self, plan: DownloadPlan, checked: dict[str, str] | None = None) -> None:
         """Hash what was fetched or resumed (reused files were verified when first installed)."""
-        todo = [p for p in plan.files if p not in plan.reuse]
+        checked = dict(checked or {})
+        todo = [p for p in plan.files if p not in plan.reuse and p not in checked]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            problems = list(pool.map(lambda p: (p, check_file(plan.partial / p, plan.files[p])), todo))
-        bad = [(p, why) for p, why in problems if why]
+            checked |= dict(pool.map(lambda p: (p, check_file(plan.partial / p, plan.files[p])), todo))
+        bad = [(p, why) for p, why in checked.items() if why]
         if not bad:
             return
         for path, _ in bad:  # the next run fetches them again

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -46,7 +47,7 @@ class HubFile:
     data: bytes
     lfs: bool
 
-    @property
+    @cached_property
     def blob_id(self) -> str:
         if self.lfs:  # the blob of an LFS file is its pointer
             pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\n"
@@ -54,7 +55,7 @@ class HubFile:
             return git_blob_sha1(pointer)
         return git_blob_sha1(self.data)
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
@@ -93,7 +94,7 @@ class HubServer:
 
     def __init__(self) -> None:
         self.repos: dict[str, HubRepo] = {}
-        self.requests: list[Request] = []
+        self._requests: list[Request] = []
         self.cut_once: dict[str, float] = {}  # path -> fraction sent before the connection drops
         self.corrupt: set[str] = set()  # paths served with one byte flipped
         self.fail_get: dict[str, int] = {}  # path -> HTTP status answered to its GET
@@ -119,9 +120,19 @@ class HubServer:
         self.repos[repo_id].gated_tokens = set(tokens)
 
     # -- requests ------------------------------------------------------------------------------
-    def record(self, request: Request) -> None:
+    def _settle(self, timeout: float = 5.0) -> None:
+        """Wait for answers in progress: a client may have read the last byte before the handler
+        thread records the request."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    @property
+    def requests(self) -> list[Request]:
+        """Every request answered so far (after those in progress finish)."""
+        self._settle()
         with self._lock:
-            self.requests.append(request)
+            return list(self._requests)
 
     def in_flight(self) -> list[str]:
         """Paths of requests being answered right now."""
@@ -130,12 +141,11 @@ class HubServer:
 
     def reset_requests(self) -> None:
         with self._lock:
-            self.requests.clear()
+            self._requests.clear()
 
     def downloads(self) -> list[Request]:
         """GETs of file contents (not HEADs, not API calls)."""
-        with self._lock:
-            return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path]
+        return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path]
 
     def downloaded_files(self) -> list[str]:
         return sorted({r.path.split("/resolve/", 1)[1].split("/", 1)[1] for r in self.downloads()})
@@ -217,10 +227,11 @@ class _HubHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
-            with hub._lock:
+            request = Request(method, unquote(path), self.headers.get("Range"), token, started,
+                              time.monotonic(), self._status, self._sent)
+            with hub._lock:  # recorded before it stops counting as in flight
+                hub._requests.append(request)
                 hub._in_flight[unquote(path)] -= 1
-            self.server_hub.record(Request(method, unquote(path), self.headers.get("Range"), token,
-                                           started, time.monotonic(), self._status, self._sent))
 
     def _send(self, status: int, headers: dict[str, str], body: bytes = b"", *, head: bool = False) -> None:
         self._status = status

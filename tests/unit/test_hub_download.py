@@ -374,3 +374,19 @@ def test_killed_download_leaves_no_half_model(hub: HubServer, setup, config_fact
     assert read_manifest(paths["old"].target).commit == v2
     fresh_fetched = {r.path.rsplit("/", 1)[1] for r in hub.downloads() if "/org/fresh/" in r.path}
     assert fresh_fetched and not fresh_fetched & done_before
+
+
+def test_branch_revision_is_rechecked_only_with_refresh(hub: HubServer, setup):
+    files = tiny_llama_files(with_skipped=False)
+    hub.add_commit("org/tiny", files)
+    spec = setup({"tiny": tiny(revision="main")})
+    download_models(spec)
+    moved = hub.add_commit("org/tiny", {**files, "README.md": b"# moved\n"})
+    hub.reset_requests()
+
+    assert download_models(spec)[0].status == "up-to-date"  # pinned to what 'main' was
+    assert hub.requests == []
+
+    [result] = download_models(spec, refresh=True)
+    assert (result.status, result.commit) == ("updated", moved)
+    assert hub.downloaded_files() == ["README.md"]
