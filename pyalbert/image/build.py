@@ -46,9 +46,13 @@ def target_gpu_memory_gb(spec: DeploymentSpec, model_id: str) -> float | None:
     return min(sizes) if sizes else None
 
 
-def preflight(spec: DeploymentSpec, recipe: ImageRecipe, *,
-              gpu_memory_gb: float | None = None) -> tuple[Estimate | None, str]:
-    """(estimate, "") from local metadata, or (None, why it was skipped). Raises if it won't fit."""
+def preflight(spec: DeploymentSpec, recipe: ImageRecipe, *, gpu_memory_gb: float | None = None,
+              strict: bool = True) -> tuple[Estimate | None, str]:
+    """(estimate, "") from local metadata, or (None, why it was skipped).
+
+    ``strict`` raises :class:`~pyalbert.image.preflight.PreflightError` when it won't fit;
+    ``albert config check`` passes ``strict=False`` and reads ``estimate.fits``.
+    """
     source = recipe.weights_dir or model_dir(spec, recipe.model_id)
     memory = gpu_memory_gb or target_gpu_memory_gb(spec, recipe.model_id)
     if memory is None:
@@ -64,7 +68,15 @@ def preflight(spec: DeploymentSpec, recipe: ImageRecipe, *,
         quantization=model.quantization, extra_args=[*spec.env.vllm.extra_args, *model.extra_args],
         model=recipe.model_id,
     )
-    return result.check(), ""
+    return (result.check() if strict else result), ""
+
+
+def preflight_model(spec: DeploymentSpec, model_id: str, *, gpu_memory_gb: float | None = None,
+                    strict: bool = False) -> tuple[Estimate | None, str]:
+    """Preflight of one routing-table model from the storage dir's metadata (no network)."""
+    from pyalbert.image.recipe import recipe
+
+    return preflight(spec, recipe(spec, model_id), gpu_memory_gb=gpu_memory_gb, strict=strict)
 
 
 def build_image(

@@ -301,3 +301,16 @@ def test_cli_node_spec_and_dry_run_build(spec, capsys):
     assert out.startswith(GOLDEN_HUB)
     assert "$ docker build --tag albert-test-vllm-albert-light:v1.2 --label albert.recipe=" in out
     assert "would build" in out
+
+
+def test_preflight_model_for_config_check_reports_without_raising(spec, storage):
+    from pyalbert.image.build import preflight_model
+
+    assert preflight_model(spec, "big")[1].startswith("preflight skipped: no config.json")
+    (storage / "big").mkdir(parents=True)
+    (storage / "big" / "config.json").write_text(json.dumps({
+        "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256}))
+    estimate, skipped = preflight_model(spec, "big")
+    assert not skipped and not estimate.fits
+    assert estimate.parameters > 70e9 and estimate.tensor_parallel_size == 2
