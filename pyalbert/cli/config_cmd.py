@@ -9,6 +9,7 @@ from rich.table import Table
 
 from pyalbert.config import load_spec, resolve_plan
 from pyalbert.config.plan import Plan
+from pyalbert.errors import ConfigError, Problem
 from pyalbert.ui import console, console_err
 
 
@@ -56,11 +57,34 @@ def plan_json(plan: Plan) -> dict:
     }
 
 
+def preflight_problems(plan: Plan) -> tuple[list[Problem], list[str]]:
+    """"Will it fit" for each GPU-served model whose weights' metadata is on this machine."""
+    from pyalbert.image.build import preflight_model
+
+    problems, notes = [], []
+    spec = plan.spec
+    for model_id in dict.fromkeys(i.model_id for i in plan.vllm if i.host.gpus):
+        estimate, skipped = preflight_model(spec, model_id, strict=False)
+        if estimate is None:
+            notes.append(f"{model_id}: {skipped}")
+        elif not estimate.fits:
+            problems.append(Problem(str(spec.routing_file.name), f"{model_id}.gpu_mem_use",
+                                    f"the model does not fit: {estimate.summary()}",
+                                    "raise gpu_mem_use or tensor_parallel_size, lower "
+                                    "max_model_len, or use a quantized model"))
+    return problems, notes
+
+
 def check_command(args: argparse.Namespace) -> int:
     spec = load_spec(args.env, args.config_dir)
     plan = resolve_plan(spec)
     for note in spec.notes:
         console_err.print(f"[yellow]warning:[/] {note}")
+    problems, notes = preflight_problems(plan)
+    for note in notes:
+        console_err.print(f"[dim]{note}[/]")
+    if problems:
+        raise ConfigError(problems)
     if args.json:
         print(json.dumps(plan_json(plan), indent=2))
     else:
