@@ -10,12 +10,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httptools
 import uvloop
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """user + system CPU of ``pid`` and its descendants (0 without a pid)."""
+    if not pid:
+        return 0.0
+    ticks = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Client(asyncio.Protocol):
@@ -81,7 +109,7 @@ def request_bytes(url: str, model: str, stream: bool, key: str | None) -> bytes:
 
 
 async def run(url: str, concurrency: int, duration: float, warmup: float, stream: bool,
-              model: str, key: str | None) -> dict:
+              model: str, key: str | None, cpu_pid: int | None = None) -> dict:
     loop = asyncio.get_running_loop()
     parts = urlsplit(url)
     bench = Bench(request_bytes(url, model, stream, key))
@@ -93,10 +121,12 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, stream
         client.send()
     await asyncio.sleep(warmup)
     bench.recording = True
+    cpu0 = cpu_seconds(cpu_pid)
     start = time.perf_counter()
     await asyncio.sleep(duration)
     bench.recording = False
     seconds = time.perf_counter() - start
+    cpu = cpu_seconds(cpu_pid) - cpu0
     bench.stopping = True
     for client in clients:
         client.transport.close()
@@ -108,7 +138,8 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, stream
     return {"requests": len(lat), "errors": bench.errors, "seconds": round(seconds, 3),
             "rps": round(len(lat) / seconds, 1), "p50_ms": pct(0.5), "p90_ms": pct(0.9),
             "p99_ms": pct(0.99), "chunks": bench.chunks,
-            "chunks_per_s": round(bench.chunks / seconds, 1)}
+            "chunks_per_s": round(bench.chunks / seconds, 1),
+            "cpu_ms_per_req": round(cpu * 1000 / len(lat), 3) if lat and cpu_pid else None}
 
 
 def main() -> None:
@@ -120,9 +151,10 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--model", default="fake")
     parser.add_argument("--key", default=None)
+    parser.add_argument("--cpu-pid", type=int, default=None, help="server pid whose CPU to count")
     args = parser.parse_args()
     result = uvloop.run(run(args.url, args.concurrency, args.duration, args.warmup, args.stream,
-                            args.model, args.key))
+                            args.model, args.key, args.cpu_pid))
     print(json.dumps(result))
 
 

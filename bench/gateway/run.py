@@ -1,0 +1,227 @@
+"""Gateway benchmark: direct vs our gateway vs a naive FastAPI+httpx proxy vs LiteLLM's proxy.
+
+    .venv/bin/python bench/gateway/run.py [--setup] [--duration 4] [--targets direct,gateway,naive,litellm]
+
+One instant fake upstream (tests/support/fake_upstream.py, its own process), one load tool for
+every target (bench/gateway/load.py: closed-loop keep-alive clients), concurrency 1 and 64, plain
+and streamed chat completions. Each target is one server process (workers = 1), started alone,
+measured, stopped. Printed side by side: req/s, p50/p99, added p50 vs direct, server CPU ms per
+request (user+system from /proc over the measured window), SSE chunks/s, and the ratios the
+targets of issue 8 are about. The naive proxy and LiteLLM run from a separate venv
+(``--setup`` creates it in .cache/bench/venv); without it they are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+BENCH_VENV = REPO / ".cache" / "bench" / "venv"
+CHUNKS = 20  # content chunks per streamed answer (+ role chunk + finish chunk)
+SCENARIOS = [("plain", 1), ("plain", 64), ("stream", 1), ("stream", 64)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not up within {timeout} s")
+
+
+@contextmanager
+def process(argv: list[str], ready_url: str, env: dict | None = None, cwd: Path = REPO):
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(ready_url, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def load(url: str, scenario: str, concurrency: int, duration: float, pid: int | None,
+         key: str | None) -> dict:
+    argv = [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency),
+            "--duration", str(duration), "--warmup", "1", "--model", "fake"]
+    if scenario == "stream":
+        argv.append("--stream")
+    if pid:
+        argv += ["--cpu-pid", str(pid)]
+    if key:
+        argv += ["--key", key]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def setup_venv() -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]", "fastapi",
+                    "httpx", "uvicorn[standard]"], check=True)
+
+
+def targets(upstream: str, workdir: Path, wanted: list[str]):
+    """(name, context manager yielding (url, pid, key)) for each target that can run."""
+    key = "bench-" + secrets.token_urlsafe(24)
+
+    @contextmanager
+    def direct():
+        yield upstream, None, None
+
+    @contextmanager
+    def gateway():
+        import hashlib
+
+        keys = workdir / "keys.json"
+        keys.write_text(json.dumps([{"name": "bench", "sha256": hashlib.sha256(key.encode()).hexdigest()}]))
+        port = free_port()
+        argv = [sys.executable, "-c", "from pyalbert.cli import run; run()", "api",
+                "--backends", json.dumps({"fake": [upstream]}), "--keys", str(keys),
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--whitelist-mode", "flag"]
+        with process(argv, f"http://127.0.0.1:{port}/health") as proc:
+            yield f"http://127.0.0.1:{port}", proc.pid, key
+
+    @contextmanager
+    def naive():
+        port = free_port()
+        argv = [str(BENCH_VENV / "bin" / "uvicorn"), "naive_proxy:app", "--host", "127.0.0.1",
+                "--port", str(port), "--http", "httptools", "--loop", "uvloop", "--no-access-log",
+                "--log-level", "warning"]
+        with process(argv, f"http://127.0.0.1:{port}/health", {"UPSTREAM": upstream}, HERE) as proc:
+            yield f"http://127.0.0.1:{port}", proc.pid, None
+
+    @contextmanager
+    def litellm():
+        port = free_port()
+        config = workdir / "litellm.yaml"
+        config.write_text(
+            "model_list:\n  - model_name: fake\n    litellm_params:\n      model: openai/fake\n"
+            f"      api_base: {upstream}/v1\n      api_key: none\n"
+            "litellm_settings:\n  telemetry: false\n")
+        argv = [str(BENCH_VENV / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
+                "--port", str(port), "--num_workers", "1"]
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        with process(argv, f"http://127.0.0.1:{port}/health/liveliness", env, workdir) as proc:
+            yield f"http://127.0.0.1:{port}", proc.pid, None
+
+    have_venv = (BENCH_VENV / "bin" / "uvicorn").exists()
+    table = {"direct": (direct, ""), "gateway": (gateway, ""),
+             "naive": (naive, "" if have_venv else "no bench venv (run with --setup)"),
+             "litellm": (litellm, "" if (BENCH_VENV / "bin" / "litellm").exists()
+                         else "litellm[proxy] not installed (run with --setup)")}
+    return [(name, *table[name]) for name in wanted]
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(results: dict, skipped: dict) -> None:
+    names = [n for n in ("direct", "gateway", "naive", "litellm") if n in results]
+    for scenario, c in SCENARIOS:
+        tag = f"{scenario} c={c}"
+        print(f"\n== {tag} ==")
+        print(f"{'target':<9}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'cpu ms/req':>12}"
+              f"{'chunks/s':>11}{'errors':>8}")
+        base = results.get("direct", {}).get(tag)
+        for name in names:
+            r = results[name].get(tag)
+            if r is None:
+                continue
+            added = r["p50_ms"] - base["p50_ms"] if base and name != "direct" else None
+            print(f"{name:<9}{r['rps']:>10.1f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.2f}{fmt(added, '.3f'):>9}"
+                  f"{fmt(r['cpu_ms_per_req'], '.3f'):>12}{fmt(r['chunks_per_s'] or None, '.0f'):>11}"
+                  f"{r['errors']:>8}")
+    for name, why in skipped.items():
+        print(f"\n{name}: skipped: {why}")
+    g = results.get("gateway", {})
+    if not g:
+        return
+    print("\n== targets (issue 8, one gateway process) ==")
+    checks = []
+    p1, p64, s64 = g.get("plain c=1"), g.get("plain c=64"), g.get("stream c=64")
+    d1 = results.get("direct", {}).get("plain c=1")
+    if p1 and d1:
+        checks.append(("added p50 at c=1 <= 0.5 ms", p1["p50_ms"] - d1["p50_ms"], 0.5, "<="))
+    if p1 and p1["cpu_ms_per_req"] is not None:
+        cpu = min(x["cpu_ms_per_req"] for x in (p1, p64) if x and x["cpu_ms_per_req"] is not None)
+        checks.append(("CPU per plain request <= 0.5 ms", cpu, 0.5, "<="))
+    if p64:
+        checks.append(("p99 at c=64 <= 50 ms", p64["p99_ms"], 50, "<="))
+        for other, factor in (("naive", 3), ("litellm", 20)):
+            o = results.get(other, {}).get("plain c=64")
+            if o and o["rps"]:
+                checks.append((f"c=64 throughput >= {factor}x {other}", p64["rps"] / o["rps"], factor, ">="))
+    if s64:
+        checks.append(("SSE chunks/s >= 20000", s64["chunks_per_s"], 20000, ">="))
+    for label, value, limit, op in checks:
+        ok = value <= limit if op == "<=" else value >= limit
+        print(f"  {'PASS' if ok else 'MISS'}  {label:<34} measured {value:,.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
+    parser.add_argument("--targets", default="direct,gateway,naive,litellm")
+    parser.add_argument("--setup", action="store_true", help="create the venv with litellm and fastapi")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    args = parser.parse_args()
+    if args.setup and not (BENCH_VENV / "bin" / "litellm").exists():
+        setup_venv()
+    results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    port = free_port()
+    fake_argv = [sys.executable, "-m", "tests.support.fake_upstream", "--port", str(port),
+                 "--chunks", str(CHUNKS)]
+    upstream = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp, process(fake_argv, upstream + "/health"):
+        for name, target, why in targets(upstream, Path(tmp), args.targets.split(",")):
+            if why:
+                skipped[name] = why
+                continue
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)
+            try:
+                with target() as (url, pid, key):
+                    results[name] = {}
+                    for scenario, c in SCENARIOS:
+                        results[name][f"{scenario} c={c}"] = load(url, scenario, c, args.duration, pid, key)
+            except (RuntimeError, subprocess.CalledProcessError) as exc:
+                skipped[name] = f"failed: {exc}"
+    report(results, skipped)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "skipped": skipped}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
