@@ -180,17 +180,37 @@ class SSHRunner:
     def run(self, cmd: Cmd, *, check: bool = True, timeout: float | None = None) -> Result:
         conn = self.connection()
         stdin = cmd.stdin_text
-        res = conn.run(
-            cmd.render(),
-            hide=True,
-            warn=True,
-            in_stream=io.StringIO(stdin) if stdin is not None else False,
-            timeout=timeout,
-        )
-        result = Result(cmd, res.exited, res.stdout, res.stderr)
+        if stdin is not None:
+            result = self._run_with_stdin(conn, cmd, stdin, timeout)
+        else:
+            res = conn.run(cmd.render(), hide=True, warn=True, in_stream=False, timeout=timeout)
+            result = Result(cmd, res.exited, res.stdout, res.stderr)
         if check and not result.ok:
             raise _failed(self.label, result)
         return result
+
+    def _run_with_stdin(self, conn, cmd: Cmd, stdin: str, timeout: float | None) -> Result:
+        """Send ``stdin`` then EOF on a plain channel (invoke's stdin thread can lose the EOF
+        of larger payloads and leave ``cat`` waiting)."""
+        chan = conn.client.get_transport().open_session()
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(cmd.render())
+            chan.sendall(stdin.encode())
+            chan.shutdown_write()
+            out = chan.makefile("rb").read().decode(errors="replace")
+            err = chan.makefile_stderr("rb").read().decode(errors="replace")
+            code = chan.recv_exit_status()
+        except TimeoutError:
+            raise RemoteError(f"on {self.label}: timed out after {timeout}s: {cmd.display()}") from None
+        finally:
+            chan.close()
+        return Result(cmd, code, out, err)
+
+    def stream(self, cmd: Cmd, prefix: str = "") -> int:
+        """Run and print output as it comes (``logs -f``); returns the exit code."""
+        res = self.connection().run(cmd.render(), warn=True, in_stream=False, pty=False)
+        return res.exited
 
     def put(self, local: str, remote: str) -> None:
         self.connection().put(local, remote)
