@@ -394,7 +394,7 @@ def download_models(spec: DeploymentSpec, storage_dir: Path | str | None = None,
                 for (where, _, _), (plan, exc) in zip(pending, planned, strict=True):
                     if exc is not None:
                         results[where.model_id] = _failed(where, exc)
-                        reporter.finish(where.model_id, f"failed: {exc}", False)
+                        reporter.finish(where.model_id, f"failed: {type(exc).__name__} (details below)", False)
                     else:
                         plans.append(plan)
                 check_disk_space(plans, storage)
@@ -402,7 +402,7 @@ def download_models(spec: DeploymentSpec, storage_dir: Path | str | None = None,
             for plan, (res, exc) in zip(plans, outcomes, strict=True):
                 if exc is not None:
                     res = _failed(plan.where, exc)
-                    reporter.finish(plan.where.model_id, f"failed: {exc}", False)
+                    reporter.finish(plan.where.model_id, f"failed: {type(exc).__name__} (details below)", False)
                 elif res.status != "up-to-date" or res.files_fetched:
                     reporter.finish(plan.where.model_id, _summary(res), True)
                 results[plan.where.model_id] = res

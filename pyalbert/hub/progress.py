@@ -44,7 +44,7 @@ class LineReporter:
         now = self.clock()
         with self._lock:
             self._state[model_id] = (total_bytes, now, now)
-        self.console.print(f"{model_id}: downloading {human_bytes(total_bytes)} ({detail})")
+        self.console.print(f"{model_id}: downloading {human_bytes(total_bytes)} ({detail})", soft_wrap=True)
 
     def update(self, model_id: str, done_bytes: int) -> None:
         now = self.clock()
@@ -58,12 +58,12 @@ class LineReporter:
         pct = 100 * done_bytes / total if total else 100
         rate = done_bytes / max(now - started, 1e-6)
         self.console.print(f"{model_id}: {pct:3.0f}% {human_bytes(done_bytes)} / "
-                           f"{human_bytes(total)}, {human_bytes(rate)}/s")
+                           f"{human_bytes(total)}, {human_bytes(rate)}/s", soft_wrap=True)
 
     def finish(self, model_id: str, summary: str, ok: bool) -> None:
         with self._lock:
             self._state.pop(model_id, None)
-        self.console.print(f"{model_id}: {summary}")
+        self.console.print(f"{model_id}: {summary}", soft_wrap=True)
 
     def close(self) -> None: ...
 

@@ -152,6 +152,10 @@ def translate(exc: BaseException, where: Where) -> BaseException:
             f"{head}: the disk filled up while writing under {where.target.parent} ({exc.strerror}). "
             "Nothing was installed; the partial download is kept for resume. Fix: free space there "
             "or pass --storage-dir on a larger disk, then re-run.")
+    if isinstance(exc, PermissionError):
+        return HubError(
+            f"{head}: cannot write {exc.filename or where.target.parent} ({exc.strerror}). Fix: make "
+            "the storage dir writable by this user, or pass --storage-dir.")
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
         return ChecksumMismatch(
             f"{head}: a file arrived with the wrong size ({str(exc).splitlines()[0]}). Nothing was "

@@ -95,9 +95,17 @@ def test_first_download_installs_a_plain_verified_directory(hub: HubServer, setu
 
 
 def test_rerun_with_same_revision_makes_no_request(hub: HubServer, setup):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pyalbert.hub.progress import RichReporter
+
     hub.add_commit("org/tiny", tiny_llama_files())
     spec = setup({"tiny": tiny()})
-    download_models(spec)
+    screen = StringIO()
+    download_models(spec, reporter=RichReporter(Console(file=screen, force_terminal=True, width=120)))
+    assert "tiny" in screen.getvalue() and "done" in screen.getvalue()
     hub.reset_requests()
 
     [result] = download_models(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -133,3 +134,56 @@ def test_model_paths_keep_temp_dirs_next_to_the_target(tmp_path: Path):
     assert paths.target == tmp_path / "org" / "name"
     assert paths.partial("abcdef" * 7) == tmp_path / "org" / ".name.partial-abcdefabcdefabcd"
     assert paths.lock == tmp_path / "org" / ".name.lock"
+
+
+def _where(tmp_path: Path):
+    from pyalbert.hub.remote import Where
+
+    return Where("m", "org/m", "main", "config/llm_routing_table.json", "HF_TOKEN", False,
+                 tmp_path / "models" / "m")
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        pytest.param(OSError(errno.ENOSPC, "No space left on device"),
+                     ["the disk filled up while writing under", "partial download is kept", "--storage-dir"],
+                     id="disk-full"),
+        pytest.param(PermissionError(errno.EACCES, "Permission denied", "/data/models/m"),
+                     ["cannot write /data/models/m (Permission denied)", "writable"], id="read-only"),
+        pytest.param(OSError("Consistency check failed: file should be of size 10 but has size 5 (x)"),
+                     ["arrived with the wrong size", "re-run"], id="short-body"),
+    ],
+)
+def test_os_errors_become_one_paragraph(tmp_path: Path, exc, expected):
+    from pyalbert.hub import HubError
+    from pyalbert.hub.remote import translate
+
+    error = translate(exc, _where(tmp_path))
+    assert isinstance(error, HubError)
+    assert str(error).startswith("model 'm' (org/m@main, config/llm_routing_table.json): ")
+    assert "\n" not in str(error)
+    for text in expected:
+        assert text in str(error)
+
+
+def test_line_reporter_prints_start_progress_every_interval_and_end():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pyalbert.hub.progress import LineReporter
+
+    out, now = StringIO(), [0.0]
+    reporter = LineReporter(Console(file=out, width=200), every_s=10, clock=lambda: now[0])
+    reporter.start("m", 2_000_000_000, "3 of 5 files")
+    now[0] = 5
+    reporter.update("m", 500_000_000)  # too soon: silent
+    now[0] = 10
+    reporter.update("m", 1_000_000_000)
+    reporter.finish("m", "downloaded", True)
+    assert out.getvalue().splitlines() == [
+        "m: downloading 2.0 GB (3 of 5 files)",
+        "m:  50% 1.0 GB / 2.0 GB, 100.0 MB/s",
+        "m: downloaded",
+    ]
