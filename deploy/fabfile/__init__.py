@@ -7,3 +7,7 @@ Run from ``deploy/`` (``cd deploy && fab deploy --env staging``) or anywhere wit
 from invoke import Collection
 
 ns = Collection()
+
+from . import provision as _provision  # noqa: E402
+
+ns.add_task(_provision.provision)
