@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from rich.table import Table
 
 from pyalbert.commands import health, lock, release
+from pyalbert.commands.base import Cmd
 from pyalbert.errors import AlbertError
 from pyalbert.plans import ApiSwap, Check, HostPlan, Unit, manifest, orphans, units_from_manifest
 from pyalbert.remote import Runner
@@ -312,7 +313,9 @@ class HostDeploy:
             polls += 1
             if polls % 4 == 0:
                 running, _, _ = self.state(u)
-                if not running:
+                restarts = self.r.run(Cmd.of("docker", "inspect", "--format", "{{.RestartCount}}",
+                                             u.name), check=False).stdout.strip()
+                if not running or (restarts.isdigit() and int(restarts) > 0):
                     raise NotReady(f"host {self.name}: {u.name} exited before it was ready. "
                                    f"Last log lines:\n{self._tail(u)}")
             if time.monotonic() > deadline:
@@ -522,7 +525,8 @@ def finish(results: Sequence[HostResult], title: str, out: Printer) -> list[Host
     if failed:
         raise AlbertError(f"{title} failed on {len(failed)} of {len(results)} host(s): "
                           + ", ".join(f"{r.host} ({r.status})" for r in failed)
-                          + ". The hosts listed kept (or went back to) their previous release.")
+                          + ". The hosts listed kept (or went back to) their previous release.\n"
+                          + "\n".join(r.error.splitlines()[0] for r in failed if r.error))
     return list(results)
 
 
