@@ -153,7 +153,8 @@ def test_hosts_are_provisioned_in_parallel_with_one_summary_line_each(make_host,
         again = fab("provision", "--env", "test", "--config-dir", str(config))
         assert again.returncode != 0
         assert f"✓ {a.name} no change" in again.stdout
-        assert f"✗ {b.name} provision failed" in again.stdout and "unreachable" in again.stdout
+        assert f"✗ {b.name} provision failed" in again.stdout
+        assert f"host {b.name} (root@{b.address}:22)" in again.stdout
     finally:
         make_host.release(a)
         make_host.release(b)
