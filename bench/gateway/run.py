@@ -131,9 +131,11 @@ def targets(upstream: str, workdir: Path, wanted: list[str]):
             "litellm_settings:\n  telemetry: false\n")
         argv = [str(BENCH_VENV / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
                 "--port", str(port), "--num_workers", "1"]
-        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        master = "sk-" + secrets.token_hex(24)  # LiteLLM refuses to start without a key
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_MASTER_KEY": master}
         with process(argv, f"http://127.0.0.1:{port}/health/liveliness", env, workdir) as proc:
-            yield f"http://127.0.0.1:{port}", proc.pid, None
+            yield f"http://127.0.0.1:{port}", proc.pid, master
 
     have_venv = (BENCH_VENV / "bin" / "uvicorn").exists()
     table = {"direct": (direct, ""), "gateway": (gateway, ""),

@@ -465,6 +465,8 @@ class Gateway:
                 new = self.answers.plain(body, chat)
                 if new is not None:
                     body = new
+        elif status >= 400:
+            body = openai_error_shape(body, status)
         content_type = resp.headers.get(b"content-type", JSON)
         ctx.finished = True
         await self.respond(send, status, body, content_type=content_type)
@@ -513,6 +515,22 @@ class Gateway:
         ctx.finished = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         return 200
+
+
+def openai_error_shape(body: bytes, status: int) -> bytes:
+    """vLLM's ``{"object": "error", "message", "type", ...}`` as OpenAI's ``{"error": {...}}``."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode(errors="replace").strip()[:500] or f"upstream answered HTTP {status}"
+        return E.error_body(text, "server_error" if status >= 500 else "invalid_request_error")
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return body
+    if isinstance(obj, dict) and "message" in obj:
+        code = obj.get("code")
+        return E.error_body(str(obj["message"]), str(obj.get("type") or "upstream_error"),
+                            None if code is None else str(code), obj.get("param"))
+    return E.error_body(f"upstream answered HTTP {status}", "server_error")
 
 
 LOCAL_ROUTES = frozenset({"/health", "/ready", "/metrics", "/v1/models"})

@@ -189,6 +189,7 @@ def test_bad_keys_are_401_in_openai_shape(gateway, up, headers, status, code):
     assert r.status_code == status
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
+    assert r.headers["x-albert-whitelist"] == "off; entries=0"
     assert not any(f.requests for f in up)
 
 
@@ -219,6 +220,12 @@ def test_tokens_per_minute(gateway, tmp_path):
     assert gw.client.post("/v1/chat/completions", json=CHAT).status_code == 200  # 24 > 20
     r = gw.client.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
+
+
+def test_metrics_can_require_a_key(gateway):
+    gw = gateway(metrics_auth=True)
+    assert HTTP.get(gw.server.url + "/metrics").status_code == 401
+    assert "albert_in_flight" in gw.client.get("/metrics").text
 
 
 # -- bad inputs --------------------------------------------------------------------------------------
@@ -316,6 +323,7 @@ def test_500_passes_through_and_ejects(gateway, up):
     up[0].status = 500
     r = gw.client.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 500
+    assert r.json()["error"]["message"] == "internal failure"  # vLLM's shape made OpenAI's
     assert gw.gateway.metrics.upstream_errors[("m", "http_500")] == 1  # ejected, then probed back
     up[0].status = 200
     assert gw.client.post("/v1/chat/completions", json=CHAT).status_code == 200  # panic mode
