@@ -11,3 +11,8 @@ ns = Collection()
 from . import provision as _provision  # noqa: E402
 
 ns.add_task(_provision.provision)
+
+from fabfile import deploy as _deploy  # noqa: E402 (tasks: fab deploy, status, logs, ...)
+
+for _task in _deploy.TASKS:
+    ns.add_task(_task)
