@@ -7,6 +7,7 @@ Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import signal
 import time
@@ -147,6 +148,8 @@ class Gateway:
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
+        gc.collect()
+        gc.freeze()  # long-lived objects (modules, config) leave the collector's generations
         self.router.start()
         try:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
