@@ -11,6 +11,9 @@ Implements what ``model_info(files_metadata=True)``, ``snapshot_download(local_d
 
 Faults for tests: cut a transfer once midway, serve corrupted bytes, answer a status to a file's
 GET, throttle bodies. Every request is recorded (method, path, Range, token, start/end time).
+
+The protocol itself (routes, headers, JSON bodies, ranges) is the product's, from
+``pyalbert.hub.mirror`` (``albert hub serve``): one implementation of what the client expects.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import struct
 import threading
 import time
@@ -31,15 +33,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pth", ".pt", ".msgpack", ".h5", ".onnx")
-
-
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
+from pyalbert.hub import mirror as protocol
+from pyalbert.hub.mirror import LFS_SUFFIXES, git_blob_sha1  # noqa: F401 - re-exported for tests
 
 
 def is_lfs(path: str, data: bytes) -> bool:
-    return path.endswith(LFS_SUFFIXES) or len(data) >= 1024 * 1024
+    return protocol.is_lfs(path, len(data))
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,15 @@ class HubFile:
     lfs: bool
 
     @cached_property
+    def meta(self) -> protocol.FileMeta:
+        """What the hub announces: size, blob id (of the pointer for LFS files), sha256."""
+        if self.lfs:
+            return protocol.FileMeta.of(len(self.data), lfs=True, sha256=self.sha256)
+        return protocol.FileMeta.of(len(self.data), lfs=False, blob_id=git_blob_sha1(self.data))
+
+    @property
     def blob_id(self) -> str:
-        if self.lfs:  # the blob of an LFS file is its pointer
-            pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\n"
-                       f"size {len(self.data)}\n").encode()
-            return git_blob_sha1(pointer)
-        return git_blob_sha1(self.data)
+        return self.meta.blob_id
 
     @cached_property
     def sha256(self) -> str:
@@ -61,7 +63,7 @@ class HubFile:
 
     @property
     def etag(self) -> str:
-        return self.sha256 if self.lfs else self.blob_id
+        return self.meta.etag
 
 
 @dataclass
@@ -193,11 +195,6 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-_INFO = re.compile(r"^/api/models/(?P<repo>.+?)/revision/(?P<rev>[^/]+)$")
-_TREE = re.compile(r"^/api/models/(?P<repo>.+?)/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
-_RESOLVE = re.compile(r"^/(?P<repo>.+?)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
-
-
 class _HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_hub: HubServer
@@ -250,22 +247,16 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, code: str, message: str, commit: str | None = None,
                head: bool = False) -> None:
-        headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
-        if commit:
-            headers["X-Repo-Commit"] = commit
-        self._send(status, headers, json.dumps({"error": message}).encode(), head=head)
+        self._send(status, protocol.error_headers(code, message, commit), protocol.error_body(message),
+                   head=head)
 
     # -- routes -----------------------------------------------------------------------------------
     def _route(self, method: str, path: str, query: dict, token: str | None) -> None:
         hub = self.server_hub
-        match, kind = None, ""
-        for pattern, name in ((_INFO, "info"), (_TREE, "tree"), (_RESOLVE, "resolve")):
-            match, kind = pattern.match(path), name
-            if match:
-                break
-        if match is None:
+        route = protocol.match_route(path)
+        if route is None:
             return self._error(404, "NotFound", "no such endpoint", head=method == "HEAD")
-        repo_id, rev = unquote(match["repo"]), unquote(match["rev"])
+        repo_id, rev = route.repo, route.revision
         repo = hub.repos.get(repo_id)
         head = method == "HEAD"
         if repo is None or (repo.private and (repo.gated_tokens is None or token not in repo.gated_tokens)):
@@ -274,11 +265,13 @@ class _HubHandler(BaseHTTPRequestHandler):
         if commit is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
         files = repo.commits[commit]
-        if kind == "info":
-            return self._model_info(repo_id, repo, commit, files, blobs="blobs" in query)
-        if kind == "tree":
-            return self._tree(files, unquote(match["path"] or ""))
-        file_path = unquote(match["path"])
+        if route.kind == "info":
+            return self._json(200, protocol.model_info(
+                repo_id, commit, {p: f.meta for p, f in files.items()}, blobs="blobs" in query,
+                private=repo.private, gated=repo.gated_tokens is not None))
+        if route.kind == "tree":
+            return self._json(200, protocol.tree({p: f.meta for p, f in files.items()}, route.path))
+        file_path = route.path
         if repo.gated_tokens is not None and token not in repo.gated_tokens:
             status = 401 if token is None else 403
             return self._error(status, "GatedRepo", "Access to model is restricted", commit, head=head)
@@ -289,54 +282,12 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", f"{file_path} does not exist", commit, head=head)
         self._resolve(method, file_path, commit, entry)
 
-    def _model_info(self, repo_id: str, repo: HubRepo, commit: str, files: dict[str, HubFile],
-                    blobs: bool) -> None:
-        siblings = []
-        for path, entry in sorted(files.items()):
-            sib: dict = {"rfilename": path}
-            if blobs:
-                sib.update(size=len(entry.data), blobId=entry.blob_id)
-                if entry.lfs:
-                    sib["lfs"] = {"size": len(entry.data), "sha256": entry.sha256, "pointerSize": 134}
-            siblings.append(sib)
-        self._json(200, {
-            "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-            "sha": commit, "private": repo.private,
-            "gated": "manual" if repo.gated_tokens is not None else False, "disabled": False,
-            "tags": [], "library_name": "transformers", "siblings": siblings,
-            "lastModified": "2025-01-01T00:00:00.000Z", "createdAt": "2025-01-01T00:00:00.000Z",
-        })
-
-    def _tree(self, files: dict[str, HubFile], prefix: str) -> None:
-        entries, dirs = [], set()
-        for path, entry in sorted(files.items()):
-            if prefix and not path.startswith(prefix.rstrip("/") + "/"):
-                continue
-            parts = path.split("/")
-            for i in range(1, len(parts)):
-                dirs.add("/".join(parts[:i]))
-            item: dict = {"type": "file", "oid": entry.blob_id, "size": len(entry.data), "path": path}
-            if entry.lfs:
-                item["lfs"] = {"oid": entry.sha256, "size": len(entry.data), "pointerSize": 134}
-            entries.append(item)
-        entries += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0,
-                     "path": d} for d in sorted(dirs)]
-        self._json(200, entries)
-
     def _resolve(self, method: str, file_path: str, commit: str, entry: HubFile) -> None:
         hub = self.server_hub
         data = entry.data
         if file_path in hub.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        headers = {
-            "X-Repo-Commit": commit,
-            "ETag": f'"{entry.etag}"',
-            "Accept-Ranges": "bytes",
-            "Content-Type": "application/octet-stream",
-        }
-        if entry.lfs:
-            headers["X-Linked-Etag"] = f'"{entry.sha256}"'
-            headers["X-Linked-Size"] = str(len(data))
+        headers = protocol.file_headers(commit, entry.meta)
         if method == "HEAD":
             self._status = 200
             self.send_response(200)
@@ -345,14 +296,13 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             return
-        start, status = 0, 200
-        match = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
-        if match:
-            start = int(match[1])
-            end = int(match[2]) if match[2] else len(data) - 1
-            if start >= len(data):
-                headers["Content-Range"] = f"bytes */{len(data)}"
-                return self._send(416, headers)
+        status = 200
+        try:
+            wanted = protocol.byte_range(self.headers.get("Range"), len(data))
+        except protocol.RangeNotSatisfiable:
+            return self._send(416, {**headers, "Content-Range": f"bytes */{len(data)}"})
+        if wanted is not None:
+            start, end = wanted
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start:end + 1], 206
         self._status = status
