@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "client_cmd",
     "testhost_cmd",
     "supervise_cmd",
+    "local_cmd",
     "hub_cmd",
 )
 

