@@ -53,7 +53,7 @@ class Ctx:
     """What one request's access-log line says."""
 
     __slots__ = ("model", "key", "replica", "retries", "stream", "tokens", "error", "ttfb",
-                 "finished", "task", "gone")
+                 "finished", "task", "gone", "start")
 
     def __init__(self) -> None:
         self.model = ""
@@ -67,6 +67,7 @@ class Ctx:
         self.finished = False
         self.task: asyncio.Task | None = None
         self.gone = False
+        self.start = 0.0
 
 
 class Gateway:
@@ -177,6 +178,7 @@ class Gateway:
         start = time.perf_counter()
         path = scope["path"]
         ctx = Ctx()
+        ctx.start = start
         route = PROXIED.get(path)
         name = route[0] if route else path
         self.metrics.in_flight += 1
@@ -372,7 +374,7 @@ class Gateway:
         try:
             replica, resp = await self.open_upstream(ctx, model, path.encode(), body)
             try:
-                ctx.ttfb = time.perf_counter()
+                ctx.ttfb = time.perf_counter() - ctx.start
                 if stream and resp.status == 200 and resp.headers.get(
                         b"content-type", b"").startswith(b"text/event-stream"):
                     return await self.relay_stream(send, ctx, key, replica, resp, chat)
