@@ -384,6 +384,22 @@ def verdict(check: Check, code: int, stdout: str, runner: Runner, hp: HostPlan) 
             return ("docker does not answer (not installed, not running, or the user is not in the "
                     f"docker group). Fix: run `fab provision --env {hp.env}`.")
         return None
+    if check.kind == "tools":
+        if code != 0:
+            return (f"the tools venv is not on the host ({check.arg}). Fix: run "
+                    f"`fab setup --env {hp.env}`: it installs pyalbert there.")
+        return None
+    if check.kind == "python":
+        from pyalbert.commands.process import parse_python_version
+
+        found = parse_python_version(stdout) if code == 0 else None
+        wanted = tuple(int(x) for x in check.arg.split("."))
+        if found is None or found < wanted:
+            got = ".".join(map(str, found)) if found else "no such interpreter"
+            return (f"{check.what.split('(')[-1].rstrip(')')} is {got}, and vLLM needs Python "
+                    f"{check.arg} or newer. Fix: install python3.10+ with its venv module (fab "
+                    "provision does), or set vllm.python in the environment file.")
+        return None
     if check.kind == "model_dir":
         if code != 0:
             return (f"model {check.arg} is not on the host ({check.what.split(' is in ')[-1]}). "
@@ -680,7 +696,7 @@ def down_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
     """Stop and remove every container of this environment (any service, any release)."""
     from pyalbert.plans import runtime_for
 
-    rt = runtime_for(spec.env.runtime)
+    rt = runtime_for(spec.env)
 
     def one(r, host):
         rows = rt.parse_units(r.run(rt.list_units(spec.env.name)).stdout)
@@ -698,7 +714,7 @@ def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
     from pyalbert.commands import gpu
     from pyalbert.plans import runtime_for
 
-    rt = runtime_for(spec.env.runtime)
+    rt = runtime_for(spec.env)
     ports = {}
     for model_id, model in spec.models:
         ports[model_id] = (model.port, model_id)
@@ -796,7 +812,7 @@ def unlink_gpu_env(spec, runners: RunnerFactory | None = None) -> dict[str, obje
     link = spec.env.gpu_link
     base = spec.env.deploy.base_dir
     pipeline = _pipeline()
-    rt = runtime_for(spec.env.runtime)
+    rt = runtime_for(spec.env)
 
     def one(r, host):
         rows = rt.parse_units(r.run(rt.list_units(spec.env.name)).stdout)

@@ -24,7 +24,7 @@ from pyalbert.commands import api as api_cmd
 from pyalbert.commands import docker, health, release
 from pyalbert.commands.base import Cmd, Raw
 from pyalbert.commands.vllm import server_args
-from pyalbert.config.environment import HostSpec
+from pyalbert.config.environment import EnvironmentSpec, HostSpec
 from pyalbert.config.plan import Plan, VllmInstance
 from pyalbert.errors import AlbertError
 
@@ -82,7 +82,7 @@ class Check:
 
     what: str
     cmd: Cmd
-    kind: Literal["docker", "model_dir", "disk", "port"]
+    kind: Literal["docker", "model_dir", "disk", "port", "tools", "python"]
     arg: str = ""
 
 
@@ -207,6 +207,8 @@ class Runtime(Protocol):
     def api_swap(self, plan: Plan, host: HostSpec, inputs: DeployInputs,
                  release_dir: str) -> tuple[ApiSwap, list[FileSpec]]: ...
 
+    def probe(self, name: str) -> Cmd: ...
+
     def list_units(self, env: str) -> Cmd: ...
 
     def parse_units(self, stdout: str) -> list[dict[str, str]]: ...
@@ -329,6 +331,9 @@ class DockerRuntime:
                        read_upstream=api_cmd.read_upstream(upstream))
         return swap, files
 
+    def probe(self, name: str) -> Cmd:
+        return docker.inspect_state(name)
+
     def list_units(self, env: str) -> Cmd:
         return docker.ps(env)
 
@@ -361,14 +366,13 @@ class DockerRuntime:
         return [Check("docker answers", docker.server_version(), "docker")]
 
 
-RUNTIMES: dict[str, type] = {"docker": DockerRuntime}
+def runtime_for(env: EnvironmentSpec) -> Runtime:
+    """The environment's runtime: containers, or supervised processes from a venv."""
+    if env.runtime == "venv":
+        from pyalbert.venv_runtime import VenvRuntime
 
-
-def runtime_for(name: str) -> Runtime:
-    if name not in RUNTIMES:
-        raise AlbertError(f"runtime {name!r} has no deploy support yet. Fix: set runtime = "
-                          f"\"docker\" in the environment file (available: {', '.join(RUNTIMES)}).")
-    return RUNTIMES[name]()
+        return VenvRuntime(env)
+    return DockerRuntime()
 
 
 # --- plans -------------------------------------------------------------------------------------
@@ -378,7 +382,7 @@ def deploy_plans(plan: Plan, inputs: DeployInputs, runtime: Runtime | None = Non
     """One :class:`HostPlan` per host that has something to run (vLLM first, then the api)."""
     spec = plan.spec
     env = spec.env
-    runtime = runtime or runtime_for(env.runtime)
+    runtime = runtime or runtime_for(env)
     if inputs.model and inputs.model not in spec.models.root:
         raise AlbertError(f"--model {inputs.model!r} is not in the routing table "
                           f"({spec.routing_file.name}). Fix: use one of {', '.join(spec.models.ids())}.")
@@ -473,7 +477,7 @@ def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[U
 def _recorded_unit(u: Mapping, runtime: Runtime, ready: health.ReadyCheck | None) -> Unit:
     return Unit(name=u["name"], service=u["service"], config_hash=u["config_hash"],
                 start=Cmd((Raw(u["start"]),)), stop=runtime.stop(u["name"]),
-                probe=docker.inspect_state(u["name"]), logs=runtime.logs(u["name"], 40),
+                probe=runtime.probe(u["name"]), logs=runtime.logs(u["name"], 40),
                 ready=ready, model_id=u.get("model"), port=u.get("port"))
 
 

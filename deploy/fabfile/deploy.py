@@ -93,7 +93,7 @@ def logs(c, env, service="vllm", model=None, n=100, follow=False, config_dir=Non
 
     spec = _spec(env, config_dir)
     plan = resolve_plan(spec)
-    rt = runtime_for(spec.env.runtime)
+    rt = runtime_for(spec.env)
 
     def one(r, host):
         rows = rt.parse_units(r.run(rt.list_units(spec.env.name)).stdout)

@@ -179,6 +179,11 @@ def test_dry_run_steps_mask_secrets_and_end_with_unlock(plan):
     assert all(isinstance(c, Cmd) for _, cmds in steps for c in cmds)
 
 
-def test_unknown_runtime_is_a_clear_error():
-    with pytest.raises(AlbertError, match='set runtime = "docker"'):
-        runtime_for("podman")
+def test_runtime_follows_the_environment(config_factory):
+    from pyalbert.venv_runtime import VenvRuntime
+
+    config_factory.env('[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
+    config_factory.routing({"m": {"model": "org/m", "port": 8001}})
+    assert isinstance(runtime_for(load_spec("test", config_factory.root).env), DockerRuntime)
+    config_factory.env('runtime = "venv"\n[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
+    assert isinstance(runtime_for(load_spec("test", config_factory.root).env), VenvRuntime)
