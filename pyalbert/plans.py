@@ -386,6 +386,14 @@ def deploy_plans(plan: Plan, inputs: DeployInputs, runtime: Runtime | None = Non
     if inputs.model and inputs.model not in spec.models.root:
         raise AlbertError(f"--model {inputs.model!r} is not in the routing table "
                           f"({spec.routing_file.name}). Fix: use one of {', '.join(spec.models.ids())}.")
+    if (inputs.service in ("api", "all") and not inputs.model and "api_keys" not in inputs.secrets
+            and env.tier in ("production", "staging")):
+        ref = env.secrets["api_keys"]
+        raise AlbertError(
+            f"the {env.tier} api needs its keys file and ${ref.env} is not set. Fix: set the CI/CD "
+            f"variable {ref.env} (type File) to a keys file (hashed keys: `albert api hash-key`); "
+            "only development and testing environments may run the api without keys."
+        )
     base = env.deploy.base_dir
     rel_dir = release.release_dir(base, inputs.release_id)
     out = []

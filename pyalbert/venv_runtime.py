@@ -122,7 +122,7 @@ class VenvRuntime:
             spare = api_cmd.spare_port(env.api.port, colour)
             argv = [self.albert, "api", "--env", env.name, "--config-dir", f"{release_dir}/config",
                     "--backends", f"{release_dir}/backends.json",
-                    *(["--keys", f"{release_dir}/keys.json"] if keys else []),
+                    *(["--keys", f"{release_dir}/keys.json"] if keys else ["--no-auth"]),
                     *(["--whitelist", whitelist] if whitelist else []),
                     "--host", "127.0.0.1", "--port", str(spare), "--workers", str(env.api.workers)]
             # what runs, not where: the same for both colours and for every release dir

@@ -34,7 +34,7 @@ def serve_args(env: str, port: int, *, keys: bool, whitelist: bool, workers: int
     return [
         "albert", "api", "--env", env, "--config-dir", f"{IN_CONTAINER}/config",
         "--backends", f"{IN_CONTAINER}/backends.json",
-        *(["--keys", f"{IN_CONTAINER}/keys.json"] if keys else []),
+        *(["--keys", f"{IN_CONTAINER}/keys.json"] if keys else ["--no-auth"]),
         *(["--whitelist", f"{IN_CONTAINER}/whitelist.json"] if whitelist else []),
         "--host", "0.0.0.0", "--port", str(port), "--workers", str(workers),
     ]

@@ -187,3 +187,19 @@ def test_runtime_follows_the_environment(config_factory):
     assert isinstance(runtime_for(load_spec("test", config_factory.root).env), DockerRuntime)
     config_factory.env('runtime = "venv"\n[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
     assert isinstance(runtime_for(load_spec("test", config_factory.root).env), VenvRuntime)
+
+
+def test_production_api_needs_keys_development_runs_without(config_factory):
+    from pyalbert.plans import DeployInputs, deploy_plans
+
+    config_factory.routing({"m": {"model": "org/m", "port": 8001}})
+    config_factory.env('tier = "production"\n[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
+    plan = resolve_plan(load_spec("test", config_factory.root))
+    with pytest.raises(AlbertError, match="ALBERT_API_KEYS is not set"):
+        deploy_plans(plan, DeployInputs(release_id="r1"))
+    assert deploy_plans(plan, DeployInputs(release_id="r1", service="vllm"))  # vllm alone is fine
+    config_factory.env('tier = "development"\n[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
+    plan = resolve_plan(load_spec("test", config_factory.root))
+    (hp,) = deploy_plans(plan, DeployInputs(release_id="r1"))
+    swap = next(u for u in hp.units if not hasattr(u, "model_id"))
+    assert "--no-auth" in swap.colours["blue"].start.render()
