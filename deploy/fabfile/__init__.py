@@ -16,3 +16,7 @@ from fabfile import deploy as _deploy  # noqa: E402 (tasks: fab deploy, status, 
 
 for _task in _deploy.TASKS:
     ns.add_task(_task)
+
+from . import setup as _setup  # noqa: E402
+
+ns.add_task(_setup.setup)

@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from invoke import task
 from invoke.exceptions import Exit
+from rich.markup import escape
 
 from pyalbert.commands.provision import (
     InitVmReport,
@@ -78,9 +79,9 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
             runner.close()
         report = parse_init_vm(result.stdout)
         for line in report.changed:
-            console.print(f"[bold]\\[{host.name}][/] changed: {line}", soft_wrap=True)
+            console.print(f"[bold]\\[{host.name}][/] changed: {escape(line)}", soft_wrap=True)
         for line in report.would_change:
-            console.print(f"[bold]\\[{host.name}][/] would change: {line}", soft_wrap=True)
+            console.print(f"[bold]\\[{host.name}][/] would change: {escape(line)}", soft_wrap=True)
         return report
 
     return on_hosts(env.hosts, work)
@@ -92,10 +93,11 @@ def print_summary(outcomes: Sequence[HostOutcome], what: str) -> int:
     for o in outcomes:
         if o.error is not None:
             failed += 1
-            console.print(f"[red]✗ {o.host}[/] {what} failed ({o.seconds:.1f}s): {o.error}", soft_wrap=True)
+            console.print(f"[red]✗ {o.host}[/] {what} failed ({o.seconds:.1f}s): {escape(str(o.error))}",
+                          soft_wrap=True)
         else:
             summary = o.value.summary() if hasattr(o.value, "summary") else str(o.value)
-            console.print(f"[green]✓ {o.host}[/] {summary} ({o.seconds:.1f}s)", soft_wrap=True)
+            console.print(f"[green]✓ {o.host}[/] {escape(summary)} ({o.seconds:.1f}s)", soft_wrap=True)
     return failed
 
 
