@@ -192,3 +192,16 @@ def test_environment_toml_puts_extra_tables_after_hosts():
 
     text = environment_toml([H()], extra='runtime = "docker"\n[deploy]\nbase_dir = "/x"')
     assert text.index('runtime = "docker"') < text.index("[[hosts]]") < text.index("[deploy]")
+
+
+def test_load_image_from_a_saved_tar(make_host, tmp_path):
+    a, b = make_host(docker=True), make_host(docker=True)
+    busybox_image(a)
+    tar = tmp_path / "busybox.tar"
+    subprocess.run(a.docker_cmd("save", "-o", str(tar), "albert-busybox:test"), check=True)
+    b.load_image(tar)
+    out = subprocess.run(b.docker_cmd("run", "--rm", "albert-busybox:test", "echo", "hi"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "hi"
+    with pytest.raises(AlbertError, match="no dockerd"):
+        NamespaceHost("x", 250, docker=False).load_image(tar)
