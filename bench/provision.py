@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "deploy")]
-
-from fabfile.provision import provision_hosts  # noqa: E402
+sys.path[:0] = [str(REPO)]
 
 from pyalbert.config import load_spec  # noqa: E402
+from pyalbert.provisioner import provision_hosts  # noqa: E402
 from pyalbert.testhosts import (  # noqa: E402
     DEFAULT_ROOT,
     NamespaceHost,

@@ -23,6 +23,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import docker, health, release
 from pyalbert.commands.base import Cmd, Raw
+from pyalbert.commands.setup import SetupPaths
 from pyalbert.commands.vllm import server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
 from pyalbert.config.plan import Plan, VllmInstance
@@ -284,9 +285,7 @@ class DockerRuntime:
             files.append(FileSpec(f"{release_dir}/keys.json", keys, secret=True))
         for rel, text in sorted(inputs.config_files.items()):
             files.append(FileSpec(f"{release_dir}/config/{rel}", text))
-        whitelist = bool(env.whitelist.sources or env.whitelist.allow_urls
-                         or env.whitelist.allow_domains or env.whitelist.allow_emails
-                         or env.whitelist.allow_phones)
+        whitelist = env.whitelist.configured
         serve = api_cmd.serve_args(env.name, env.api.port, keys=bool(keys), whitelist=whitelist,
                                    workers=env.api.workers)
         material = {"image": env.images.api, "args": serve, "port": env.api.port,
@@ -299,7 +298,8 @@ class DockerRuntime:
         if keys:
             volumes.append(f"{release_dir}/keys.json:{into}/keys.json:ro")
         if whitelist:
-            volumes.append(f"{env.deploy.base_dir}/{env.whitelist.output}:{into}/whitelist.json:ro")
+            # where the setup stage builds it on the host (create_whitelist --output)
+            volumes.append(f"{SetupPaths(env.deploy.base_dir).whitelist}:{into}/whitelist.json:ro")
         colours = {}
         for colour in api_cmd.COLOURS:
             name = f"albert-{env.name}-api-{colour}"

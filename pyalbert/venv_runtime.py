@@ -19,6 +19,7 @@ import json
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import health, process
 from pyalbert.commands.base import Cmd, combine
+from pyalbert.commands.setup import SetupPaths
 from pyalbert.commands.vllm import MODULE, server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
 from pyalbert.config.plan import Plan, VllmInstance
@@ -46,8 +47,9 @@ class VenvRuntime:
         self.env = env
         base = env.deploy.base_dir
         self.base = base
-        self.albert = f"{base}/tools/bin/albert"
-        self.tools_python = f"{base}/tools/bin/python"
+        tools = SetupPaths(base)  # the tools venv the setup stage installs
+        self.albert = tools.albert
+        self.tools_python = f"{tools.tools}/bin/python"
         self.state = process.state_dir(base, env.name)
         managed = not env.vllm.python.startswith("/")
         self.vllm_venv = f"{base}/venvs/vllm" if managed else None
@@ -112,7 +114,8 @@ class VenvRuntime:
             files.append(FileSpec(f"{release_dir}/keys.json", keys, secret=True))
         for rel, text in sorted(inputs.config_files.items()):
             files.append(FileSpec(f"{release_dir}/config/{rel}", text))
-        whitelist = f"{self.base}/{env.whitelist.output}" if _has_whitelist(env) else None
+        # where the setup stage builds it on the host (create_whitelist --output)
+        whitelist = SetupPaths(self.base).whitelist if env.whitelist.configured else None
         material = {"runtime": self.name,
                     "files": {f.path.removeprefix(release_dir): (secret_digest(f.content) if f.secret
                                                                  else f.content) for f in files}}
@@ -196,11 +199,6 @@ class VenvRuntime:
                       process.python_version(self.vllm_python if self.vllm_venv is None
                                              else self.env.vllm.python), "python",
                       ".".join(map(str, MIN_PYTHON)))]
-
-
-def _has_whitelist(env: EnvironmentSpec) -> bool:
-    w = env.whitelist
-    return bool(w.sources or w.allow_urls or w.allow_domains or w.allow_emails or w.allow_phones)
 
 
 def _states(stdout: str) -> list[dict]:

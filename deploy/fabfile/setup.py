@@ -1,230 +1,18 @@
 """``fab setup --env ENV [--service vllm|api|all]``: download models and build the whitelist on
-the hosts, with the tools of this repo installed there.
-
-Per host, in parallel: one probe (python, installed wheel hash, config hash, wheelhouse), then
-only what changed: upload the wheel and its dependencies (built here, for the host's python, so
-hosts need no package index), (re)install the tools venv when the wheel's content hash changed,
-upload the config folder when its hash changed; then ``albert download_models`` on hosts that
-serve vllm (their models only; it checks installed models from their manifests) and ``albert
-create_whitelist`` on hosts that serve the api. ``HF_TOKEN`` goes on stdin. ``HF_ENDPOINT`` and
-``HF_HUB_OFFLINE`` set here are passed on (a hub mirror for air-gapped hosts).
+the hosts, with the tools of this repo installed there (:mod:`pyalbert.setup_stage`).
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
-import hashlib
-import io
-import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-import threading
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from invoke import task
 from invoke.exceptions import Exit
-from rich.markup import escape
 
-from pyalbert.commands import setup as cmds
-from pyalbert.commands.base import Cmd
-from pyalbert.config import load_spec, resolve_plan
-from pyalbert.config.loader import find_config_dir
+from pyalbert.config import load_spec
 from pyalbert.errors import AlbertError
-from pyalbert.remote import SSHRunner
-from pyalbert.ui import console
-
-from .provision import on_hosts, print_summary
-
-REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("ALBERT_CACHE_DIR", Path.home() / ".cache" / "albert"))
-_lock = threading.Lock()
-
-
-# --- artifacts built here ----------------------------------------------------------------------
-
-
-def content_digest(entries: dict[str, bytes]) -> str:
-    """sha256 over sorted (name, content): stable across rebuilds (zip/tar timestamps ignored)."""
-    digest = hashlib.sha256()
-    for name in sorted(entries):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(entries[name]).digest())
-    return digest.hexdigest()
-
-
-def wheel_digest(wheel: Path) -> str:
-    with zipfile.ZipFile(wheel) as zf:
-        return content_digest({n: zf.read(n) for n in zf.namelist() if not n.endswith("/RECORD")})
-
-
-@functools.lru_cache(maxsize=1)
-def build_wheel() -> tuple[Path, str]:
-    """This repo's wheel (built once per process) and its content hash.
-
-    ``$ALBERT_TOOLS_WHEEL`` names a wheel built earlier (a CI artifact) to use instead.
-    """
-    given = os.environ.get("ALBERT_TOOLS_WHEEL")
-    if given:
-        path = Path(given)
-        if not path.is_file() or path.suffix != ".whl":
-            raise AlbertError(f"$ALBERT_TOOLS_WHEEL={given} is not a wheel file. Fix: point it at "
-                              f"a pyalbert-*.whl, or unset it to build one from {REPO}.")
-        return path, wheel_digest(path)
-    work = Path(tempfile.mkdtemp(prefix="albert-wheel-"))
-    src, out = work / "src", work / "dist"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    for package in ("pyalbert", "ci"):
-        if (REPO / package).is_dir():
-            shutil.copytree(REPO / package, src / package,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
-         "-w", str(out), str(src)],
-        capture_output=True, text=True, timeout=600)
-    wheels = sorted(out.glob("pyalbert-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise AlbertError(f"cannot build the pyalbert wheel from {REPO}: {proc.stderr.strip()[-600:]}")
-    return wheels[0], wheel_digest(wheels[0])
-
-
-def platform_tags(machine: str, glibc: str) -> list[str]:
-    """``--platform`` values pip may pick for a host: manylinux up to its glibc."""
-    try:
-        major, minor = (int(x) for x in glibc.split(".")[:2])
-    except ValueError:
-        major, minor = 2, 17
-    tags = [f"manylinux_{major}_{m}_{machine}" for m in range(17, minor + 1)] if major == 2 else []
-    return [*tags, f"manylinux2014_{machine}", f"linux_{machine}"]
-
-
-def wheelhouse(wheel: Path, python: str, machine: str, glibc: str) -> Path:
-    """The wheel's dependencies as wheels for the host's python/platform (cached here)."""
-    key = hashlib.sha256(f"{wheel_requires(wheel)}|{python}|{machine}|{glibc}".encode()).hexdigest()[:16]
-    folder = CACHE / "wheelhouse" / f"cp{python}-{machine}-{key}"
-    with _lock:
-        if not (folder / ".complete").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-                    "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-                    "-d", str(folder)]
-            for tag in platform_tags(machine, glibc):
-                argv += ["--platform", tag]
-            proc = subprocess.run([*argv, str(wheel)], capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0:
-                raise AlbertError(
-                    f"cannot download the tools' dependencies for python {python} on {machine} "
-                    f"(pip download): {proc.stderr.strip()[-600:]}. Fix: check access to the "
-                    f"package index from this machine (PIP_INDEX_URL).")
-            (folder / ".complete").touch()
-    return folder
-
-
-def wheel_requires(wheel: Path) -> str:
-    with zipfile.ZipFile(wheel) as zf:
-        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-        lines = zf.read(meta).decode().splitlines()
-    return "\n".join(sorted(line for line in lines if line.startswith("Requires-Dist:")))
-
-
-def config_archive(config_dir: Path) -> tuple[bytes, str]:
-    """A reproducible .tar.gz of the config folder and its content hash."""
-    entries: dict[str, bytes] = {}
-    for path in sorted(config_dir.rglob("*")):
-        rel = path.relative_to(config_dir).as_posix()
-        if path.is_file() and "__pycache__" not in rel and not rel.startswith(".albert-"):
-            entries[rel] = path.read_bytes()
-    raw = io.BytesIO()
-    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
-        for name in sorted(entries):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(entries[name]), 0o644, 0
-            tar.addfile(info, io.BytesIO(entries[name]))
-    return raw.getvalue(), content_digest(entries)
-
-
-# --- one host ----------------------------------------------------------------------------------
-
-
-@dataclass
-class SetupReport:
-    changed: list[str] = field(default_factory=list)
-    ran: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        what = ", ".join(self.changed) if self.changed else "tools and config unchanged"
-        return f"{what}; ran {', '.join(self.ran) or 'nothing'}"
-
-
-def say(host: str, text: str) -> None:
-    console.print(f"[bold]\\[{host}][/] {escape(text)}", soft_wrap=True, highlight=False)
-
-
-def setup_host(runner: SSHRunner, spec, *, env_name: str, config_dir: Path, services: set[str],
-               models: list[str], hf_token: str | None, hub_env: dict[str, str],
-               dry_run: bool = False) -> SetupReport:
-    name = runner.host.name
-    paths = cmds.SetupPaths(spec.env.deploy.base_dir)
-    report = SetupReport()
-    state = cmds.parse_probe(runner.run(cmds.probe(paths)).stdout)
-    if state.python is None:
-        raise AlbertError(f"host {name} has no python3. Fix: run `fab provision --env {env_name}`.")
-    wheel, digest = build_wheel()
-    archive, config_digest = config_archive(config_dir)
-    planned: list[Cmd] = []
-    if state.wheel != digest:
-        house = wheelhouse(wheel, state.python, state.machine, state.glibc)
-        files = {p.name: p for p in house.glob("*.whl")} | {wheel.name: wheel}
-        missing = sorted(set(files) - state.wheelhouse)
-        install = cmds.install_tools(paths, wheel.name, digest)
-        prune = cmds.prune_wheelhouse(paths, set(files), state.wheelhouse)
-        planned += [cmds.prepare_dirs(paths), install, *([prune] if prune else [])]
-        if not dry_run:
-            runner.run(cmds.prepare_dirs(paths))
-            for fname in missing:
-                runner.put(str(files[fname]), f"{paths.wheelhouse}/{fname}")
-            runner.run(install, timeout=1800)
-            if prune:
-                runner.run(prune)
-        report.changed.append(f"tools venv {'would be ' if dry_run else ''}installed "
-                              f"({wheel.name}, {len(missing)} wheel(s) uploaded)")
-    if state.config != config_digest:
-        remote_archive = f"{paths.base_dir}/config.upload.tar.gz"
-        unpack = cmds.unpack_config(paths, remote_archive, config_digest)
-        planned.append(unpack)
-        if not dry_run:
-            runner.run(cmds.prepare_dirs(paths))
-            with tempfile.NamedTemporaryFile(suffix=".tar.gz") as tmp:
-                tmp.write(archive)
-                tmp.flush()
-                runner.put(tmp.name, remote_archive)
-            runner.run(unpack)
-        report.changed.append(f"config {'would be ' if dry_run else ''}uploaded")
-    steps: list[tuple[str, Cmd]] = []
-    if "vllm" in services and models:
-        steps.append(("download_models", cmds.download_models(
-            paths, env_name, spec.env.storage_dir, models=models, hf_token=hf_token,
-            hub_env=hub_env)))
-    if "api" in services:
-        steps.append(("create_whitelist", cmds.create_whitelist(paths, env_name)))
-    for label, cmd in steps:
-        if dry_run:
-            planned.append(cmd)
-            continue
-        result = runner.run(cmd, timeout=6 * 3600)
-        for line in result.stdout.strip().splitlines()[-6:]:
-            say(name, f"{label}: {line}")
-        report.ran.append(label)
-    if dry_run:
-        for cmd in planned:
-            say(name, f"would run: {cmd.display()}")
-    return report
+from pyalbert.fleet import print_summary
+from pyalbert.setup_stage import setup_env
 
 
 @task(
@@ -237,31 +25,11 @@ def setup_host(runner: SSHRunner, spec, *, env_name: str, config_dir: Path, serv
 )
 def setup(c, env, service="all", dry_run=False, config_dir=None):
     """Install the tools on the hosts, upload the config, download models, build the whitelist."""
-    if service not in ("vllm", "api", "all"):
-        raise Exit(f"error: --service must be vllm, api or all, not {service!r}", code=2)
     try:
-        folder = Path(config_dir) if config_dir else find_config_dir()
-        spec = load_spec(env, folder)
-        plan = resolve_plan(spec)
-        hf = spec.env.secrets.get("hf_token")
-        token = hf.resolve() if hf else None
-        hub_env = {k: os.environ[k] for k in cmds.HUB_ENV if os.environ.get(k)}
-        wanted = {"vllm", "api"} if service == "all" else {service}
+        spec = load_spec(env, Path(config_dir) if config_dir else None)
+        outcomes = setup_env(spec, service=service, dry_run=dry_run)
     except AlbertError as exc:
         raise Exit(f"error: {exc}", code=exc.exit_code) from None
-
-    def work(host):
-        runner = SSHRunner(host, spec.env.ssh)
-        try:
-            return setup_host(
-                runner, spec, env_name=env, config_dir=folder,
-                services=wanted & set(host.services),
-                models=[i.model_id for i in plan.vllm_on(host.name)],
-                hf_token=token.get_secret_value() if token else None, hub_env=hub_env,
-                dry_run=dry_run)
-        finally:
-            runner.close()
-
-    failed = print_summary(on_hosts(spec.env.hosts, work), "setup")
+    failed = print_summary(outcomes, "setup")
     if failed:
         raise Exit(f"setup failed on {failed} of {len(spec.env.hosts)} host(s)", code=3)

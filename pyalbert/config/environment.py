@@ -151,6 +151,12 @@ class WhitelistSpec(_Spec):
     allow_phones: tuple[str, ...] = ()
     output: str = "whitelist.json"
 
+    @property
+    def configured(self) -> bool:
+        """Anything to build a whitelist from (else the api runs without one)."""
+        return bool(self.sources or self.allow_urls or self.allow_domains or self.allow_emails
+                    or self.allow_phones)
+
 
 class SshSpec(_Spec):
     #: variable with the private key (a GitLab "File" variable: a path) or unset for ssh-agent

@@ -51,13 +51,8 @@ def fab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tools_wheel(tmp_path_factory) -> Path:
     """One wheel for the session: the shared checkout changes while tests run."""
-    import sys
+    from pyalbert.setup_stage import build_wheel
 
-    sys.path.insert(0, str(REPO / "deploy"))
-    try:
-        from fabfile.setup import build_wheel
-    finally:
-        sys.path.remove(str(REPO / "deploy"))
     wheel, _ = build_wheel()
     kept = tmp_path_factory.mktemp("wheel") / wheel.name
     kept.write_bytes(wheel.read_bytes())

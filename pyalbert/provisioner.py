@@ -1,0 +1,49 @@
+"""Provisioning: ``utils/init_vm.sh`` as root on every host of an environment, in parallel.
+
+The deploy user's password and public key (``GITLAB_PASSWORD``, ``GITLAB_SSH_PUBLIC_KEY``) travel
+on stdin; missing ones stop everything before the first connection.
+"""
+
+from __future__ import annotations
+
+from rich.markup import escape
+
+from pyalbert.commands.provision import (
+    InitVmReport,
+    init_vm,
+    parse_init_vm,
+    provision_secrets,
+    read_script,
+)
+from pyalbert.config.environment import HostSpec
+from pyalbert.errors import AlbertError
+from pyalbert.fleet import HostOutcome, on_hosts
+from pyalbert.remote import SSHRunner
+from pyalbert.ui import console
+
+
+def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gpu: str = "auto",
+                    user: str = "gitlab", environ=None) -> list[HostOutcome]:
+    """Provision every host of ``spec``; each outcome's value is an :class:`InitVmReport`."""
+    if gpu not in ("auto", "yes", "no"):
+        raise AlbertError(f"--gpu must be auto, yes or no, not {gpu!r}")
+    secrets = provision_secrets(environ)  # missing variables: fail before any connection
+    script = read_script()
+    env = spec.env
+
+    def work(host: HostSpec) -> InitVmReport:
+        cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
+                      dry_run=dry_run, as_root=admin_user == "root")
+        runner = SSHRunner(host.model_copy(update={"user": admin_user}), env.ssh)
+        try:
+            result = runner.run(cmd, timeout=1800)
+        finally:
+            runner.close()
+        report = parse_init_vm(result.stdout)
+        for line in report.changed:
+            console.print(f"[bold]\\[{host.name}][/] changed: {escape(line)}", soft_wrap=True)
+        for line in report.would_change:
+            console.print(f"[bold]\\[{host.name}][/] would change: {escape(line)}", soft_wrap=True)
+        return report
+
+    return on_hosts(env.hosts, work)
