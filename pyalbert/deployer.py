@@ -32,7 +32,13 @@ POLL_S = float(os.environ.get("ALBERT_READY_POLL_S", "0.5"))
 
 
 class Interrupted(AlbertError):
+    """Ctrl-C: every host undid its unfinished work; ``results`` says where each one ended."""
+
     exit_code = 130
+
+    def __init__(self, message: str, results: Sequence[HostResult] = ()):
+        super().__init__(message)
+        self.results = list(results)
 
 
 class NotReady(AlbertError):
@@ -88,6 +94,7 @@ class HostDeploy:
         self.rt = hp.runtime
         self.undo: list[Callable[[], None]] = []
         self.result = HostResult(self.name, release=hp.release_id)
+        self.prev_id: str | None = None  # known once the lock is held
 
     def say(self, text: str, style: str = "") -> None:
         self.out(self.name, text, style)
@@ -97,7 +104,7 @@ class HostDeploy:
         problems = []
         for check in self.hp.checks:
             res = self.r.run(check.cmd, check=False)
-            problem = verdict(check, res.exit_code, res.stdout, self.r, self.hp)
+            problem = verdict(check, res.exit_code, res.stdout, self.r, self.hp, stderr=res.stderr)
             if problem:
                 problems.append(problem)
                 if check.kind == "docker":
@@ -137,6 +144,9 @@ class HostDeploy:
         except AlbertError as exc:
             self.result.status = "failed" if self.result.status == "pending" else self.result.status
             self.result.error = str(exc)
+        if not self.result.ok:  # the summary shows what serves now, not the release that failed
+            self.result.release = (f"{self.prev_id} (previous)" if self.prev_id else
+                                   "-" if self.prev_id is None else "(none)")
         self.result.seconds = time.monotonic() - t0
         return self.result
 
@@ -154,6 +164,7 @@ class HostDeploy:
     def _deploy_locked(self) -> None:
         hp = self.hp
         prev_id, prev_manifest = self._previous()
+        self.prev_id = prev_id
         self.previous = {u.name if isinstance(u, Unit) else u.edge.name + "/api": u
                          for u in units_from_manifest(prev_manifest, self.rt)} if prev_manifest else {}
         started: dict[str, str] = {}
@@ -333,7 +344,8 @@ class HostDeploy:
     def _roll_back(self, exc: BaseException) -> None:
         if not self.undo:
             return
-        self.say(f"failed ({type(exc).__name__}); rolling back {len(self.undo)} unit(s)", "yellow")
+        why = "interrupted (Ctrl-C)" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+        self.say(f"{why}; rolling back {len(self.undo)} unit(s) to the previous release", "yellow")
         for step in reversed(self.undo):
             try:
                 step()
@@ -372,18 +384,37 @@ class HostDeploy:
             finally:
                 self.r.run(lock.release(self.hp.base_dir), check=False)
         except AlbertError as exc:
-            self.result.status, self.result.error = "failed", str(exc)
+            self.result.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+            self.result.error = str(exc)
         self.result.seconds = time.monotonic() - t0
         return self.result
 
 
-def verdict(check: Check, code: int, stdout: str, runner: Runner, hp: HostPlan) -> str | None:
+def docker_problem(code: int, output: str, user: str, env: str) -> str | None:
+    """What ``docker version`` failing says: not installed, no access, or daemon down."""
+    if code == 0:
+        return None
+    text = output.lower()
+    fix = f"Fix: run `fab provision --env {env}`"
+    if code == 127 or "command not found" in text or "docker: not found" in text:
+        return (f"docker is not installed (the `docker` command is not found for user {user}). "
+                f"{fix}: it installs Docker.")
+    if "permission denied" in text:
+        return (f"user {user} may not use docker (permission denied on the docker socket: not in "
+                f"the docker group). {fix}: it adds {user} to the docker group.")
+    if "cannot connect to the docker daemon" in text or "is the docker daemon running" in text:
+        return (f"the docker daemon is not running. {fix}, or start it on the host "
+                "(`sudo systemctl start docker`).")
+    last = output.strip().splitlines()[-1:] or ["no output"]
+    return (f"docker does not answer (exit {code}: {last[0][:200]}). {fix}: it installs and "
+            "starts Docker and gives the user access to it.")
+
+
+def verdict(check: Check, code: int, stdout: str, runner: Runner, hp: HostPlan,
+            stderr: str = "") -> str | None:
     """Pure-ish reading of one preflight check; returns the problem sentence or None."""
     if check.kind == "docker":
-        if code != 0:
-            return ("docker does not answer (not installed, not running, or the user is not in the "
-                    f"docker group). Fix: run `fab provision --env {hp.env}`.")
-        return None
+        return docker_problem(code, stderr + "\n" + stdout, hp.host.user, hp.env)
     if check.kind == "tools":
         if code != 0:
             return (f"the tools venv is not on the host ({check.arg}). Fix: run "
@@ -450,9 +481,22 @@ def run_hosts(tasks: Sequence[tuple[str, Callable[[threading.Event], HostResult]
         except AlbertError as exc:
             results.append(HostResult(name, "failed", error=str(exc)))
     if interrupted:
-        raise Interrupted("interrupted (Ctrl-C): hosts went back to their previous release and "
-                          "the deploy locks were released.")
+        raise Interrupted(interrupted_text(results), results)
     return results
+
+
+def interrupted_text(results: Sequence[HostResult]) -> str:
+    """One paragraph: where each host ended after Ctrl-C."""
+    parts = []
+    for r in results:
+        if r.status in ("interrupted", "rolled back"):
+            parts.append(f"{r.host} went back to its previous release")
+        elif r.ok:
+            parts.append(f"{r.host} had finished ({r.status})")
+        else:
+            parts.append(f"{r.host} {r.status}" + (f": {r.error.splitlines()[0]}" if r.error else ""))
+    return ("interrupted (Ctrl-C): " + ("; ".join(parts) or "no host had started")
+            + ". The deploy locks were released.")
 
 
 def summary_table(results: Sequence[HostResult], title: str = "deploy") -> Table:
@@ -531,6 +575,17 @@ def _runner_task(factory: RunnerFactory, hp: HostPlan, out: Printer, kind: str, 
     return task
 
 
+def run_and_finish(tasks, title: str, out: Printer) -> list[HostResult]:
+    """:func:`run_hosts` then :func:`finish`; after Ctrl-C the summary is printed too."""
+    try:
+        results = run_hosts(tasks)
+    except Interrupted as exc:
+        if not out.quiet:
+            console.print(summary_table(exc.results, f"{title} (interrupted)"))
+        raise
+    return finish(results, title, out)
+
+
 def finish(results: Sequence[HostResult], title: str, out: Printer) -> list[HostResult]:
     for r in results:
         if r.error:
@@ -566,9 +621,8 @@ def deploy_env(spec, *, service: str = "all", model: str | None = None, dry_run:
         return []
     out = Printer(quiet)
     factory = runners or ssh_runners(spec)
-    results = run_hosts([(hp.host.name, _runner_task(factory, hp, out, "deploy", message=message))
-                         for hp in host_plans])
-    return finish(results, "deploy", out)
+    return run_and_finish([(hp.host.name, _runner_task(factory, hp, out, "deploy", message=message))
+                           for hp in host_plans], "deploy", out)
 
 
 
@@ -636,7 +690,7 @@ def rollback_env(spec, *, to: str | None = None, runners: RunnerFactory | None =
         tasks.append((host.name, _runner_task(factory, hp, out, "rollback")))
     if not tasks:
         raise AlbertError(f"no host of {spec.env.name} has a release yet: deploy first.")
-    return finish(run_hosts(tasks), "rollback", out)
+    return run_and_finish(tasks, "rollback", out)
 
 
 def on_hosts(spec, fn: Callable[[Runner, object], object], runners: RunnerFactory | None = None,
@@ -662,7 +716,8 @@ def on_hosts(spec, fn: Callable[[Runner, object], object], runners: RunnerFactor
 def raise_errors(results: dict[str, object], what: str) -> None:
     errors = {h: v for h, v in results.items() if isinstance(v, AlbertError)}
     if errors:
-        raise AlbertError(f"{what} failed on " + "; ".join(f"{h}: {e}" for h, e in errors.items()))
+        raise AlbertError(f"{what} failed on {len(errors)} of {len(results)} host(s): " + "; ".join(
+            str(e) if str(e).startswith(f"host {h}") else f"{h}: {e}" for h, e in errors.items()))
 
 
 def lock_env(spec, message: str = "", runners: RunnerFactory | None = None) -> None:
@@ -754,16 +809,45 @@ def _pipeline() -> str:
     return os.environ.get("CI_PIPELINE_ID") or f"local-{who()}"
 
 
+def _gpu_link_off(spec) -> str | None:
+    if spec.env.gpu_link.enabled:
+        return None
+    return (f"GPU link is off for {spec.env.name} (environments/{spec.env.name}.toml: "
+            "[gpu_link] enabled = false): nothing to do")
+
+
+def _run_hook(r: Runner, host, which: str, command: str, env: dict[str, str]) -> None:
+    from pyalbert.commands import gpu
+
+    res = r.run(gpu.hook(command, env), check=False)
+    if not res.ok:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-5:]
+        raise AlbertError(
+            f"host {host.name}: the {which} hook ({command!r}, gpu_link.{which}_hook) failed with "
+            f"exit code {res.exit_code}: {' / '.join(tail) or '(no output)'}. Fix: make the hook "
+            "work by hand on the host, then rerun the job (it is safe to rerun).")
+
+
 def link_gpu_env(spec, runners: RunnerFactory | None = None,
                  now: datetime | None = None) -> dict[str, object]:
-    """Take (or renew) this pipeline's lease; refuse while another live pipeline holds it."""
+    """Take (or renew) this pipeline's lease; refuse while another live pipeline holds it.
+
+    A takeover (expired lease) first stops the vLLM servers the dead pipeline left, so their
+    GPU memory is free again. The free-memory check (when ``nvidia-smi`` exists) runs on take
+    and takeover, not on renew (our own servers may already use the memory).
+    """
     from pyalbert.commands import gpu
     from pyalbert.config import resolve_plan
+    from pyalbert.plans import runtime_for
 
+    off = _gpu_link_off(spec)
+    if off:
+        return {h.name: off for h in _gpu_hosts(spec)}
     link = spec.env.gpu_link
     base = spec.env.deploy.base_dir
     pipeline = _pipeline()
     plan = resolve_plan(spec)
+    rt = runtime_for(spec.env)
 
     def one(r, host):
         now_ = now or datetime.now(timezone.utc)
@@ -772,65 +856,99 @@ def link_gpu_env(spec, runners: RunnerFactory | None = None,
         if decision == "refuse":
             assert current is not None
             raise AlbertError(
-                f"host {host.name}: the GPUs are leased to {current.describe()}. Fix: wait for that "
-                f"pipeline to end (its unlink-gpu job frees them) or for the lease to expire.")
+                f"host {host.name}: the GPUs are leased to {current.describe()}; this is pipeline "
+                f"{pipeline}. Nothing was changed. Fix: wait for that pipeline to end (its "
+                "unlink-gpu job frees them) or for the lease to expire, then retry this job.")
         lease = gpu.new_lease(spec.env.name, who(), pipeline, link.lease_minutes, now_)
         expected = current.pipeline if current else None
         if not r.run(gpu.write(base, lease, expected), check=False).ok:
             raise AlbertError(f"host {host.name}: another pipeline changed the GPU lease at the "
                               "same moment. Fix: retry the job.")
-        if r.run(gpu.has_nvidia_smi(), check=False).ok:
-            free = gpu.parse_free_memory(r.run(gpu.free_memory()).stdout)
+        notes = []
+        if decision == "takeover":
+            rows = rt.parse_units(r.run(rt.list_units(spec.env.name)).stdout)
+            left = [row["name"] for row in rows if row["service"] == "vllm"]
+            for name in left:
+                r.run(rt.stop(name))
+            if left:
+                notes.append(f"stopped {len(left)} vLLM server(s) it left")
+        if decision != "renew" and r.run(gpu.has_nvidia_smi(), check=False).ok:
+            smi = r.run(gpu.free_memory(), check=False)
             need: dict[int, float] = {}
             for inst in plan.vllm_on(host.name):
                 for g in inst.gpu_ids:
                     need[g] = need.get(g, 0.0) + inst.model.gpu_mem_use
-            short = [f"GPU {g}: {free[g][0]} MiB free, {int(frac * free[g][1])} MiB needed"
-                     for g, frac in sorted(need.items()) if g in free and free[g][0] < frac * free[g][1]]
+            short = (gpu.shortfalls(gpu.parse_free_memory(smi.stdout), need) if smi.ok else
+                     [f"nvidia-smi failed (exit {smi.exit_code}): "
+                      f"{(smi.stderr or smi.stdout).strip()[-200:] or 'no output'}"])
             if short:
                 r.run(gpu.remove(base), check=False)
-                raise AlbertError(f"host {host.name}: not enough free GPU memory ({'; '.join(short)}). "
-                                  "Another process uses the GPUs. Fix: stop it (nvidia-smi shows "
-                                  "which), then rerun link-gpu.")
+                raise AlbertError(
+                    f"host {host.name}: not enough free GPU memory ({'; '.join(short)}). The "
+                    "lease was not kept. Fix: stop whatever uses the GPUs (`nvidia-smi` shows "
+                    "which process), or lower gpu_mem_use in the routing table, then rerun "
+                    "link-gpu.")
+            if need:
+                notes.append(f"GPU memory checked on {len(need)} GPU(s)")
         if link.attach_hook:
-            r.run(gpu.hook(link.attach_hook, {"ALBERT_ENV": spec.env.name, "ALBERT_HOST": host.name,
-                                              "ALBERT_PIPELINE": pipeline}))
-        return {"take": "lease taken", "renew": "lease renewed (already ours)",
-                "takeover": f"expired lease of pipeline {current.pipeline if current else '?'} "
-                            "taken over"}[decision] + f" until {lease.expires}"
+            _run_hook(r, host, "attach", link.attach_hook,
+                      {"ALBERT_ENV": spec.env.name, "ALBERT_HOST": host.name,
+                       "ALBERT_PIPELINE": pipeline})
+            notes.append("attach hook run")
+        said = {"take": f"lease taken for pipeline {pipeline}",
+                "renew": f"already linked: lease of pipeline {pipeline} renewed",
+                "takeover": f"expired lease of {current.describe() if current else '?'} taken over "
+                            f"for pipeline {pipeline}"}[decision]
+        return f"{said} until {lease.expires}" + "".join(f"; {n}" for n in notes)
 
     results = on_hosts(spec, one, runners, hosts=_gpu_hosts(spec))
     raise_errors(results, "link-gpu")
     return results
 
 
-def unlink_gpu_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
-    """Stop this env's vLLM containers, release the lease if ours, run the detach hook."""
+def unlink_gpu_env(spec, runners: RunnerFactory | None = None,
+                   now: datetime | None = None) -> dict[str, object]:
+    """Stop this env's vLLM servers, release the lease if ours, run the detach hook.
+
+    While another live pipeline holds the lease nothing is touched (its servers and its GPU stay).
+    With no lease (a pipeline that failed before or during link-gpu) it still stops what is left
+    and runs the detach hook, so rerunning it is always safe.
+    """
     from pyalbert.commands import gpu
     from pyalbert.plans import runtime_for
 
+    off = _gpu_link_off(spec)
+    if off:
+        return {h.name: off for h in _gpu_hosts(spec)}
     link = spec.env.gpu_link
     base = spec.env.deploy.base_dir
     pipeline = _pipeline()
     rt = runtime_for(spec.env)
 
     def one(r, host):
+        now_ = now or datetime.now(timezone.utc)
+        current = gpu.parse_lease(r.run(gpu.read(base)).stdout)
+        if current is not None and gpu.decide(current, pipeline, now_) == "refuse":
+            return (f"left alone: the GPUs are leased to {current.describe()} (not pipeline "
+                    f"{pipeline}); its vLLM servers keep running and no detach hook was run")
         rows = rt.parse_units(r.run(rt.list_units(spec.env.name)).stdout)
         stopped = [row["name"] for row in rows if row["service"] == "vllm"]
         for name in stopped:
             r.run(rt.stop(name))
-        current = gpu.parse_lease(r.run(gpu.read(base)).stdout)
         if current is None:
-            lease = "no lease"
-        elif current.pipeline == pipeline:
-            r.run(gpu.remove(base))
-            lease = "lease released"
+            lease = "no lease held"
         else:
-            lease = f"lease left to {current.describe()}"
+            r.run(gpu.remove(base))
+            lease = ("lease released" if current.pipeline == pipeline
+                     else f"expired lease of pipeline {current.pipeline} removed")
         if link.detach_hook:
-            r.run(gpu.hook(link.detach_hook, {"ALBERT_ENV": spec.env.name, "ALBERT_HOST": host.name,
-                                              "ALBERT_PIPELINE": pipeline}))
-        return f"stopped {len(stopped)} vLLM container(s); {lease}"
+            _run_hook(r, host, "detach", link.detach_hook,
+                      {"ALBERT_ENV": spec.env.name, "ALBERT_HOST": host.name,
+                       "ALBERT_PIPELINE": pipeline})
+        hook = "; detach hook run" if link.detach_hook else ""
+        if not stopped and current is None:
+            return f"already unlinked: no vLLM server running, {lease}{hook}"
+        return f"stopped {len(stopped)} vLLM server(s); {lease}{hook}"
 
     results = on_hosts(spec, one, runners, hosts=_gpu_hosts(spec))
     raise_errors(results, "unlink-gpu")

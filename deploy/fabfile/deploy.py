@@ -68,9 +68,15 @@ def status(c, env, config_dir=None):
     from pyalbert.errors import AlbertError
     from pyalbert.ui import console
 
+    failed = []
     for host, value in status_env(_spec(env, config_dir)).items():
         if isinstance(value, AlbertError):
-            console.print(f"[bold]{host}[/]: [red]{value}[/]")
+            console.print(f"[bold]{host}[/]: [red]{value}[/]", highlight=False)
+            failed.append(host)
+            continue
+        if not value["rows"]:
+            console.print(f"[bold]{host}[/] {value['gpus']}: no container of {env} "
+                          f"(not deployed yet, or `fab down` ran)", highlight=False)
             continue
         table = Table(title=f"{host} {value['gpus']}".strip(), title_justify="left")
         for col in ("container", "image", "release", "ports", "state", "health"):
@@ -79,6 +85,8 @@ def status(c, env, config_dir=None):
             table.add_row(row["name"], row["image"], row["release"], row["ports"], row["status"],
                           row["health"])
         console.print(table)
+    if failed:
+        raise Exit(f"status: could not read {', '.join(failed)} (see above)", code=1)
 
 
 @task(help={**_ENV, "service": "vllm or api", "model": "model id (vllm)", "n": "lines",
@@ -109,7 +117,12 @@ def logs(c, env, service="vllm", model=None, n=100, follow=False, config_dir=Non
         return names
 
     hosts = [h for h in spec.env.hosts if plan.vllm_on(h.name) or plan.api_on(h.name)]
-    raise_errors(on_hosts(spec, one, hosts=hosts), "logs")
+    found = on_hosts(spec, one, hosts=hosts)
+    raise_errors(found, "logs")
+    if not any(found.values()):
+        what = f"{service} {model}" if model else service
+        raise Exit(f"no running {what} container of {env} on {', '.join(h.name for h in hosts)}. "
+                   f"Fix: check `fab status --env {env}`, then deploy.", code=1)
 
 
 @task(help={**_ENV, "to": "release id (default: the one before the current)"})

@@ -111,6 +111,24 @@ def parse_free_memory(stdout: str) -> dict[int, tuple[int, int]]:
     return out
 
 
+def shortfalls(free: dict[int, tuple[int, int]], need: dict[int, float]) -> list[str]:
+    """GPUs whose free memory is below the fraction of their total the plan needs there.
+
+    ``free``: :func:`parse_free_memory`; ``need``: {gpu index: summed ``gpu_mem_use``}. A GPU the
+    plan needs but ``nvidia-smi`` does not list is reported too (wrong index, or a lost GPU).
+    """
+    out = []
+    for g, frac in sorted(need.items()):
+        if g not in free:
+            out.append(f"GPU {g}: not listed by nvidia-smi (it lists {sorted(free) or 'none'})")
+            continue
+        avail, total = free[g]
+        wanted = int(frac * total)
+        if avail < wanted:
+            out.append(f"GPU {g}: {avail} MiB free, {wanted} MiB needed")
+    return out
+
+
 def hook(command: str, env: dict[str, str]) -> Cmd:
     """Run a configured provider hook (trusted config text) with lease details in its env."""
     return combine(Cmd.of("env", [f"{k}={v}" for k, v in sorted(env.items())], "sh", "-c", command))
