@@ -96,21 +96,22 @@ class LocalEnv:
         password: made once, kept 0600 under the state dir, exported for the steps."""
         from pyalbert.api.keys import hash_key
 
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.state.chmod(0o700)
+        secrets_dir = self.state / "secrets"
+        secrets_dir.mkdir(parents=True, exist_ok=True)
+        secrets_dir.chmod(0o700)
         made = []
-        key_file = self.state / "api-key"
+        key_file = secrets_dir / "api-key"
         if not key_file.exists():
             _write_secret(key_file, secrets.token_urlsafe(32))
             made.append("api key")
         key = key_file.read_text().strip()
-        keys_file = self.state / "keys.json"
+        keys_file = secrets_dir / "keys.json"
         keys = json.dumps({"keys": [{"name": "local", "sha256": hash_key(key), "models": ["*"]}]},
                           indent=2)
         if not keys_file.exists() or keys_file.read_text() != keys:
             _write_secret(keys_file, keys)
             made.append("keys file")
-        password = self.state / "gitlab-password"
+        password = secrets_dir / "gitlab-password"
         if not password.exists():
             _write_secret(password, secrets.token_urlsafe(24))
             made.append("deploy user password")
@@ -167,17 +168,12 @@ class LocalEnv:
         from pyalbert.provisioner import provision_hosts
 
         environ = {**os.environ, "GITLAB_SSH_PUBLIC_KEY": Path(f"{host.client_key}.pub").read_text()}
-        outcomes = provision_hosts(self.spec, admin_user="root", environ=environ)
-        errors = [o for o in outcomes if o.error is not None]
-        if errors:
-            raise errors[0].error  # type: ignore[misc]
-        return "; ".join(o.value.summary() for o in outcomes)  # type: ignore[union-attr]
+        return _summaries(provision_hosts(self.spec, admin_user="root", environ=environ))
 
     def _setup(self, hub_url: str) -> str:
         from pyalbert.setup_stage import setup_env
 
-        results = setup_env(self.spec, service="all", extra_env={"HF_ENDPOINT": hub_url})
-        return "; ".join(str(r) for r in results)
+        return _summaries(setup_env(self.spec, service="all", extra_env={"HF_ENDPOINT": hub_url}))
 
     def _smoke(self) -> str:
         from pyalbert.cli import main
@@ -196,8 +192,8 @@ class LocalEnv:
         model = self.spec.models.ids()[0]
         console.print(
             "\n[bold]The local environment is up.[/] Call it with the key in "
-            f"{self.state / 'api-key'}:\n\n"
-            f"  export ALBERT_API_KEY=$(cat {self.state / 'api-key'})\n"
+            f"{self.state / 'secrets' / 'api-key'}:\n\n"
+            f"  export ALBERT_API_KEY=$(cat {self.state / 'secrets' / 'api-key'})\n"
             f"  curl -s {api}/v1/chat/completions -H \"Authorization: Bearer $ALBERT_API_KEY\" \\\n"
             f"    -H 'Content-Type: application/json' \\\n"
             f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Bonjour !\"}}]}}'\n\n"
@@ -230,6 +226,14 @@ def _write_secret(path: Path, value: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(value + "\n")
     os.replace(tmp, path)
+
+
+def _summaries(outcomes) -> str:
+    """What each host did, or the first host's error (the others' are printed)."""
+    for o in outcomes:
+        if o.error is not None:
+            raise o.error
+    return "; ".join(o.value.summary() for o in outcomes)
 
 
 def _summary(results) -> str:

@@ -103,7 +103,8 @@ def platform_tags(machine: str, glibc: str) -> list[str]:
 
 def wheelhouse(wheel: Path, python: str, machine: str, glibc: str) -> Path:
     """The wheel's dependencies as wheels for the host's python/platform (cached here)."""
-    key = hashlib.sha256(f"{wheel_requires(wheel)}|{python}|{machine}|{glibc}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{wheel_requires(wheel)}|{cmds.TOOLS_EXTRAS}|{python}|{machine}|{glibc}"
+                         .encode()).hexdigest()[:16]
     folder = CACHE / "wheelhouse" / f"cp{python}-{machine}-{key}"
     with _lock:
         if not (folder / ".complete").exists():
@@ -113,7 +114,8 @@ def wheelhouse(wheel: Path, python: str, machine: str, glibc: str) -> Path:
                     "-d", str(folder)]
             for tag in platform_tags(machine, glibc):
                 argv += ["--platform", tag]
-            proc = subprocess.run([*argv, str(wheel)], capture_output=True, text=True, timeout=900)
+            target = f"pyalbert[{cmds.TOOLS_EXTRAS}] @ {wheel.resolve().as_uri()}"
+            proc = subprocess.run([*argv, target], capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
                 raise AlbertError(
                     f"cannot download the tools' dependencies for python {python} on {machine} "

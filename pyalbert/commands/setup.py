@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pyalbert.commands.base import Cmd, Secret, combine
 
 WHEEL_STAMP = ".albert-wheel-sha256"
+#: the tools venv also runs the api process (venv runtime) and the supervisor
+TOOLS_EXTRAS = "api"
 CONFIG_STAMP = ".albert-config-sha256"
 #: variables passed from the deploy machine to download_models on the host (not secrets)
 HUB_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_ENABLE_HF_TRANSFER")
@@ -122,7 +124,7 @@ def install_tools(paths: SetupPaths, wheel_name: str, digest: str, python: str =
         " && ".join([
             f"{{ test -x {shlex.quote(paths.tools + '/bin/python')} || "
             f"{shlex.quote(python)} -m venv {shlex.quote(paths.tools)}; }}",
-            shlex.join([*pip, "--find-links", paths.wheelhouse, wheel]),
+            shlex.join([*pip, "--find-links", paths.wheelhouse, f"{wheel}[{TOOLS_EXTRAS}]"]),
             shlex.join([*pip, "--no-deps", "--force-reinstall", wheel]),
             f"echo {shlex.quote(digest)} > {shlex.quote(paths.tools + '/' + WHEEL_STAMP)}",
         ]),

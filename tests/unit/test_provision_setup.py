@@ -17,7 +17,7 @@ def test_install_tools_golden():
     assert cmd.render() == (
         "sh -c '"
         f"{{ test -x {T}/bin/python || python3 -m venv {T}; }}"
-        f" && {pip} --find-links {T}/wheelhouse {wheel}"
+        f" && {pip} --find-links {T}/wheelhouse '\"'\"'{wheel}[api]'\"'\"'"
         f" && {pip} --no-deps --force-reinstall {wheel}"
         f" && echo abc123 > {T}/.albert-wheel-sha256'"
     )
