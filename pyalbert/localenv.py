@@ -108,7 +108,7 @@ class LocalEnv:
         keys_file = secrets_dir / "keys.json"
         keys = json.dumps({"keys": [{"name": "local", "sha256": hash_key(key), "models": ["*"]}]},
                           indent=2)
-        if not keys_file.exists() or keys_file.read_text() != keys:
+        if not keys_file.exists() or keys_file.read_text() != keys + "\n":
             _write_secret(keys_file, keys)
             made.append("keys file")
         password = secrets_dir / "gitlab-password"
