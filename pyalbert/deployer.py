@@ -695,22 +695,26 @@ def rollback_env(spec, *, to: str | None = None, runners: RunnerFactory | None =
 
 def on_hosts(spec, fn: Callable[[Runner, object], object], runners: RunnerFactory | None = None,
              hosts=None) -> dict[str, object]:
-    """Run ``fn(runner, host)`` on every host in parallel; errors come back as AlbertError values."""
+    """Run ``fn(runner, host)`` on every host in parallel; errors come back as AlbertError values
+    (anything else is a bug and is raised)."""
+    from pyalbert import fleet
+
     factory = runners or ssh_runners(spec)
 
-    def one(host):
+    def work(host):
         r = factory(host)
         try:
             return fn(r, host)
-        except AlbertError as exc:
-            return exc
         finally:
             getattr(r, "close", lambda: None)()
 
-    targets = list(hosts if hosts is not None else spec.env.hosts)
-    with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
-        futures = {h.name: pool.submit(one, h) for h in targets}
-    return {name: fut.result() for name, fut in futures.items()}
+    outcomes = fleet.on_hosts(list(hosts if hosts is not None else spec.env.hosts), work)
+    out: dict[str, object] = {}
+    for o in outcomes:
+        if o.error is not None and not isinstance(o.error, AlbertError):
+            raise o.error
+        out[o.host] = o.error if o.error is not None else o.value
+    return out
 
 
 def raise_errors(results: dict[str, object], what: str) -> None:
