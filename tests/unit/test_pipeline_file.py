@@ -195,6 +195,12 @@ def test_deploys_are_manual_serialized_and_tracked(name):
                                   "deployment_tier": "$ALBERT_TIER", "action": "start"}
 
 
+@pytest.mark.parametrize("name", ["setup:vllm", "setup:api"])
+def test_setups_of_one_environment_never_overlap(name):
+    # both install the tools venv on the same hosts
+    assert JOBS[name]["resource_group"] == "setup-$ALBERT_ENV"
+
+
 def test_every_job_that_reaches_hosts_gets_the_environment_scope():
     for name, job in JOBS.items():
         script = job["script"] if isinstance(job["script"], str) else " ".join(job["script"])
