@@ -1,12 +1,20 @@
 # The api service image: the Albert gateway (`albert api`), small, non-root.
-# Build context: a folder holding wheels/ = the pyalbert wheel and its [api] dependencies, made on
-# the build machine (containers get no network):
-#   pip wheel --wheel-dir CTX/wheels '.[api]'
-#   docker build -f deploy/docker/api.Dockerfile --build-arg BASE=python:3.11-slim CTX
+# Build context, either:
+#   - the repository (the pipeline: docker build -f deploy/docker/api.Dockerfile .): the first
+#     stage builds the wheels from the source, with the package index;
+#   - a folder holding wheels/ = the pyalbert wheel and its [api] dependencies, made on the build
+#     machine, for builders without network (pip wheel --wheel-dir CTX/wheels '.[api]').
 # BASE may be any image with python3 (>= 3.10) and pip, e.g. a debootstrap image with python3-pip.
+# The deploy runs the container as the deploy user (--user), who owns the mounted files.
 # The deploy passes the arguments (pyalbert.commands.api.serve_args): --env, --config-dir,
 # --backends, --keys, --whitelist, --port, --workers (api.workers of the environment).
 ARG BASE=python:3.11-slim
+FROM ${BASE} AS wheels
+ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY . /src
+RUN if [ -d /src/wheels ]; then cp -r /src/wheels /wheels; \
+    else python3 -m pip wheel --quiet --wheel-dir /wheels "/src[api]"; fi
+
 FROM ${BASE}
 
 ARG ALBERT_REVISION=unknown
@@ -22,7 +30,7 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-COPY wheels/ /tmp/wheels/
+COPY --from=wheels /wheels/ /tmp/wheels/
 RUN python3 -m pip install ${PIP_ARGS} "pyalbert[api]" \
  && rm -rf /tmp/wheels \
  && (getent passwd albert >/dev/null || useradd --system --uid 10001 --no-create-home \

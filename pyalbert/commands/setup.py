@@ -116,11 +116,13 @@ def prepare_dirs(paths: SetupPaths) -> Cmd:
 
 def install_tools(paths: SetupPaths, wheel_name: str, digest: str, python: str = "python3") -> Cmd:
     """Create the venv if missing, install the wheel with its dependencies from the uploaded
-    wheelhouse (no index), force-reinstall the wheel itself, record its hash."""
+    wheelhouse (no index), force-reinstall the wheel itself, record its hash.
+
+    Under ``flock``: two setup jobs of one pipeline (vllm and api) may install at once."""
     wheel = f"{paths.wheelhouse}/{wheel_name}"
     pip = [f"{paths.tools}/bin/pip", "install", "-q", "--no-index", "--disable-pip-version-check"]
     return Cmd.of(
-        "sh", "-c",
+        "flock", f"{paths.base_dir}/.tools.lock", "sh", "-c",
         " && ".join([
             f"{{ test -x {shlex.quote(paths.tools + '/bin/python')} || "
             f"{shlex.quote(python)} -m venv {shlex.quote(paths.tools)}; }}",

@@ -15,7 +15,7 @@ def test_install_tools_golden():
     pip = f"{T}/bin/pip install -q --no-index --disable-pip-version-check"
     wheel = f"{T}/wheelhouse/pyalbert-0.1.0-py3-none-any.whl"
     assert cmd.render() == (
-        "sh -c '"
+        "flock /home/gitlab/albert/.tools.lock sh -c '"
         f"{{ test -x {T}/bin/python || python3 -m venv {T}; }}"
         f" && {pip} --find-links {T}/wheelhouse '\"'\"'{wheel}[api]'\"'\"'"
         f" && {pip} --no-deps --force-reinstall {wheel}"
