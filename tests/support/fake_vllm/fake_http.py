@@ -1,7 +1,9 @@
 """Shared by the fake vLLM server and the fake api: a threaded HTTP server that drains on SIGTERM."""
 
+import contextlib
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -14,12 +16,28 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conn_lock = threading.Lock()
+        self.idle: dict = {}  # connection -> waiting for its next request (keep-alive)
+        self.draining = False
+
+    def close_idle(self):
+        """Like uvicorn on SIGTERM: idle keep-alive connections close, busy ones finish first."""
+        with self.conn_lock:
+            self.draining = True
+            for conn, idle in self.idle.items():
+                if idle:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+
 
 def serve(handler, host, port, name):
     server = Server((host, port), handler)
 
     def stop(signum, frame):
         print(f"{name}: SIGTERM, draining", flush=True)
+        server.close_idle()
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -36,6 +54,30 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         pass
+
+    def setup(self):
+        super().setup()
+        with self.server.conn_lock:
+            self.server.idle[self.connection] = True
+
+    def finish(self):
+        with self.server.conn_lock:
+            self.server.idle.pop(self.connection, None)
+        super().finish()
+
+    def parse_request(self):
+        with self.server.conn_lock:
+            self.server.idle[self.connection] = False
+            if self.server.draining:
+                self.close_connection = True
+        return super().parse_request()
+
+    def handle_one_request(self):
+        super().handle_one_request()
+        with self.server.conn_lock:
+            if self.server.draining:
+                self.close_connection = True
+            self.server.idle[self.connection] = True
 
     def send_json(self, code, body):
         data = json.dumps(body).encode()
