@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 from rich.table import Table
 
 from pyalbert.commands import health, lock, release
-from pyalbert.commands.base import Cmd
 from pyalbert.errors import AlbertError
 from pyalbert.plans import ApiSwap, Check, HostPlan, Unit, manifest, orphans, units_from_manifest
 from pyalbert.remote import Runner
@@ -324,9 +323,9 @@ class HostDeploy:
             polls += 1
             if polls % 4 == 0:
                 running, _, _ = self.state(u)
-                restarts = self.r.run(Cmd.of("docker", "inspect", "--format", "{{.RestartCount}}",
-                                             u.name), check=False).stdout.strip()
-                if not running or (restarts.isdigit() and int(restarts) > 0):
+                restarts = self.rt.parse_restarts(self.r.run(self.rt.restarts(u.name),
+                                                             check=False).stdout)
+                if not running or restarts > 0:
                     raise NotReady(f"host {self.name}: {u.name} exited before it was ready. "
                                    f"Last log lines:\n{self._tail(u)}")
             if time.monotonic() > deadline:
@@ -426,8 +425,9 @@ def verdict(check: Check, code: int, stdout: str, runner: Runner, hp: HostPlan,
         found = parse_python_version(stdout) if code == 0 else None
         wanted = tuple(int(x) for x in check.arg.split("."))
         if found is None or found < wanted:
-            got = ".".join(map(str, found)) if found else "no such interpreter"
-            return (f"{check.what.split('(')[-1].rstrip(')')} is {got}, and vLLM needs Python "
+            got = (f"is Python {'.'.join(map(str, found))}" if found else
+                   "was not found on the host (or does not run)")
+            return (f"{check.what.split('(')[-1].rstrip(')')} {got}, and vLLM needs Python "
                     f"{check.arg} or newer. Fix: install python3.10+ with its venv module (fab "
                     "provision does), or set vllm.python in the environment file.")
         return None
@@ -658,7 +658,7 @@ def list_releases(spec, runners: RunnerFactory | None = None) -> dict[str, tuple
 def rollback_env(spec, *, to: str | None = None, runners: RunnerFactory | None = None,
                  quiet: bool = False) -> list[HostResult]:
     """Converge each host to release ``to`` (default: the one before the current)."""
-    from pyalbert.plans import DockerRuntime
+    from pyalbert.plans import runtime_for
 
     listing = list_releases(spec, runners)
     factory = runners or ssh_runners(spec)
@@ -681,7 +681,7 @@ def rollback_env(spec, *, to: str | None = None, runners: RunnerFactory | None =
                                   "nothing to roll back to. Fix: pass --to RELEASE.")
             target = before[-1]
         data = next(i["manifest"] for i in items if i["id"] == target)
-        rt = DockerRuntime()
+        rt = runtime_for(spec.env)
         hp = HostPlan(host=host, env=spec.env.name, base_dir=spec.env.deploy.base_dir,
                       release_id=target, checks=tuple(rt.checks()), files=(),
                       units=tuple(units_from_manifest(data, rt)),

@@ -216,6 +216,10 @@ class Runtime(Protocol):
 
     def parse_state(self, stdout: str) -> tuple[bool, str, str]: ...
 
+    def restarts(self, name: str) -> Cmd: ...
+
+    def parse_restarts(self, stdout: str) -> int: ...
+
     def stop(self, name: str) -> Cmd: ...
 
     def logs(self, name: str, tail: int, follow: bool = False) -> Cmd: ...
@@ -355,6 +359,14 @@ class DockerRuntime:
 
     def parse_state(self, stdout: str) -> tuple[bool, str, str]:
         return docker.parse_state(stdout)
+
+    def restarts(self, name: str) -> Cmd:
+        """Probe: how many times docker restarted the container (a crash loop before ready)."""
+        return Cmd.of("docker", "inspect", "--format", "{{.RestartCount}}", name)
+
+    def parse_restarts(self, stdout: str) -> int:
+        text = stdout.strip()
+        return int(text) if text.isdigit() else 0
 
     def stop(self, name: str) -> Cmd:
         return docker.stop(name)

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,9 +69,14 @@ def read_env_file(path: str | None) -> dict[str, str]:
 class RotatingLog:
     def __init__(self, path: Path, max_bytes: int, backups: int):
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.lock = threading.Lock()
         self.handle = open(path, "ab")  # noqa: SIM115 - lives as long as the supervisor
 
     def write(self, data: bytes) -> None:
+        with self.lock:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         while data:
             room = max(self.max_bytes - self.handle.tell(), 0)
             self.handle.write(data[:room])
@@ -116,17 +122,24 @@ def supervise(args: argparse.Namespace) -> int:
         _write_state(state_dir, name=name, labels=labels, cmd=args.cmd, started=started,
                      restarts=restarts, **state)
 
-    while True:
+    code = 0
+    while not stopping:
         log.write(f"--- albert-supervise: starting {name} (restart {restarts})\n".encode())
+        # its own process group: what it spawns (vLLM's engine processes) goes with it
         child = subprocess.Popen(args.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env, cwd=args.cwd or None)
+                                 stdin=subprocess.DEVNULL, env=env, cwd=args.cwd or None,
+                                 start_new_session=True)
+        if stopping:  # SIGTERM came while it was being spawned
+            child.terminate()
         record(supervisor_pid=os.getpid(), pid=child.pid, state="running")
-        _pump(child, log)
-        code = _wait(child, args.stop_timeout if stopping else None)
+        pump = threading.Thread(target=_pump, args=(child, log), daemon=True)
+        pump.start()
+        code = _wait(child, lambda: stopping, args.stop_timeout)
+        _kill_group(child.pid)  # leftovers would hold the port (and the log pipe)
+        pump.join(5)
         log.write(f"--- albert-supervise: {name} exited with {code}\n".encode())
         if stopping:
-            record(supervisor_pid=None, pid=None, state="stopped", exit_code=code)
-            return 0
+            break
         now = time.monotonic()
         recent = [t for t in recent if now - t < 60] + [now]
         if code == 0 and not args.restart_always or len(recent) > args.max_restarts:
@@ -135,24 +148,40 @@ def supervise(args: argparse.Namespace) -> int:
             return 0 if code == 0 else 1
         restarts += 1
         record(supervisor_pid=os.getpid(), pid=None, state="restarting", exit_code=code)
-        time.sleep(min(2 ** len(recent) * 0.25, 10))
-        if stopping:
-            return 0
+        backoff_until = time.monotonic() + min(2 ** len(recent) * 0.25, 10)
+        while not stopping and time.monotonic() < backoff_until:
+            time.sleep(0.05)
+    record(supervisor_pid=None, pid=None, state="stopped", exit_code=code)
+    return 0
 
 
 def _pump(child: subprocess.Popen, log: RotatingLog) -> None:
-    """Copy the child's output to the log until it closes."""
+    """Copy the child's output to the log until it closes (a thread: the supervisor waits on
+    the child itself, so a grandchild holding the pipe cannot hide the child's exit)."""
     assert child.stdout is not None
-    while chunk := child.stdout.read1(65536):  # type: ignore[attr-defined]
-        log.write(chunk)
+    with contextlib.suppress(OSError, ValueError):
+        while chunk := child.stdout.read1(65536):  # type: ignore[attr-defined]
+            log.write(chunk)
 
 
-def _wait(child: subprocess.Popen, timeout: float | None) -> int:
-    try:
-        return child.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        return child.wait()
+def _wait(child: subprocess.Popen, stopping, stop_timeout: float) -> int:
+    """The child's exit code; once ``stopping()``, SIGKILL its group after ``stop_timeout``."""
+    deadline = None
+    while True:
+        try:
+            return child.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+        if stopping():
+            deadline = deadline or time.monotonic() + stop_timeout
+            if time.monotonic() >= deadline:
+                _kill_group(child.pid)
+
+
+def _kill_group(pgid: int | None) -> None:
+    if pgid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def start(args: argparse.Namespace) -> int:
@@ -203,18 +232,30 @@ def stop(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     state = status_of(state_dir, args.name)
     if not state["running"]:
-        print(f"{args.name}: not running")
+        if state["state"] in ("absent", "stopped"):
+            print(f"{args.name}: not running")
+            return 0
+        if state["state"] == "dead":  # its supervisor was killed: the child may still serve
+            _kill_group(state.get("pid"))
+        _mark_stopped(state_dir, state)  # like `docker rm`: no longer listed
+        print(f"{args.name}: not running (was {state['state']}); removed")
         return 0
     os.kill(state["supervisor_pid"], signal.SIGTERM)
     deadline = time.monotonic() + args.stop_timeout + 5
     while time.monotonic() < deadline and _alive(state["supervisor_pid"]):
         time.sleep(0.05)
-    if _alive(state["supervisor_pid"]):
-        for pid in (state.get("pid"), state["supervisor_pid"]):
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    if _alive(state["supervisor_pid"]):  # a stuck supervisor: kill it and the child's group
+        _kill_group(state.get("pid"))
+        if _alive(state["supervisor_pid"]):
+            os.kill(state["supervisor_pid"], signal.SIGKILL)
+        _mark_stopped(state_dir, state)
     print(f"{args.name}: stopped")
     return 0
+
+
+def _mark_stopped(state_dir: Path, state: dict) -> None:
+    keep = {k: v for k, v in state.items() if k not in ("running", "state", "supervisor_pid", "pid")}
+    _write_state(state_dir, **keep, state="stopped", supervisor_pid=None, pid=None)
 
 
 def status(args: argparse.Namespace) -> int:

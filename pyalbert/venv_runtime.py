@@ -168,6 +168,8 @@ class VenvRuntime:
             labels = st.get("labels") or {}
             if labels.get("albert.env") not in (None, self.env.name):
                 continue
+            if st.get("state") in ("stopped", "absent"):
+                continue  # stopped on purpose: gone, like a removed container (failed ones stay)
             cmd = st.get("cmd") or [""]
             rows.append({"name": st.get("name", ""), "image": cmd[0],
                          "state": "running" if st.get("running") else st.get("state", ""),
@@ -186,6 +188,14 @@ class VenvRuntime:
         labels = st.get("labels") or {}
         return bool(st.get("running")), labels.get("albert.config-hash", ""), labels.get("albert.release", "")
 
+    def restarts(self, name: str) -> Cmd:
+        return process.status(self.albert, self.state, [name])
+
+    def parse_restarts(self, stdout: str) -> int:
+        """Crashes since ``start`` (the supervisor restarted it): a crash loop before ready."""
+        states = _states(stdout)
+        return int(states[0].get("restarts") or 0) if states else 0
+
     def stop(self, name: str) -> Cmd:
         return process.stop(self.albert, self.state, name)
 
@@ -195,9 +205,9 @@ class VenvRuntime:
     def checks(self) -> list[Check]:
         return [Check(f"the tools venv is installed ({self.albert})", health.path_exists(self.albert),
                       "tools", self.albert),
-                Check(f"Python {'.'.join(map(str, MIN_PYTHON))}+ for vLLM ({self.vllm_python})",
-                      process.python_version(self.vllm_python if self.vllm_venv is None
-                                             else self.env.vllm.python), "python",
+                # the interpreter that runs vLLM, or the one its managed venv is made from
+                Check(f"Python {'.'.join(map(str, MIN_PYTHON))}+ for vLLM ({self.env.vllm.python})",
+                      process.python_version(self.env.vllm.python), "python",
                       ".".join(map(str, MIN_PYTHON)))]
 
 

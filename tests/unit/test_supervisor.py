@@ -92,3 +92,39 @@ def test_env_file_and_log_rotation(state_dir):
 
 def test_status_of_unknown_name(state_dir):
     assert state(state_dir, "nothing") == {"name": "nothing", "state": "absent", "running": False}
+
+
+STUBBORN = ("import signal,subprocess,sys,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print('up', flush=True); time.sleep(60)")
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_and_its_group_after_the_timeout(state_dir):
+    albert("start", "stubborn", "--state-dir", str(state_dir), "--stop-timeout", "1", "--",
+           PY, "-c", STUBBORN)
+    wait_for(lambda: "up" in (state_dir / "stubborn.log").read_text())
+    st = state(state_dir, "stubborn")
+    group = [int(p) for p in subprocess.run(["pgrep", "-g", str(st["pid"])], capture_output=True,
+                                            text=True).stdout.split()]
+    assert len(group) == 2  # the server and what it spawned, in their own process group
+    t0 = time.monotonic()
+    assert albert("stop", "stubborn", "--state-dir", str(state_dir), "--stop-timeout", "1"
+                  ).returncode == 0
+    assert time.monotonic() - t0 < 3  # the supervisor's own timeout, not the CLI's fallback
+    final = state(state_dir, "stubborn")
+    assert final["state"] == "stopped" and final["exit_code"] == -9
+    for pid in group:
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists()
+                 or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_stop_of_a_failed_or_orphaned_process_removes_it(state_dir):
+    albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", SERVER)
+    st = state(state_dir, "svc")
+    os.kill(st["supervisor_pid"], signal.SIGKILL)  # the supervisor dies, its child serves on
+    dead = wait_for(lambda: (s := state(state_dir, "svc"))["state"] == "dead" and s)
+    assert not dead["running"]
+    out = albert("stop", "svc", "--state-dir", str(state_dir))
+    assert "was dead" in out.stdout and state(state_dir, "svc")["state"] == "stopped"
+    wait_for(lambda: not Path(f"/proc/{st['pid']}").exists()
+             or Path(f"/proc/{st['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")

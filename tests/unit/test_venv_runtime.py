@@ -119,3 +119,25 @@ def test_parse_state_and_units_from_supervisor_status():
     rows = runtime.parse_units(text)
     assert [(r["name"], r["service"], r["model"], r["state"]) for r in rows] == [
         ("albert-test-vllm-small", "vllm", "small", "running")]
+
+
+def test_stopped_processes_are_not_listed_and_restarts_are_read():
+    runtime = VenvRuntime.__new__(VenvRuntime)
+    runtime.env = type("E", (), {"name": "test"})()  # type: ignore[assignment]
+    labels = {"albert.env": "test", "albert.service": "api", "albert.model": "blue"}
+    status = [{"name": "albert-test-api-blue", "running": False, "state": "stopped",
+               "labels": labels},
+              {"name": "albert-test-api-green", "running": False, "state": "failed", "restarts": 5,
+               "labels": {**labels, "albert.model": "green"}}]
+    rows = runtime.parse_units(json.dumps(status))
+    assert [(r["name"], r["state"]) for r in rows] == [("albert-test-api-green", "failed")]
+    assert runtime.parse_restarts(json.dumps(status[1:])) == 5
+    assert runtime.parse_restarts("[]") == 0 and runtime.parse_restarts("oops") == 0
+
+
+def test_docker_restart_count_probe():
+    from pyalbert.plans import DockerRuntime
+
+    rt = DockerRuntime()
+    assert rt.restarts("c").render() == "docker inspect --format '{{.RestartCount}}' c"
+    assert rt.parse_restarts("3\n") == 3 and rt.parse_restarts("") == 0
