@@ -311,6 +311,7 @@ class DockerRuntime:
             start = docker.run(
                 name, env.images.api, serve[1:], entrypoint=serve[0],
                 ports=[f"127.0.0.1:{spare}:{env.api.port}"], volumes=volumes,
+                user=docker.AS_DEPLOY_USER,
                 labels=self.labels(env.name, "api", colour, inputs.release_id, digest),
             )
             colours[colour] = Unit(
@@ -326,6 +327,7 @@ class DockerRuntime:
             name=edge_name, service="edge", config_hash=edge_hash,
             start=docker.run(edge_name, env.images.api, edge_args[1:], entrypoint=edge_args[0],
                              network="host", volumes=[f"{edge_dir}:/edge:ro"],
+                             user=docker.AS_DEPLOY_USER,
                              labels=self.labels(env.name, "edge", None, inputs.release_id, edge_hash)),
             stop=docker.stop(edge_name, 5), probe=docker.inspect_state(edge_name),
             logs=docker.logs(edge_name, 40), ready=None, port=env.api.port,

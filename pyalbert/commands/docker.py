@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pyalbert.commands.base import Cmd, Op, any_of, combine, group
+from pyalbert.commands.base import Cmd, Op, Raw, any_of, combine, group
 
 #: labels every container of ours carries (``albert.<key>``)
 LABELS = ("env", "service", "model", "release", "config-hash")
@@ -19,6 +19,10 @@ def gpus_flag(gpu_ids: Sequence[int]) -> list[str]:
     if not gpu_ids:
         return []
     return ["--gpus", '"device=' + ",".join(str(g) for g in gpu_ids) + '"']
+
+
+#: run as the deploy user (who owns the release files mounted in, some of them 0600)
+AS_DEPLOY_USER = Raw('"$(id -u):$(id -g)"')
 
 
 def run(
@@ -35,6 +39,7 @@ def run(
     ipc_host: bool = False,
     network: str | None = None,
     entrypoint: str | None = None,
+    user: str | Raw | None = None,
 ) -> Cmd:
     """``docker run -d --name NAME ...``: secrets only through ``--env-file`` (never ``-e``)."""
     return Cmd.of(
@@ -48,6 +53,7 @@ def run(
         ("--env-file", env_file) if env_file else None,
         [("--label", f"{k}={v}") for k, v in (labels or {}).items()],
         ("--entrypoint", entrypoint) if entrypoint else None,
+        ("--user", user) if user else None,
         image,
         list(command),
     )
