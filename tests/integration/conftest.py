@@ -1,6 +1,11 @@
 import pytest
 
-from tests.support.hosts import host_environment, make_host, one_host  # noqa: F401 (fixtures)
+from tests.support.hosts import (  # noqa: F401 (fixtures)
+    fake_vllm_host,
+    host_environment,
+    make_host,
+    one_host,
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -10,7 +10,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,19 +26,16 @@ from pyalbert.deployer import (
     unlock_env,
 )
 from pyalbert.errors import AlbertError
-from tests.support.fake_vllm.image import ensure_fake_vllm_image
 from tests.support.hosts import environment_toml, ssh_environ
+from tests.support.traffic import chat_load
 
 REPO = Path(__file__).resolve().parents[2]
 STORAGE = Path("/var/tmp/albert-deploy-tests/models")
 
 
 @pytest.fixture(scope="module")
-def host(make_host):
-    image = ensure_fake_vllm_image()
-    h = make_host(docker=True)
-    h.load_image(image)
-    yield h, image
+def host(fake_vllm_host):
+    return fake_vllm_host
 
 
 class Env:
@@ -226,33 +222,10 @@ def test_docker_missing_says_run_provision(env):
 def test_api_redeploy_loses_no_request(env):
     env.write({"m-a": {"model": "org/a", "port": 18201}}, api_port=18280)
     deploy_env(env.spec(), quiet=True)
-    errors, ok, stop = [], [0], threading.Event()
-
-    def client():
-        with httpx.Client(timeout=10) as c:
-            while not stop.is_set():
-                try:
-                    r = c.post(f"http://{env.host.address}:18280/v1/chat/completions",
-                               json={"model": "m-a", "messages": [{"role": "user", "content": "x"}]},
-                               headers={"Connection": "close"})
-                    if r.status_code == 200:
-                        ok[0] += 1
-                    else:
-                        errors.append(r.status_code)
-                except httpx.HTTPError as exc:
-                    errors.append(repr(exc))
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with chat_load(f"http://{env.host.address}:18280", "m-a", clients=4) as load:
         for version in ("2", "3"):
             env.write({"m-a": {"model": "org/a", "port": 18201}}, api_port=18280,
                       extra=f'[vllm]\nenv = {{FAKE_API_VERSION = "{version}"}}')
             res = deploy_env(env.spec(), service="api", quiet=True)
             assert res[0].status == "deployed"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert ok[0] > 20 and errors == []
+    assert load.ok > 20 and load.errors == []

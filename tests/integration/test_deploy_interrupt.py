@@ -20,18 +20,14 @@ import pytest
 
 from pyalbert.deployer import deploy_env, down_env
 from tests.integration.test_deploy import Env
-from tests.support.fake_vllm.image import ensure_fake_vllm_image
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = REPO / ".venv" / "bin" / "fab"
 
 
 @pytest.fixture(scope="module")
-def host(make_host):
-    image = ensure_fake_vllm_image()
-    h = make_host(docker=True)
-    h.load_image(image)
-    yield h, image
+def host(fake_vllm_host):
+    return fake_vllm_host
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 from pyalbert.deployer import deploy_env, down_env, link_gpu_env, unlink_gpu_env
 from pyalbert.errors import AlbertError
 from tests.integration.test_deploy import Env
-from tests.support.fake_vllm.image import ensure_fake_vllm_image
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "/home/gitlab/gpu-hooks.log"
@@ -33,11 +32,8 @@ detach_hook = 'echo "detach $ALBERT_PIPELINE $ALBERT_HOST" >> {MARKER}'
 
 
 @pytest.fixture(scope="module")
-def host(make_host):
-    image = ensure_fake_vllm_image()
-    h = make_host(docker=True)
-    h.load_image(image)
-    yield h, image
+def host(fake_vllm_host):
+    return fake_vllm_host
 
 
 @pytest.fixture

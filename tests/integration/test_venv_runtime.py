@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pyalbert.plans import runtime_for
 from pyalbert.remote import SSHRunner
 from pyalbert.setup_stage import setup_env
 from tests.support.hosts import environment_toml, ssh_environ
+from tests.support.traffic import chat_load
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/albert-test")
@@ -277,36 +277,13 @@ def test_vllm_python_too_old_or_missing_is_refused(env, python, found):
 def test_api_redeploy_loses_no_request(env):
     env.write({"m-a": {"model": "org/a", "port": 18341}}, api_port=18393)
     deploy_env(env.spec(), quiet=True)
-    errors, ok, stop = [], [0], threading.Event()
-
-    def client():
-        with httpx.Client(timeout=10) as c:
-            while not stop.is_set():
-                try:
-                    r = c.post(f"http://{env.host.address}:18393/v1/chat/completions",
-                               json={"model": "m-a", "messages": [{"role": "user", "content": "x"}]},
-                               headers={"Connection": "close"})
-                    if r.status_code == 200:
-                        ok[0] += 1
-                    else:
-                        errors.append(r.status_code)
-                except httpx.HTTPError as exc:
-                    errors.append(repr(exc))
-
-    threads = [threading.Thread(target=client) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
+    with chat_load(f"http://{env.host.address}:18393", "m-a", clients=3) as load:
         for version in ("2", "3"):
             env.write({"m-a": {"model": "org/a", "port": 18341}}, api_port=18393,
                       vllm_env={"FAKE_API_VERSION": version})
             res = deploy_env(env.spec(), service="api", quiet=True)
             assert res[0].status == "deployed"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert ok[0] > 20 and errors == []
+    assert load.ok > 20 and load.errors == []
 
 
 def test_sigterm_to_supervisor_is_a_clean_stop(env):

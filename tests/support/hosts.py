@@ -172,3 +172,14 @@ def busybox_image(host: NamespaceHost, tag: str = BUSYBOX_IMAGE) -> str:
 
 
 __all__ = ["make_host", "one_host", "host_environment"]
+
+
+@pytest.fixture(scope="module")
+def fake_vllm_host(make_host):
+    """A host with its own dockerd and the fake vLLM image loaded: ``(host, image tag)``."""
+    from tests.support.fake_vllm.image import ensure_fake_vllm_image
+
+    image = ensure_fake_vllm_image()
+    h = make_host(docker=True)
+    h.load_image(image)
+    return h, image
