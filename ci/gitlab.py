@@ -33,6 +33,17 @@ class Settings:
         return "GITLAB_TOKEN" if self.token_kind == "private" else "CI_JOB_TOKEN"
 
 
+def run_main(func, args: argparse.Namespace) -> int:
+    """Run a ``python -m ci.*`` action: a user error prints one paragraph and sets the exit code."""
+    from pyalbert.ui import console_err
+
+    try:
+        return func(args)
+    except AlbertError as exc:
+        console_err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return exc.exit_code
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="GitLab URL (default: $GITLAB_URL, $CI_SERVER_URL)")
     parser.add_argument("--project", help="project id or path (default: $CI_PROJECT_ID)")

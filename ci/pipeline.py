@@ -135,11 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "=" not in v:
             console_err.print(f"[bold red]error:[/] --variable {v!r} is not KEY=VALUE")
             return 2
-    try:
-        return args.func(args)
-    except AlbertError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        return exc.exit_code
+    return gl.run_main(args.func, args)
 
 
 if __name__ == "__main__":

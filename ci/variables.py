@@ -326,11 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except AlbertError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        return exc.exit_code
+    return gl.run_main(args.func, args)
 
 
 if __name__ == "__main__":
