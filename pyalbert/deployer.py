@@ -8,13 +8,14 @@ prefixed with the host name; :func:`summary_table` prints the outcome of every h
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -125,19 +126,26 @@ class HostDeploy:
         res = self.r.run(unit.probe, check=False)
         return self.rt.parse_state(res.stdout) if res.ok else (False, "", "")
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Preflight, take the host's deploy lock, release it whatever happens."""
+        self.preflight()
+        self.take_lock()
+        try:
+            yield
+        finally:
+            self.r.run(lock.release(self.hp.base_dir), check=False)
+
     # -- the deploy
     def deploy(self) -> HostResult:
         t0 = time.monotonic()
         try:
-            self.preflight()
-            self.take_lock()
-            try:
-                self._deploy_locked()
-            except BaseException as exc:
-                self._roll_back(exc)
-                raise
-            finally:
-                self.r.run(lock.release(self.hp.base_dir), check=False)
+            with self.locked():
+                try:
+                    self._deploy_locked()
+                except BaseException as exc:
+                    self._roll_back(exc)
+                    raise
         except Interrupted as exc:
             self.result.status, self.result.error = "interrupted", str(exc)
         except AlbertError as exc:
@@ -358,9 +366,7 @@ class HostDeploy:
         """Converge to the recorded release ``hp.release_id`` (files are already there)."""
         t0 = time.monotonic()
         try:
-            self.preflight()
-            self.take_lock()
-            try:
+            with self.locked():
                 self.previous = {}
                 changed = 0
                 for u in self.hp.units:
@@ -380,8 +386,6 @@ class HostDeploy:
                 self.r.run(release.set_current(self.hp.base_dir, self.hp.release_id))
                 self.result.status = "rolled back to"
                 self.say(f"release {self.hp.release_id} serves ({changed} unit(s) restarted)", "green")
-            finally:
-                self.r.run(lock.release(self.hp.base_dir), check=False)
         except AlbertError as exc:
             self.result.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
             self.result.error = str(exc)
