@@ -200,6 +200,10 @@ class LocalEnv:
             "  python -c \"from openai import OpenAI; import os; c = OpenAI(base_url='"
             f"{api}/v1', api_key=os.environ['ALBERT_API_KEY']); print(c.chat.completions.create("
             f"model='{model}', messages=[{{'role': 'user', 'content': 'Bonjour !'}}]).choices[0].message.content)\"\n\n"
+            "The fab tasks work on it as on any environment once the SSH variables are set:\n\n"
+            f"  eval \"$(.venv/bin/albert testhost up --name {self.spec.env.hosts[0].name} --index "
+            f"{self.index} --quiet)\"\n"
+            "  .venv/bin/fab -r deploy status --env local     # also: logs, releases, rollback\n\n"
             "Stop it with: [bold]./scripts/local-down[/] (or `fab -r deploy down --env local` for "
             "the services only).",
             soft_wrap=True,
