@@ -1,10 +1,15 @@
 """Benchmark: ``fab provision`` no-op on 1 host and on 4 namespace hosts (root, Linux).
 
-    .venv/bin/python bench/provision.py [--runs 5]
+    .venv/bin/python bench/provision.py [--runs 5] [--against REV]
 
 Brings up 4 test hosts (indexes >= 100), provisions them once, then times no-op re-runs: the
 whole ``fab provision`` command (process start included) and the in-process part
 (``provision_hosts``: SSH + init_vm.sh). Targets: <= 1 s for 1 host, <= 1.5 s for 4 hosts.
+
+``--against REV`` also times ``fab provision`` of git revision REV (its files exported with
+``git archive``, same venv, runs interleaved with the working tree's so both see the same load).
+The last row is the floor no change of ours can go under: connect and run ``true`` on every host
+(SSH handshake, sshd session, the admin user's login shell start-up).
 """
 
 from __future__ import annotations
@@ -40,9 +45,20 @@ def write_env(config: Path, name: str, hosts: list[NamespaceHost]) -> None:
     (config / "llm_routing_table.json").write_text(json.dumps(DEFAULT_ROUTING))
 
 
-def timed_fab(config: Path, env: str, environ: dict) -> float:
+def export_revision(rev: str, dest: Path) -> Path:
+    """The files of ``rev`` in ``dest`` (no change to the checkout or its .git)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def timed_fab(config: Path, env: str, environ: dict, tree: Path = REPO) -> float:
+    # PYTHONPATH first: pyalbert (and so utils/init_vm.sh) come from ``tree``
+    environ = {**environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    out = subprocess.run([str(REPO / ".venv/bin/fab"), "-r", str(REPO / "deploy"), "provision",
+    out = subprocess.run([str(REPO / ".venv/bin/fab"), "-r", str(tree / "deploy"), "provision",
                           "--env", env, "--config-dir", str(config)],
                          capture_output=True, text=True, env=environ, timeout=300)
     took = time.perf_counter() - start
@@ -61,9 +77,42 @@ def timed_inprocess(config: Path, env: str, environ: dict) -> float:
     return took
 
 
+def timed_ssh_floor(config: Path, env: str) -> float:
+    """Connect as root and run ``true`` on every host at once, as provision_hosts does."""
+    from pyalbert.commands.base import Cmd
+    from pyalbert.fleet import on_hosts
+    from pyalbert.remote import SSHRunner
+
+    spec = load_spec(env, config)
+
+    def work(host):
+        runner = SSHRunner(host.model_copy(update={"user": "root"}), spec.env.ssh)
+        try:
+            return runner.run(Cmd.of("true")).exit_code
+        finally:
+            runner.close()
+
+    start = time.perf_counter()
+    outcomes = on_hosts(spec.env.hosts, work)
+    took = time.perf_counter() - start
+    if any(o.error for o in outcomes):
+        raise SystemExit(f"ssh failed: {outcomes}")
+    return took
+
+
+def interleaved(runs: int, *timers) -> list[float]:
+    """Median of each timer, the timers taking turns (same load for each)."""
+    samples: list[list[float]] = [[] for _ in timers]
+    for _ in range(runs):
+        for column, timer in zip(samples, timers, strict=True):
+            column.append(timer())
+    return [statistics.median(column) for column in samples]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--against", metavar="REV", help="also time this git revision's fab")
     args = parser.parse_args()
     cleanup_stale(DEFAULT_ROOT)
     key = ensure_client_key()
@@ -88,12 +137,15 @@ def main() -> int:
         first = time.perf_counter() - first
         if any(o.error for o in timed_inprocess_first):
             raise SystemExit(f"first provision failed: {timed_inprocess_first}")
+        base = export_revision(args.against, config / "base") if args.against else None
         rows = {}
         for env in ("one", "four"):
-            rows[env] = (
-                statistics.median(timed_fab(config, env, environ) for _ in range(args.runs)),
-                statistics.median(timed_inprocess(config, env, environ) for _ in range(args.runs)),
-            )
+            timers = [lambda env=env: timed_fab(config, env, environ),
+                      lambda env=env: timed_inprocess(config, env, environ),
+                      lambda env=env: timed_ssh_floor(config, env)]
+            if base:
+                timers.append(lambda env=env: timed_fab(config, env, environ, base))
+            rows[env] = interleaved(args.runs, *timers)
     finally:
         for host in hosts:
             host.down(purge=True)
@@ -101,10 +153,21 @@ def main() -> int:
     load = os.getloadavg()[0]
     print(f"fab provision, no-op re-run (median of {args.runs}; load average {load:.1f} on "
           f"{os.cpu_count()} cores); first run on 4 hosts: {first:.2f} s")
-    print(f"{'':24}{'1 host':>10}{'4 hosts':>10}{'4/1':>8}{'target':>16}")
-    (f1, i1), (f4, i4) = rows["one"], rows["four"]
-    print(f"{'fab provision (process)':24}{f1:>9.2f}s{f4:>9.2f}s{f4 / f1:>8.2f}{'1 s / 1.5 s':>16}")
-    print(f"{'in-process (ssh+script)':24}{i1:>9.2f}s{i4:>9.2f}s{i4 / i1:>8.2f}")
+    width = 34
+    print(f"{'':{width}}{'1 host':>10}{'4 hosts':>10}{'4/1':>8}{'target':>16}")
+
+    def row(label: str, one: float, four: float, extra: str = "") -> None:
+        print(f"{label:{width}}{one:>9.2f}s{four:>9.2f}s{four / one:>8.2f}{extra:>16}")
+
+    one, four = rows["one"], rows["four"]
+    if args.against:
+        row(f"fab provision ({args.against})", one[3], four[3])
+    row("fab provision (working tree)", one[0], four[0], "1 s / 1.5 s")
+    if args.against:
+        print(f"{'  working tree / ' + args.against:{width}}{one[0] / one[3]:>10.2f}"
+              f"{four[0] / four[3]:>10.2f}")
+    row("in-process (ssh + init_vm.sh)", one[1], four[1])
+    row("floor: ssh + `true` as root", one[2], four[2])
     return 0
 
 

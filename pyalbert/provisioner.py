@@ -30,10 +30,10 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
     secrets = provision_secrets(environ)  # missing variables: fail before any connection
     script = read_script()
     env = spec.env
+    cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
+                  dry_run=dry_run, as_root=admin_user == "root")  # the same on every host
 
     def work(host: HostSpec) -> InitVmReport:
-        cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
-                      dry_run=dry_run, as_root=admin_user == "root")
         runner = SSHRunner(host.model_copy(update={"user": admin_user}), env.ssh)
         try:
             result = runner.run(cmd, timeout=1800)

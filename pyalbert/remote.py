@@ -7,6 +7,7 @@ connection failures into one-paragraph :class:`~pyalbert.errors.AlbertError` mes
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import subprocess
@@ -90,21 +91,33 @@ def _known_hosts_file(ssh: SshSpec) -> str:
     if value and os.path.isfile(value):
         return value
     if value:
-        with tempfile.NamedTemporaryFile("w", prefix="albert-known-hosts-", delete=False) as tmp:
-            tmp.write(value if value.endswith("\n") else value + "\n")
-        return tmp.name
+        return _known_hosts_from_content(value)
     return str(Path.home() / ".ssh" / "known_hosts")
+
+
+@functools.lru_cache(maxsize=4)
+def _known_hosts_from_content(value: str) -> str:
+    """One temporary file per content and process (not one per host)."""
+    with tempfile.NamedTemporaryFile("w", prefix="albert-known-hosts-", delete=False) as tmp:
+        tmp.write(value if value.endswith("\n") else value + "\n")
+    return tmp.name
 
 
 def _private_key(ssh: SshSpec) -> dict:
     """connect_kwargs for the key in ``$SSH_PRIVATE_KEY`` (path or content), else the agent."""
-    import paramiko
-
     value = os.environ.get(ssh.key_env, "")
     if not value:
         return {}
     if os.path.isfile(value):
         return {"key_filename": value, "look_for_keys": False, "allow_agent": False}
+    return dict(_key_from_content(value, ssh.key_env))  # a copy: Connection may add to it
+
+
+@functools.lru_cache(maxsize=4)
+def _key_from_content(value: str, key_env: str) -> dict:
+    """Parsed once per process: every host's connection shares the key (read-only)."""
+    import paramiko
+
     text = value if value.endswith("\n") else value + "\n"
     for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
         try:
@@ -113,7 +126,7 @@ def _private_key(ssh: SshSpec) -> dict:
         except (paramiko.SSHException, ValueError):
             continue
     raise AlbertError(
-        f"${ssh.key_env} is neither a readable file nor a private key in OpenSSH/PEM form. "
+        f"${key_env} is neither a readable file nor a private key in OpenSSH/PEM form. "
         f"Fix: set it as a GitLab 'File' variable holding the key, or unset it to use ssh-agent."
     )
 

@@ -16,6 +16,8 @@
 # Output: "changed: X" per change ("would change: X" in a dry run), "note: X" for things skipped,
 # then "init_vm: N change(s)" or "init_vm: no change". Exit 2: bad input, nothing touched.
 # Secrets are never echoed nor put in a command line (the password is hashed via stdin).
+# A no-op run is mostly checks: they use bash built-ins (read, [[ ]]) where a tool is not needed,
+# so that a re-run costs a few processes, not dozens (fab provision runs it on every host).
 
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
@@ -78,7 +80,7 @@ read_env_file() {
 }
 
 validate() {
-  [[ $(id -u) == 0 ]] || die "run as root (sudo $0 ...)"
+  ((EUID == 0)) || die "run as root (sudo $0 ...)"
   [[ -n $ENV_FILE ]] && read_env_file
   local missing=()
   [[ -n ${GITLAB_PASSWORD:-} ]] || missing+=(GITLAB_PASSWORD)
@@ -90,15 +92,24 @@ validate() {
   [[ $USER_NAME =~ ^[a-z_][a-z0-9_-]{0,30}$ ]] || die "--user '$USER_NAME' is not a valid user name"
   [[ $STORAGE_DIR == /* && $STORAGE_DIR != *[[:space:]]* ]] || die "--storage-dir must be an absolute path without spaces"
   if [[ -r /etc/os-release ]]; then
-    local id version
-    id=$(. /etc/os-release && echo "${ID:-}") version=$(. /etc/os-release && echo "${VERSION_ID:-}")
+    local key value id= version=
+    while IFS='=' read -r key value; do  # KEY=value or KEY="value" lines
+      value=${value%\"} value=${value#\"}
+      case $key in ID) id=$value ;; VERSION_ID) version=$value ;; esac
+    done </etc/os-release
     [[ $id == ubuntu && $version == 22.04 ]] || note "made for Ubuntu 22.04, this is $id $version"
   fi
 }
 
 # --- packages --------------------------------------------------------------------------------
-installed_packages() {  # prints the installed ones among "$@"
-  { dpkg-query -W -f='${Package} ${db:Status-Status}\n' "$@" 2>/dev/null || true; } | awk '$2 == "installed" {print $1}'
+# INSTALLED=" p1 p2 ": the installed ones among "$@" (one dpkg-query, parsed by bash)
+installed_packages() {
+  local pkg status
+  INSTALLED=" "
+  while read -r pkg status; do
+    [[ $status == installed ]] && INSTALLED+="$pkg "
+  done < <(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "$@" 2>/dev/null || true)
+  return 0
 }
 
 apt_candidate() {  # exit 0 if apt can install $1
@@ -128,7 +139,8 @@ ensure_packages() {
   ((SKIP_PACKAGES)) && { note "packages: skipped (--skip-packages)"; return 0; }
   local wanted=(jq python3 python3-venv fail2ban docker.io docker-ce docker-compose-plugin docker-compose-v2)
   local have missing=()
-  have=" $(installed_packages "${wanted[@]}" | tr '\n' ' ') "
+  installed_packages "${wanted[@]}"
+  have=$INSTALLED
   for p in jq python3 python3-venv fail2ban; do
     [[ $have == *" $p "* ]] || missing+=("$p")
   done
@@ -156,10 +168,11 @@ ensure_packages() {
 # --- NVIDIA ----------------------------------------------------------------------------------
 has_nvidia_gpu() {
   command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && return 0
-  local dev
+  local dev vendor class
   for dev in /sys/bus/pci/devices/*; do
     [[ -r $dev/vendor ]] || continue
-    [[ $(<"$dev/vendor") == 0x10de && $(<"$dev/class") == 0x03* ]] && return 0
+    read -r vendor <"$dev/vendor" && read -r class <"$dev/class" || continue
+    [[ $vendor == 0x10de && $class == 0x03* ]] && return 0
   done
   return 1
 }
@@ -176,7 +189,8 @@ ensure_nvidia() {
     APT_UPDATED=0
   fi
   local have missing=() p
-  have=" $(installed_packages nvidia-driver-535 nvidia-driver-535-server nvidia-cuda-toolkit nvidia-container-toolkit | tr '\n' ' ') "
+  installed_packages nvidia-driver-535 nvidia-driver-535-server nvidia-cuda-toolkit nvidia-container-toolkit
+  have=$INSTALLED
   [[ $have == *" nvidia-driver-535"* ]] || missing+=(nvidia-driver-535)
   for p in nvidia-cuda-toolkit nvidia-container-toolkit; do [[ $have == *" $p "* ]] || missing+=("$p"); done
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
@@ -195,15 +209,16 @@ add_nvidia_repo() {
 
 # --- the deploy user -------------------------------------------------------------------------
 ensure_user() {
-  if ! getent passwd "$USER_NAME" >/dev/null; then
+  local entry=
+  if ! entry=$(getent passwd "$USER_NAME"); then
     act "user $USER_NAME created" useradd --create-home --shell /bin/bash "$USER_NAME"
   fi
   if ! getent group docker >/dev/null; then act "group docker created" groupadd --system docker; fi
-  if ((DRY_RUN)) && ! getent passwd "$USER_NAME" >/dev/null; then
+  if ((DRY_RUN)) && [[ -z $entry ]]; then  # (a dry run created nobody)
     act "$USER_NAME: password, docker group, authorized_keys" true
     return 0
   fi
-  if ! id -nG "$USER_NAME" | tr ' ' '\n' | grep -qx docker; then
+  if [[ " $(id -nG "$USER_NAME") " != *" docker "* ]]; then
     act "$USER_NAME added to group docker" usermod -aG docker "$USER_NAME"
   fi
   ensure_password
@@ -212,10 +227,11 @@ ensure_user() {
 
 # The stored hash is compared with the password hashed with the same salt (sha-512 crypt).
 ensure_password() {
-  local current salt
-  current=$(getent shadow "$USER_NAME" | cut -d: -f2)
+  local entry= name current= salt rest
+  entry=$(getent shadow "$USER_NAME") || true
+  IFS=: read -r name current rest <<<"$entry"
   if [[ $current == '$6$'* ]]; then
-    salt=$(cut -d'$' -f3 <<<"$current")
+    IFS='$' read -r rest rest salt rest <<<"$current"  # $6$SALT$HASH
     [[ $(printf '%s' "$GITLAB_PASSWORD" | openssl passwd -6 -salt "$salt" -stdin) == "$current" ]] && return 0
   fi
   act "password of $USER_NAME set" set_password
@@ -229,15 +245,16 @@ set_password() {
 
 # authorized_keys keeps lines it does not manage; the block between the markers is ours.
 ensure_authorized_key() {
-  local home dir file desired
-  home=$(getent passwd "$USER_NAME" | cut -d: -f6)
+  local entry rest home dir file desired
+  entry=$(getent passwd "$USER_NAME")
+  IFS=: read -r rest rest rest rest rest home rest <<<"$entry"  # name:x:uid:gid:gecos:HOME:shell
   dir=$home/.ssh file=$home/.ssh/authorized_keys
   desired=$( { [[ -f $file ]] && sed "/^$KEYS_BEGIN\$/,/^$KEYS_END\$/d" "$file"; printf '%s\n%s\n%s\n' "$KEYS_BEGIN" "$GITLAB_SSH_PUBLIC_KEY" "$KEYS_END"; } )
   if [[ ! -f $file ]] || [[ $(<"$file") != "$desired" ]]; then
     act "$file: managed key" write_owned "$file" 0600 "$desired"
   fi
   [[ -f $file ]] || return 0  # dry run: it would be written with the right modes
-  if [[ $(stat -c '%U %a' "$dir") != "$USER_NAME 700" || $(stat -c '%U %a' "$file") != "$USER_NAME 600" ]]; then
+  if [[ $(stat -c '%U %a' "$dir" "$file") != "$USER_NAME 700"$'\n'"$USER_NAME 600" ]]; then
     act "$dir: owner $USER_NAME, modes 700/600" fix_ssh_modes "$dir" "$file"
   fi
 }
@@ -257,9 +274,9 @@ fix_ssh_modes() {
 # --- narrowly scoped sudo --------------------------------------------------------------------
 # Only what the tools run as root: albert systemd units, the storage dir, nvidia-smi.
 # (Membership of group docker is root-equivalent anyway: keep the deploy key safe.)
-sudoers_content() {
+sudoers_content() {  # sets SUDOERS (read from a here-document: no process)
   local u=$USER_NAME s=$STORAGE_DIR
-  cat <<EOF
+  IFS= read -r -d '' SUDOERS <<EOF || true
 # Managed by Albert Deploy (utils/init_vm.sh): changes are overwritten.
 Cmnd_Alias ALBERT_UNITS = /usr/bin/systemctl start albert-*, /usr/bin/systemctl stop albert-*, \\
   /usr/bin/systemctl restart albert-*, /usr/bin/systemctl status albert-*, /usr/bin/systemctl daemon-reload
@@ -270,10 +287,13 @@ EOF
 }
 
 ensure_sudoers() {
-  local file=$SUDOERS_PREFIX$USER_NAME tmp
+  local file=$SUDOERS_PREFIX$USER_NAME current= tmp
+  sudoers_content
+  [[ -f $file ]] && { IFS= read -r -d '' current <"$file" || true; }
+  # same text, and the same size (read stops at a NUL byte), owner and mode: nothing to do
+  if [[ $current == "$SUDOERS" && $(stat -c '%U %a %s' "$file") == "root 440 ${#SUDOERS}" ]]; then return 0; fi
   tmp=$(mktemp)
-  sudoers_content >"$tmp"
-  if cmp -s "$tmp" "$file" && [[ $(stat -c '%U %a' "$file") == "root 440" ]]; then rm -f "$tmp"; return 0; fi
+  printf '%s' "$SUDOERS" >"$tmp"
   if ! visudo -cqf "$tmp" >/dev/null; then rm -f "$tmp"; die "the sudoers rules for $USER_NAME do not validate (visudo -cf); nothing installed"; fi
   act "$file: sudo rules for $USER_NAME (validated)" install -m 0440 -o root -g root "$tmp" "$file"
   rm -f "$tmp"

@@ -8,16 +8,8 @@ password and public key (``GITLAB_PASSWORD``, ``GITLAB_SSH_PUBLIC_KEY``) travel 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from invoke import task
 from invoke.exceptions import Exit
-
-from pyalbert.config import load_spec
-from pyalbert.errors import AlbertError
-from pyalbert.fleet import print_summary
-from pyalbert.provisioner import provision_hosts
 
 
 @task(
@@ -32,6 +24,15 @@ from pyalbert.provisioner import provision_hosts
 )
 def provision(c, env, admin_user="root", dry_run=False, gpu="auto", user="gitlab", config_dir=None):
     """Provision hosts: packages, NVIDIA stack, deploy user, sudo rules, storage (idempotent)."""
+    # Imported here, not at the top: `fab --list` and the other tasks do not pay for them.
+    import os
+    from pathlib import Path
+
+    from pyalbert.config import load_spec
+    from pyalbert.errors import AlbertError
+    from pyalbert.fleet import print_summary
+    from pyalbert.provisioner import provision_hosts
+
     try:
         spec = load_spec(env, Path(config_dir) if config_dir else None)
         outcomes = provision_hosts(spec, admin_user=admin_user, dry_run=dry_run, gpu=gpu,

@@ -4,15 +4,8 @@ the hosts, with the tools of this repo installed there (:mod:`pyalbert.setup_sta
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from invoke import task
 from invoke.exceptions import Exit
-
-from pyalbert.config import load_spec
-from pyalbert.errors import AlbertError
-from pyalbert.fleet import print_summary
-from pyalbert.setup_stage import setup_env
 
 
 @task(
@@ -25,6 +18,14 @@ from pyalbert.setup_stage import setup_env
 )
 def setup(c, env, service="all", dry_run=False, config_dir=None):
     """Install the tools on the hosts, upload the config, download models, build the whitelist."""
+    # Imported here, not at the top: `fab --list` and the other tasks do not pay for them.
+    from pathlib import Path
+
+    from pyalbert.config import load_spec
+    from pyalbert.errors import AlbertError
+    from pyalbert.fleet import print_summary
+    from pyalbert.setup_stage import setup_env
+
     try:
         spec = load_spec(env, Path(config_dir) if config_dir else None)
         outcomes = setup_env(spec, service=service, dry_run=dry_run)
