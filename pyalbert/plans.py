@@ -222,6 +222,8 @@ class Runtime(Protocol):
 
     def stop(self, name: str) -> Cmd: ...
 
+    def reload(self, name: str) -> Cmd: ...
+
     def logs(self, name: str, tail: int, follow: bool = False) -> Cmd: ...
 
     def checks(self) -> list[Check]: ...
@@ -372,6 +374,9 @@ class DockerRuntime:
 
     def stop(self, name: str) -> Cmd:
         return docker.stop(name)
+
+    def reload(self, name: str) -> Cmd:
+        return docker.kill_signal(name, "HUP")
 
     def logs(self, name: str, tail: int, follow: bool = False) -> Cmd:
         return docker.logs(name, tail, follow=follow)

@@ -212,6 +212,7 @@ def setup_host(runner: SSHRunner, spec, *, env_name: str, config_dir: Path, serv
             hub_env=hub_env)))
     if "api" in services:
         steps.append(("create_whitelist", cmds.create_whitelist(paths, env_name)))
+    whitelist_before = _digest(runner, paths.whitelist) if "api" in services and not dry_run else ""
     for label, cmd in steps:
         if dry_run:
             planned.append(cmd)
@@ -220,10 +221,31 @@ def setup_host(runner: SSHRunner, spec, *, env_name: str, config_dir: Path, serv
         for line in result.stdout.strip().splitlines()[-6:]:
             say(name, f"{label}: {line}")
         report.ran.append(label)
+    if "api" in services and not dry_run and _digest(runner, paths.whitelist) != whitelist_before:
+        reloaded = reload_api(runner, spec)
+        if reloaded:
+            report.changed.append(f"whitelist changed: api reloaded ({', '.join(reloaded)})")
     if dry_run:
         for cmd in planned:
             say(name, f"would run: {cmd.display()}")
     return report
+
+
+def _digest(runner: SSHRunner, path: str) -> str:
+    return runner.run(Cmd.of("sha256sum", path), check=False).stdout.split(" ")[0]
+
+
+def reload_api(runner, spec: DeploymentSpec) -> list[str]:
+    """SIGHUP the running api processes of ``spec`` on this host: they re-read keys and whitelist
+    (a new whitelist needs no redeploy). Returns the names signalled."""
+    from pyalbert.plans import runtime_for
+
+    runtime = runtime_for(spec.env)
+    rows = runtime.parse_units(runner.run(runtime.list_units(spec.name), check=False).stdout)
+    names = [r["name"] for r in rows if r["service"] == "api" and r["state"] == "running"]
+    for unit in names:
+        runner.run(runtime.reload(unit), check=False)
+    return names
 
 
 def setup_env(spec: DeploymentSpec, *, service: str = "all", dry_run: bool = False,

@@ -258,6 +258,18 @@ def _mark_stopped(state_dir: Path, state: dict) -> None:
     _write_state(state_dir, **keep, state="stopped", supervisor_pid=None, pid=None)
 
 
+def send_signal(args: argparse.Namespace) -> int:
+    """Forward a signal to NAME's process (``HUP``: the api reloads its keys and whitelist)."""
+    state = status_of(Path(args.state_dir), args.name)
+    if not state["running"] or not _alive(state.get("pid")):
+        print(f"{args.name}: not running, nothing to signal")
+        return 0
+    signum = getattr(signal, f"SIG{args.signal.upper().removeprefix('SIG')}")
+    os.kill(state["pid"], signum)
+    print(f"{args.name}: sent {signum.name} to {state['pid']}")
+    return 0
+
+
 def status(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     names = args.names or sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.exists() else []
@@ -287,6 +299,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p_stop.add_argument("--state-dir", required=True)
     p_stop.add_argument("--stop-timeout", type=float, default=10)
     p_stop.set_defaults(func=stop)
+    p_signal = actions.add_parser("signal", help="send a signal to NAME's process (e.g. HUP)")
+    p_signal.add_argument("name")
+    p_signal.add_argument("signal", choices=["HUP", "USR1", "USR2", "TERM"])
+    p_signal.add_argument("--state-dir", required=True)
+    p_signal.set_defaults(func=send_signal)
     p_status = actions.add_parser("status", help="state of the supervised processes, as JSON")
     p_status.add_argument("names", nargs="*")
     p_status.add_argument("--state-dir", required=True)

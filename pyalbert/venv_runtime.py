@@ -199,6 +199,9 @@ class VenvRuntime:
     def stop(self, name: str) -> Cmd:
         return process.stop(self.albert, self.state, name)
 
+    def reload(self, name: str) -> Cmd:
+        return process.signal(self.albert, self.state, name, "HUP")
+
     def logs(self, name: str, tail: int, follow: bool = False) -> Cmd:
         return process.logs(self.state, name, tail, follow)
 

@@ -59,6 +59,11 @@ def run(
     )
 
 
+def kill_signal(name: str, sig: str = "HUP") -> Cmd:
+    """Send a signal to a container's main process (``HUP``: the api reloads keys and whitelist)."""
+    return Cmd.of("docker", "kill", "--signal", sig, name)
+
+
 def stop(name: str, timeout_s: int = 30) -> Cmd:
     """Stop gracefully (SIGTERM, then SIGKILL after ``timeout_s``) and remove; fine if absent."""
     quiet = [Op(">/dev/null"), Op("2>&1")]

@@ -39,6 +39,10 @@ def stop(albert: str, state: str, name: str, stop_timeout: float = 10) -> Cmd:
                   "--stop-timeout", f"{stop_timeout:g}")
 
 
+def signal(albert: str, state: str, name: str, sig: str = "HUP") -> Cmd:
+    return Cmd.of(albert, "supervise", "signal", name, sig, "--state-dir", state)
+
+
 def status(albert: str, state: str, names: Sequence[str] = ()) -> Cmd:
     return Cmd.of(albert, "supervise", "status", list(names), "--state-dir", state)
 

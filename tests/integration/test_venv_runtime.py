@@ -48,7 +48,8 @@ def fake_vllm_python() -> str:
 
 
 def write_env(root: Path, host, name: str, *, base: str, python: str, models: dict,
-              api_port: int = 18380, timeout: float = 20, vllm_env: dict | None = None) -> None:
+              api_port: int = 18380, timeout: float = 20, vllm_env: dict | None = None,
+              extra: str = "") -> None:
     (root / "environments").mkdir(parents=True, exist_ok=True)
     for model_id in models:
         (STORAGE / model_id).mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,7 @@ port = {api_port}
 ready_timeout_s = {timeout}
 keep_releases = 3
 base_dir = "{base}"
-"""))
+{extra}"""))
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +296,30 @@ def test_sigterm_to_supervisor_is_a_clean_stop(env):
     for pid in (st["pid"], st["supervisor_pid"]):  # gone (or a zombie until init reaps it)
         assert env.host.run(["ps", "-o", "stat=", "-p", str(pid)], check=False).stdout.strip() in ("", "Z")
     assert not env.host.run("ss -Hltn 'sport = :18351'").stdout.strip()
+
+
+def test_setup_reloads_the_running_api_when_the_whitelist_changes(env):
+    """A new whitelist reaches the api without a redeploy: setup sends it SIGHUP."""
+    models = {"m-a": {"model": "org/a", "port": 18361}}
+
+    def write(domains: list[str]) -> None:
+        env.write(models, api_port=18394, extra=f"[whitelist]\nallow_domains = {json.dumps(domains)}\n")
+
+    def header() -> str:
+        return env.get(18394, "/v1/models").headers["x-albert-whitelist"]
+
+    write(["service-public.fr"])
+    assert not [o.error for o in setup_env(env.spec(), service="api") if o.error]
+    deploy_env(env.spec(), quiet=True)
+    before = header()
+    api_pids = {n: s["pid"] for n, s in env.supervised().items() if "-api-" in n}
+    write(["service-public.fr", "impots.gouv.fr", "ameli.fr"])
+    outcomes = setup_env(env.spec(), service="api")
+    assert not [o.error for o in outcomes if o.error]
+    assert "api reloaded" in outcomes[0].value.summary()
+    after = wait_for(lambda: header() != before and header())
+    assert before.startswith("flag; entries=") and after.startswith("flag; entries=")
+    assert int(after.split("=")[1]) > int(before.split("=")[1])
+    assert {n: s["pid"] for n, s in env.supervised().items() if "-api-" in n} == api_pids
+    again = setup_env(env.spec(), service="api")  # same whitelist: nothing to reload
+    assert "api reloaded" not in again[0].value.summary()

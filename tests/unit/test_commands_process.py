@@ -37,3 +37,12 @@ def test_systemd_unit_renders_restart_policy_and_env_file():
     assert "ExecStart=/v/bin/python -m x '--a b'\n" in text
     assert "Restart=on-failure" in text and "EnvironmentFile=/etc/albert/m.env" in text
     assert "User=gitlab" in text and "WorkingDirectory" not in text
+
+
+def test_reload_builders_for_both_runtimes():
+    from pyalbert.commands import docker
+
+    assert process.signal("albert", "/r", "api-blue").render() == (
+        "albert supervise signal api-blue HUP --state-dir /r")
+    assert docker.kill_signal("albert-prod-api-blue").render() == (
+        "docker kill --signal HUP albert-prod-api-blue")

@@ -128,3 +128,23 @@ def test_stop_of_a_failed_or_orphaned_process_removes_it(state_dir):
     assert "was dead" in out.stdout and state(state_dir, "svc")["state"] == "stopped"
     wait_for(lambda: not Path(f"/proc/{st['pid']}").exists()
              or Path(f"/proc/{st['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+HUP_AWARE = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGHUP, lambda *a: print('reloaded', flush=True))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_signal_is_forwarded_to_the_process(state_dir):
+    albert("start", "api", "--state-dir", str(state_dir), "--", PY, "-c", HUP_AWARE)
+    log = state_dir / "api.log"
+    wait_for(lambda: "ready" in log.read_text())
+    pid = state(state_dir, "api")["pid"]
+    out = albert("signal", "api", "HUP", "--state-dir", str(state_dir))
+    assert out.returncode == 0 and f"sent SIGHUP to {pid}" in out.stdout
+    wait_for(lambda: "reloaded" in log.read_text())
+    assert state(state_dir, "api")["pid"] == pid  # reloaded in place, not restarted
+    assert "not running" in albert("signal", "nothing", "HUP", "--state-dir", str(state_dir)).stdout
