@@ -65,7 +65,7 @@ class HostResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("deployed", "unchanged", "rolled back to", "done")
+        return self.status in ("deployed", "unchanged", "rolled back to", "done", "ready")
 
 
 class Printer:
@@ -111,6 +111,18 @@ class HostDeploy:
                     break
         if problems:
             raise AlbertError(f"host {self.name}: " + " ".join(problems))
+
+    def check(self) -> HostResult:
+        """Preflight only (``fab deploy --check``): every check runs, nothing changes."""
+        t0 = time.monotonic()
+        try:
+            self.preflight()
+            self.result.status = "ready"
+            self.say("preflight passed: docker/python, disk, models, ports", "green")
+        except AlbertError as exc:
+            self.result.status, self.result.error = "failed", str(exc)
+        self.result.seconds = time.monotonic() - t0
+        return self.result
 
     def take_lock(self) -> None:
         details = lock.details(who=self.who, when=now_iso(), release=self.hp.release_id,
@@ -568,6 +580,8 @@ def _runner_task(factory: RunnerFactory, hp: HostPlan, out: Printer, kind: str, 
         try:
             hd = HostDeploy(runner, hp, out, cancel, who=kw.get("who") or who(),
                             message=kw.get("message", ""), pipeline=os.environ.get("CI_PIPELINE_ID"))
+            if kind == "check":
+                return hd.check()
             return hd.deploy() if kind == "deploy" else hd.rollback()
         except AlbertError as exc:
             out(hp.host.name, str(exc), "red")
@@ -607,27 +621,27 @@ def finish(results: Sequence[HostResult], title: str, out: Printer) -> list[Host
 
 def deploy_env(spec, *, service: str = "all", model: str | None = None, dry_run: bool = False,
                message: str = "", runners: RunnerFactory | None = None,
-               quiet: bool = False) -> list[HostResult]:
+               quiet: bool = False, check: bool = False) -> list[HostResult]:
+    """Deploy ``spec`` on its hosts in parallel; ``dry_run`` prints the plan and connects nowhere,
+    ``check`` connects and runs only the preflight checks (nothing changes)."""
     from pyalbert.config import resolve_plan
     from pyalbert.plans import DeployInputs, deploy_plans
 
     plan = resolve_plan(spec)
-    inputs = DeployInputs(release_id=new_release_id(spec),
-                          secrets={} if dry_run else resolve_secrets(spec),
-                          config_files=config_files(spec), service=service, model=model)
+    secrets = resolve_secrets(spec)
     if dry_run:
-        inputs = DeployInputs(release_id=inputs.release_id,
-                              secrets={k: "***" for k in resolve_secrets(spec)},
-                              config_files=inputs.config_files, service=service, model=model)
+        secrets = {k: "***" for k in secrets}
+    inputs = DeployInputs(release_id=new_release_id(spec), secrets=secrets,
+                          config_files=config_files(spec), service=service, model=model)
     host_plans = deploy_plans(plan, inputs)
     if dry_run:
         print_dry_run(host_plans)
         return []
     out = Printer(quiet)
     factory = runners or ssh_runners(spec)
-    return run_and_finish([(hp.host.name, _runner_task(factory, hp, out, "deploy", message=message))
-                           for hp in host_plans], "deploy", out)
-
+    kind = "check" if check else "deploy"
+    return run_and_finish([(hp.host.name, _runner_task(factory, hp, out, kind, message=message))
+                           for hp in host_plans], "preflight" if check else "deploy", out)
 
 
 def list_releases(spec, runners: RunnerFactory | None = None) -> dict[str, tuple[str, list[dict]]]:

@@ -46,16 +46,19 @@ _ENV = {"env": "environment name (config/environments/NAME.toml)",
 
 
 @task(help={**_ENV, "service": "vllm, api or all (default)", "model": "only this model id",
-            "dry-run": "print the command plan; connect nowhere", "message": "note in the lock"})
+            "dry-run": "print the command plan; connect nowhere", "message": "note in the lock",
+            "check": "connect and run the preflight checks only (docker/python, disk, models, "
+                     "ports); change nothing"})
 @_errors
-def deploy(c, env, service="all", model=None, dry_run=False, message="", config_dir=None):
+def deploy(c, env, service="all", model=None, dry_run=False, message="", config_dir=None,
+           check=False):
     """Deploy the routing table's vLLM servers and the api; unchanged units are not restarted."""
     from pyalbert.deployer import deploy_env
 
     if service not in ("vllm", "api", "all"):
         raise Exit(f"--service must be vllm, api or all (got {service!r})", code=2)
     deploy_env(_spec(env, config_dir), service=service, model=model, dry_run=dry_run,
-               message=message)
+               message=message, check=check)
 
 
 @task(help=_ENV)

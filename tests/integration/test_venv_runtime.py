@@ -323,3 +323,15 @@ def test_setup_reloads_the_running_api_when_the_whitelist_changes(env):
     assert {n: s["pid"] for n, s in env.supervised().items() if "-api-" in n} == api_pids
     again = setup_env(env.spec(), service="api")  # same whitelist: nothing to reload
     assert "api reloaded" not in again[0].value.summary()
+
+
+def test_check_runs_the_preflight_and_changes_nothing(env):
+    env.write({"m-a": {"model": "org/a", "port": 18371}}, api_port=18395)
+    (result,) = deploy_env(env.spec(), check=True, quiet=True)
+    assert result.status == "ready" and result.ok
+    assert env.running() == {}
+    assert env.host.run(f"test -e {env.base}/releases", check=False).returncode  # nothing written
+    env.write({"m-a": {"model": "org/a", "port": 18371}}, api_port=18395, python="/nowhere/python")
+    with pytest.raises(AlbertError, match="/nowhere/python was not found"):
+        deploy_env(env.spec(), check=True, quiet=True)
+    assert env.running() == {}
