@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pyalbert.config import load_spec
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,3 +54,17 @@ def simple_config(config_factory: ConfigFactory) -> ConfigFactory:
         }
     )
     return config_factory
+
+
+@pytest.fixture
+def storage_spec(config_factory: ConfigFactory, tmp_path: Path):
+    """``storage_spec(routing) -> spec`` of a one-host environment; ``.storage`` = tmp/models."""
+    storage = tmp_path / "models"
+
+    def make(routing: dict):
+        config_factory.env(f'storage_dir = "{storage}"\n[[hosts]]\nname = "h1"\naddress = "10.0.0.1"\n')
+        config_factory.routing(routing)
+        return load_spec("test", config_factory.root)
+
+    make.storage = storage
+    return make

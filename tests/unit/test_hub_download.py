@@ -26,7 +26,7 @@ from pyalbert.hub import (
     layout,
     read_manifest,
 )
-from tests.conftest import REPO, ConfigFactory
+from tests.conftest import REPO
 from tests.support.hubserver import (
     TINY_LLAMA_KEPT,
     HubServer,
@@ -40,26 +40,6 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     yield from serve_hub(tmp_path, monkeypatch)
 
 
-ENV = """
-    storage_dir = "{storage}"
-    [[hosts]]
-    name = "h1"
-    address = "10.0.0.1"
-"""
-
-
-@pytest.fixture
-def setup(config_factory: ConfigFactory, tmp_path: Path):
-    """setup(routing) -> spec, with storage_dir = tmp/models."""
-    storage = tmp_path / "models"
-
-    def make(routing: dict):
-        config_factory.env(ENV.format(storage=storage))
-        config_factory.routing(routing)
-        return load_spec("test", config_factory.root)
-
-    make.storage = storage
-    return make
 
 
 def tiny(repo: str = "org/tiny", port: int = 8001, **kw) -> dict:
@@ -70,14 +50,14 @@ def installed_files(model_dir: Path) -> set[str]:
     return {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()}
 
 
-def test_first_download_installs_a_plain_verified_directory(hub: HubServer, setup):
+def test_first_download_installs_a_plain_verified_directory(hub: HubServer, storage_spec):
     files = tiny_llama_files()
     commit = hub.add_commit("org/tiny", files)
-    spec = setup({"tiny": tiny()})
+    spec = storage_spec({"tiny": tiny()})
 
     [result] = download_models(spec)
 
-    target = setup.storage / "tiny"
+    target = storage_spec.storage / "tiny"
     assert (result.status, result.commit, result.path) == ("downloaded", commit, target)
     assert installed_files(target) == TINY_LLAMA_KEPT | {MANIFEST_NAME}
     assert not any(p.is_symlink() for p in target.rglob("*"))
@@ -91,10 +71,10 @@ def test_first_download_installs_a_plain_verified_directory(hub: HubServer, setu
     assert manifest["files"]["config.json"]["size"] == len(files["config.json"])
     assert set(manifest["tool"]) == {"albert", "huggingface_hub"} and manifest["created"]
     assert hub.downloaded_files() == sorted(TINY_LLAMA_KEPT)  # skipped files never requested
-    assert sorted(p.name for p in setup.storage.iterdir()) == [".tiny.lock", "tiny"]
+    assert sorted(p.name for p in storage_spec.storage.iterdir()) == [".tiny.lock", "tiny"]
 
 
-def test_rerun_with_same_revision_makes_no_request(hub: HubServer, setup):
+def test_rerun_with_same_revision_makes_no_request(hub: HubServer, storage_spec):
     from io import StringIO
 
     from rich.console import Console
@@ -102,7 +82,7 @@ def test_rerun_with_same_revision_makes_no_request(hub: HubServer, setup):
     from pyalbert.hub.progress import RichReporter
 
     hub.add_commit("org/tiny", tiny_llama_files())
-    spec = setup({"tiny": tiny()})
+    spec = storage_spec({"tiny": tiny()})
     screen = StringIO()
     download_models(spec, reporter=RichReporter(Console(file=screen, force_terminal=True, width=120)))
     assert "tiny" in screen.getvalue() and "done" in screen.getvalue()
@@ -114,40 +94,40 @@ def test_rerun_with_same_revision_makes_no_request(hub: HubServer, setup):
     assert hub.requests == []
 
 
-def test_damaged_install_refetches_only_the_damaged_file(hub: HubServer, setup):
+def test_damaged_install_refetches_only_the_damaged_file(hub: HubServer, storage_spec):
     hub.add_commit("org/tiny", tiny_llama_files())
-    spec = setup({"tiny": tiny()})
+    spec = storage_spec({"tiny": tiny()})
     download_models(spec)
-    (setup.storage / "tiny" / "tokenizer.json").write_text("truncated")
+    (storage_spec.storage / "tiny" / "tokenizer.json").write_text("truncated")
     hub.reset_requests()
 
     [result] = download_models(spec)
 
     assert result.status == "updated" and result.files_reused == len(TINY_LLAMA_KEPT) - 1
     assert hub.downloaded_files() == ["tokenizer.json"]
-    assert (setup.storage / "tiny" / "tokenizer.json").stat().st_size > 1000
+    assert (storage_spec.storage / "tiny" / "tokenizer.json").stat().st_size > 1000
 
 
-def test_changed_revision_fetches_only_changed_files(hub: HubServer, setup):
+def test_changed_revision_fetches_only_changed_files(hub: HubServer, storage_spec):
     files = tiny_llama_files()
     v1 = hub.add_commit("org/tiny", files)
-    download_models(setup({"tiny": tiny(revision=v1)}))
-    weights_inode = (setup.storage / "tiny" / "model.safetensors").stat().st_ino
+    download_models(storage_spec({"tiny": tiny(revision=v1)}))
+    weights_inode = (storage_spec.storage / "tiny" / "model.safetensors").stat().st_ino
     v2 = hub.add_commit("org/tiny", {**files, "config.json": files["config.json"] + b"\n",
                                      "added.json": b"{}"})
     hub.reset_requests()
 
-    [result] = download_models(setup({"tiny": tiny(revision=v2)}))
+    [result] = download_models(storage_spec({"tiny": tiny(revision=v2)}))
 
     assert (result.status, result.commit) == ("updated", v2)
     assert hub.downloaded_files() == ["added.json", "config.json"]
-    target = setup.storage / "tiny"
+    target = storage_spec.storage / "tiny"
     assert read_manifest(target).commit == v2 and (target / "added.json").exists()
     assert (target / "model.safetensors").stat().st_ino == weights_inode  # reused, not copied
-    assert [p.name for p in setup.storage.iterdir() if "partial" in p.name or "old" in p.name] == []
+    assert [p.name for p in storage_spec.storage.iterdir() if "partial" in p.name or "old" in p.name] == []
 
 
-def test_transfer_cut_midway_resumes_with_a_range_request(hub: HubServer, setup, monkeypatch):
+def test_transfer_cut_midway_resumes_with_a_range_request(hub: HubServer, storage_spec, monkeypatch):
     # huggingface_hub writes DOWNLOAD_CHUNK_SIZE (10 MiB) chunks and resumes after the last one
     # written; 1 MiB here so that a 2.6 MB file shows it
     from huggingface_hub import constants
@@ -156,7 +136,7 @@ def test_transfer_cut_midway_resumes_with_a_range_request(hub: HubServer, setup,
     files = tiny_llama_files(with_skipped=False)
     hub.add_commit("org/tiny", files)
     hub.cut_once["model.safetensors"] = 0.5
-    spec = setup({"tiny": tiny()})
+    spec = storage_spec({"tiny": tiny()})
 
     [result] = download_models(spec)
 
@@ -167,20 +147,20 @@ def test_transfer_cut_midway_resumes_with_a_range_request(hub: HubServer, setup,
     resumed_at = int(gets[1].range.removeprefix("bytes=").rstrip("-"))
     assert resumed_at == 1024 * 1024
     assert gets[1].status == 206 and gets[1].body_bytes == size - resumed_at
-    assert (setup.storage / "tiny" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert (storage_spec.storage / "tiny" / "model.safetensors").read_bytes() == files["model.safetensors"]
 
 
-def test_interrupted_run_installs_nothing_and_next_run_fetches_only_the_rest(hub: HubServer, setup):
+def test_interrupted_run_installs_nothing_and_next_run_fetches_only_the_rest(hub: HubServer, storage_spec):
     hub.add_commit("org/tiny", tiny_llama_files())
     hub.fail_get["model.safetensors"] = 500
-    spec = setup({"tiny": tiny()})
+    spec = storage_spec({"tiny": tiny()})
 
     with pytest.raises(DownloadsFailed, match="HTTP 500") as err:
         download_models(spec)
 
     assert err.value.results[0].status == "failed"
-    assert not (setup.storage / "tiny").exists()
-    [partial] = layout.ModelPaths(setup.storage, "tiny").partials()
+    assert not (storage_spec.storage / "tiny").exists()
+    [partial] = layout.ModelPaths(storage_spec.storage, "tiny").partials()
     done_before = {p for p in installed_files(partial) if not p.startswith(".cache/")}
     assert done_before and "model.safetensors" not in done_before
     hub.fail_get.clear()
@@ -190,13 +170,13 @@ def test_interrupted_run_installs_nothing_and_next_run_fetches_only_the_rest(hub
 
     assert result.status == "downloaded"
     assert hub.downloaded_files() == sorted(TINY_LLAMA_KEPT - done_before)
-    assert layout.ModelPaths(setup.storage, "tiny").partials() == []
+    assert layout.ModelPaths(storage_spec.storage, "tiny").partials() == []
 
 
-def test_wrong_checksum_is_refused_and_nothing_installed(hub: HubServer, setup):
+def test_wrong_checksum_is_refused_and_nothing_installed(hub: HubServer, storage_spec):
     hub.add_commit("org/tiny", tiny_llama_files())
     hub.corrupt.add("model.safetensors")
-    spec = setup({"tiny": tiny()})
+    spec = storage_spec({"tiny": tiny()})
 
     with pytest.raises(DownloadsFailed) as err:
         download_models(spec)
@@ -204,8 +184,8 @@ def test_wrong_checksum_is_refused_and_nothing_installed(hub: HubServer, setup):
     assert isinstance(_cause(err.value), ChecksumMismatch)
     message = str(err.value)
     assert "model 'tiny'" in message and "model.safetensors: sha256" in message and "Fix:" in message
-    assert not (setup.storage / "tiny").exists()
-    [partial] = layout.ModelPaths(setup.storage, "tiny").partials()
+    assert not (storage_spec.storage / "tiny").exists()
+    [partial] = layout.ModelPaths(storage_spec.storage, "tiny").partials()
     assert not (partial / "model.safetensors").exists()  # the bad copy is gone
     hub.corrupt.clear()
     hub.reset_requests()
@@ -213,11 +193,11 @@ def test_wrong_checksum_is_refused_and_nothing_installed(hub: HubServer, setup):
     assert hub.downloaded_files() == ["model.safetensors"]
 
 
-def test_wrong_small_file_is_caught_by_its_git_blob_id(hub: HubServer, setup):
+def test_wrong_small_file_is_caught_by_its_git_blob_id(hub: HubServer, storage_spec):
     hub.add_commit("org/tiny", tiny_llama_files(with_skipped=False))
     hub.corrupt.add("config.json")  # non-LFS file: checked by its git blob id
     with pytest.raises(DownloadsFailed) as err:
-        download_models(setup({"tiny": tiny()}))
+        download_models(storage_spec({"tiny": tiny()}))
     assert "config.json: git blob id" in str(err.value)
     assert isinstance(_cause(err.value), ChecksumMismatch)
 
@@ -226,10 +206,10 @@ def _cause(exc: DownloadsFailed):
     return exc.errors[0]
 
 
-def test_gated_repo_without_token_says_what_to_do(hub: HubServer, setup):
+def test_gated_repo_without_token_says_what_to_do(hub: HubServer, storage_spec):
     hub.add_commit("org/gated", tiny_llama_files(with_skipped=False))
     hub.gate("org/gated", {"hf_good"})
-    spec = setup({"g": tiny("org/gated")})
+    spec = storage_spec({"g": tiny("org/gated")})
 
     with pytest.raises(DownloadsFailed) as err:
         download_models(spec)
@@ -237,14 +217,14 @@ def test_gated_repo_without_token_says_what_to_do(hub: HubServer, setup):
     message = str(err.value)
     assert isinstance(_cause(err.value), AccessDenied)
     assert "HTTP 401" in message and "HF_TOKEN is not set" in message and "accept the licence" in message
-    assert not (setup.storage / "g").exists()
+    assert not (storage_spec.storage / "g").exists()
 
 
-def test_gated_repo_with_token_downloads_and_token_stays_secret(hub: HubServer, setup, monkeypatch,
+def test_gated_repo_with_token_downloads_and_token_stays_secret(hub: HubServer, storage_spec, monkeypatch,
                                                                 caplog, capsys):
     hub.add_commit("org/gated", tiny_llama_files(with_skipped=False))
     hub.gate("org/gated", {"hf_sEcReT_good"})
-    spec = setup({"g": tiny("org/gated")})
+    spec = storage_spec({"g": tiny("org/gated")})
     caplog.set_level("DEBUG")
 
     monkeypatch.setenv("HF_TOKEN", "hf_sEcReT_bad")
@@ -269,37 +249,37 @@ def test_gated_repo_with_token_downloads_and_token_stays_secret(hub: HubServer, 
                      id="missing-revision"),
     ],
 )
-def test_missing_repo_or_revision(hub: HubServer, setup, entry, expected):
+def test_missing_repo_or_revision(hub: HubServer, storage_spec, entry, expected):
     hub.add_commit("org/tiny", tiny_llama_files(with_skipped=False))
-    spec = setup({"m": entry})
+    spec = storage_spec({"m": entry})
     with pytest.raises(DownloadsFailed) as err:
         download_models(spec)
     assert isinstance(_cause(err.value), NotFoundOnHub)
     for text in expected:
         assert text in str(err.value)
     assert str(spec.routing_file) in str(err.value)
-    assert not (setup.storage / "m").exists()
+    assert not (storage_spec.storage / "m").exists()
 
 
-def test_not_enough_disk_space_fails_before_any_download(hub: HubServer, setup, monkeypatch):
+def test_not_enough_disk_space_fails_before_any_download(hub: HubServer, storage_spec, monkeypatch):
     hub.add_commit("org/tiny", tiny_llama_files())
     monkeypatch.setattr(layout, "free_space", lambda path: 10_000_000)
-    spec = setup({"tiny": tiny()})
+    spec = storage_spec({"tiny": tiny()})
 
     with pytest.raises(NotEnoughSpace) as err:
         download_models(spec)
 
     message = str(err.value)
-    assert f"not enough disk space in {setup.storage}" in message
+    assert f"not enough disk space in {storage_spec.storage}" in message
     assert "needs 2.6 MB" in message and "10.0 MB is free" in message and "--storage-dir" in message
-    assert hub.downloads() == [] and not (setup.storage / "tiny").exists()
+    assert hub.downloads() == [] and not (storage_spec.storage / "tiny").exists()
 
 
-def test_offline_mode_uses_what_is_on_disk_and_names_what_is_not(hub: HubServer, setup, monkeypatch):
+def test_offline_mode_uses_what_is_on_disk_and_names_what_is_not(hub: HubServer, storage_spec, monkeypatch):
     hub.add_commit("org/tiny", tiny_llama_files(with_skipped=False))
     hub.add_commit("org/other", tiny_llama_files(with_skipped=False, seed=1))
-    download_models(setup({"tiny": tiny()}))
-    spec = setup({"tiny": tiny(), "other": tiny("org/other", 8002)})
+    download_models(storage_spec({"tiny": tiny()}))
+    spec = storage_spec({"tiny": tiny(), "other": tiny("org/other", 8002)})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.reset_requests()
 
@@ -312,11 +292,11 @@ def test_offline_mode_uses_what_is_on_disk_and_names_what_is_not(hub: HubServer,
     assert hub.requests == []
 
 
-def test_models_download_concurrently(hub: HubServer, setup):
+def test_models_download_concurrently(hub: HubServer, storage_spec):
     hub.add_commit("org/a", tiny_llama_files(with_skipped=False, seed=1))
     hub.add_commit("org/b", tiny_llama_files(with_skipped=False, seed=2))
     hub.throttle_bps = 8_000_000  # ~0.3 s per weights file
-    spec = setup({"a": tiny("org/a"), "b": tiny("org/b", 8002)})
+    spec = storage_spec({"a": tiny("org/a"), "b": tiny("org/b", 8002)})
 
     results = download_models(spec, max_parallel=2)
 
@@ -326,8 +306,8 @@ def test_models_download_concurrently(hub: HubServer, setup):
     assert max(a.started, b.started) < min(a.ended, b.ended), "weights were fetched one after the other"
 
 
-def test_unknown_model_id_is_refused(hub: HubServer, setup):
-    spec = setup({"tiny": tiny()})
+def test_unknown_model_id_is_refused(hub: HubServer, storage_spec):
+    spec = storage_spec({"tiny": tiny()})
     with pytest.raises(Exception, match=r"model\(s\) nope are not in .*use one of: tiny"):
         download_models(spec, model_ids=["nope"])
 
@@ -341,15 +321,15 @@ download_models(load_spec("test", Path(sys.argv[1])))
 """
 
 
-def test_killed_download_leaves_no_half_model(hub: HubServer, setup, config_factory):
+def test_killed_download_leaves_no_half_model(hub: HubServer, storage_spec, config_factory):
     old_files = tiny_llama_files(with_skipped=False)
     v1 = hub.add_commit("org/old", old_files)
-    download_models(setup({"old": tiny("org/old", revision=v1)}))
+    download_models(storage_spec({"old": tiny("org/old", revision=v1)}))
     v2 = hub.add_commit("org/old", tiny_llama_files(with_skipped=False, layers=8))
     hub.add_commit("org/fresh", tiny_llama_files(with_skipped=False))
-    setup({"old": tiny("org/old", revision=v2), "fresh": tiny("org/fresh", 8002)})
+    storage_spec({"old": tiny("org/old", revision=v2), "fresh": tiny("org/fresh", 8002)})
     hub.throttle_bps = 1_000_000  # weights take seconds: the kill lands mid-transfer
-    paths = {m: layout.ModelPaths(setup.storage, m) for m in ("old", "fresh")}
+    paths = {m: layout.ModelPaths(storage_spec.storage, m) for m in ("old", "fresh")}
 
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config_factory.root)], cwd=REPO,
                             env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -384,10 +364,10 @@ def test_killed_download_leaves_no_half_model(hub: HubServer, setup, config_fact
     assert fresh_fetched and not fresh_fetched & done_before
 
 
-def test_branch_revision_is_rechecked_only_with_refresh(hub: HubServer, setup):
+def test_branch_revision_is_rechecked_only_with_refresh(hub: HubServer, storage_spec):
     files = tiny_llama_files(with_skipped=False)
     hub.add_commit("org/tiny", files)
-    spec = setup({"tiny": tiny(revision="main")})
+    spec = storage_spec({"tiny": tiny(revision="main")})
     download_models(spec)
     moved = hub.add_commit("org/tiny", {**files, "README.md": b"# moved\n"})
     hub.reset_requests()

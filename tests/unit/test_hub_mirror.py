@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from pyalbert.cli import main
-from pyalbert.config import load_spec
 from pyalbert.hub import (
     MANIFEST_NAME,
     AccessDenied,
@@ -33,15 +32,8 @@ from pyalbert.hub.mirror import (
     git_blob_sha1,
     lfs_pointer,
 )
-from tests.conftest import REPO, ConfigFactory
+from tests.conftest import REPO
 from tests.support.hubserver import TINY_LLAMA_KEPT, tiny_llama_files
-
-ENV = """
-    storage_dir = "{storage}"
-    [[hosts]]
-    name = "h1"
-    address = "10.0.0.1"
-"""
 
 
 def write_tree(folder: Path, files: dict[str, bytes]) -> None:
@@ -90,29 +82,18 @@ def serve(hf_env: pytest.MonkeyPatch):
         stop()
 
 
-@pytest.fixture
-def setup(config_factory: ConfigFactory, tmp_path: Path):
-    storage = tmp_path / "models"
-
-    def make(routing: dict):
-        config_factory.env(ENV.format(storage=storage))
-        config_factory.routing(routing)
-        return load_spec("test", config_factory.root)
-
-    make.storage = storage
-    return make
 
 
 # -- download_models and snapshot_download against the mirror ---------------------------------
 
-def test_download_models_installs_the_mirrored_model_byte_identical(root, files, serve, setup):
+def test_download_models_installs_the_mirrored_model_byte_identical(root, files, serve, storage_spec):
     mirror = Mirror(root)
     serve(mirror)
-    spec = setup({"tiny": {"model": "org/tiny", "port": 8001}})
+    spec = storage_spec({"tiny": {"model": "org/tiny", "port": 8001}})
 
     [result] = download_models(spec)
 
-    target = setup.storage / "tiny"
+    target = storage_spec.storage / "tiny"
     assert (result.status, result.commit) == ("downloaded", mirror.snapshot("org/tiny").commit)
     kept = (TINY_LLAMA_KEPT - {"model.safetensors"}) | {
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"}
@@ -209,7 +190,7 @@ def test_range_answers_on_the_wire(root, files, serve):
 
 # -- errors -------------------------------------------------------------------------------------
 
-def test_unknown_repo_revision_and_file_answer_the_hubs_errors(root, serve, setup):
+def test_unknown_repo_revision_and_file_answer_the_hubs_errors(root, serve, storage_spec):
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub import errors as hf
 
@@ -230,12 +211,12 @@ def test_unknown_repo_revision_and_file_answer_the_hubs_errors(root, serve, setu
     assert (answer.status_code, answer.headers["X-Error-Code"]) == (404, "EntryNotFound")
 
     with pytest.raises(DownloadsFailed) as err:
-        download_models(setup({"tiny": {"model": "org/tiny", "port": 8001, "revision": "v2"}}))
+        download_models(storage_spec({"tiny": {"model": "org/tiny", "port": 8001, "revision": "v2"}}))
     assert isinstance(err.value.results[0].exception, NotFoundOnHub)
     assert "revision 'v2' does not exist" in str(err.value)
 
 
-def test_token_is_required_when_configured(root, files, serve, setup, tmp_path):
+def test_token_is_required_when_configured(root, files, serve, storage_spec, tmp_path):
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub import errors as hf
 
@@ -252,7 +233,7 @@ def test_token_is_required_when_configured(root, files, serve, setup, tmp_path):
     assert Path(got).read_bytes() == files["config.json"]
 
     with pytest.raises(DownloadsFailed) as err:  # download_models without hf_token
-        download_models(setup({"tiny": {"model": "org/tiny", "port": 8001}}))
+        download_models(storage_spec({"tiny": {"model": "org/tiny", "port": 8001}}))
     assert isinstance(err.value.results[0].exception, AccessDenied)
 
 
