@@ -21,8 +21,12 @@ IN_CONTAINER = "/etc/albert"
 
 
 def spare_port(public_port: int, colour: Colour) -> int:
-    """A port for one colour, derived from the public one, bound to 127.0.0.1 only."""
-    return 20000 + (public_port % 10000) * 2 + COLOURS.index(colour)
+    """A port for one colour, derived from the public one, bound to 127.0.0.1 only.
+
+    In 20000-31999: below Linux's ephemeral range (32768-60999), so that no outgoing connection
+    on the host (the api's own, to its backends) can be holding it when a colour starts.
+    """
+    return 20000 + (public_port % 6000) * 2 + COLOURS.index(colour)
 
 
 def other(colour: Colour) -> Colour:

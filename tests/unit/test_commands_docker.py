@@ -156,11 +156,18 @@ def test_gpu_memory_and_hook():
 
 
 def test_api_builders():
-    assert api.spare_port(8080, "blue") == 36160 and api.spare_port(8080, "green") == 36161
+    assert api.spare_port(8080, "blue") == 24160 and api.spare_port(8080, "green") == 24161
     assert api.other("blue") == "green"
     assert api.serve_args("prod", 8080, keys=True, whitelist=False, workers=2) == [
         "albert", "api", "--env", "prod", "--config-dir", "/etc/albert/config",
         "--backends", "/etc/albert/backends.json", "--keys", "/etc/albert/keys.json",
         "--host", "0.0.0.0", "--port", "8080", "--workers", "2"]
-    assert api.switch_upstream("/e/upstream", 36161).render() == (
-        "sh -c 'echo 36161 > /e/upstream.tmp && mv -f /e/upstream.tmp /e/upstream'")
+    assert api.switch_upstream("/e/upstream", 24161).render() == (
+        "sh -c 'echo 24161 > /e/upstream.tmp && mv -f /e/upstream.tmp /e/upstream'")
+
+
+def test_spare_ports_stay_below_the_ephemeral_range():
+    """An outgoing connection may hold any port from 32768: a colour must never need one."""
+    for public in range(1024, 65536):
+        ports = {api.spare_port(public, c) for c in api.COLOURS}
+        assert len(ports) == 2 and all(20000 <= p < 32768 for p in ports), public

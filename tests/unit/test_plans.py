@@ -101,8 +101,8 @@ def test_api_swap_colours_edge_and_files(plan):
     cpu = deploy_plans(plan, inputs(secrets={"api_keys": '{"k": 1}'}))[1]
     swap = cpu.units[0]
     blue, green = swap.colours["blue"], swap.colours["green"]
-    assert (blue.port, green.port) == (36160, 36161)
-    assert "-p 127.0.0.1:36160:8080" in blue.start.render()
+    assert (blue.port, green.port) == (24160, 24161)
+    assert "-p 127.0.0.1:24160:8080" in blue.start.render()
     assert "--entrypoint albert" in blue.start.render()
     assert blue.start.render().endswith(
         "api --env test --config-dir /etc/albert/config --backends /etc/albert/backends.json "
@@ -110,7 +110,7 @@ def test_api_swap_colours_edge_and_files(plan):
     assert swap.edge.name == "albert-test-api"
     assert "--network host" in swap.edge.start.render()
     assert swap.switch("green").render() == (
-        "sh -c 'echo 36161 > /srv/albert/edge-test/upstream.tmp && "
+        "sh -c 'echo 24161 > /srv/albert/edge-test/upstream.tmp && "
         "mv -f /srv/albert/edge-test/upstream.tmp /srv/albert/edge-test/upstream'")
     files = {f.path.rsplit("/releases/20250101-000000-abcdef/", 1)[-1]: f for f in cpu.files}
     assert set(files) == {"backends.json", "keys.json", "config/environments/test.toml",

@@ -85,7 +85,7 @@ def test_api_colours_and_edge_are_processes(venv_plans):
     swap = next(u for u in hp.units if isinstance(u, ApiSwap))
     blue = swap.colours["blue"].start.render()
     assert "--keys /srv/albert/releases/r1/keys.json" in blue
-    assert "--host 127.0.0.1 --port 36160" in blue
+    assert "--host 127.0.0.1 --port 24160" in blue
     assert swap.colours["blue"].config_hash == swap.colours["green"].config_hash
     assert swap.edge.start.render().endswith(
         "-- /srv/albert/tools/bin/python /srv/albert/edge-test/edge.py --listen 8080 "
