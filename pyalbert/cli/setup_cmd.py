@@ -1,4 +1,5 @@
-"""``albert download_models`` (alias ``download-models``): the setup stage's model fetch."""
+"""``albert download_models`` (aliases ``download-models`` and ``download_model``, the original
+deployment guide's spelling): the setup stage's model fetch."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     from pyalbert.cli import common_env
 
     cmd = sub.add_parser(
-        "download_models", aliases=["download-models"],
+        "download_models", aliases=["download-models", "download_model"],
         help="fetch the routing table's models from the hub into the storage dir",
         description="Fetch each model of the environment's routing table at its pinned revision "
                     "into STORAGE_DIR/<model id> (verified, with .albert-manifest.json). Already "
                     "installed models are checked from their manifest without network. "
                     "HF_TOKEN (secret 'hf_token') is used for gated repos; HF_ENDPOINT and "
-                    "HF_HUB_OFFLINE=1 are honoured.")
+                    "HF_HUB_OFFLINE=1 are honoured. `download_model` (the original deployment guide's "
+                    "spelling) is the same command.")
     common_env(cmd)
     cmd.add_argument("--storage-dir", type=Path, default=None,
                      help="where models go (default: the environment's storage_dir)")
