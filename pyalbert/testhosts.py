@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -141,12 +142,51 @@ def nsenter_argv(ns_dir: Path, index: int, argv: Sequence[str]) -> list[str]:
     ]
 
 
-def setup_script(name: str, state: Path) -> str:
+def hidden_by_binds(path: Path) -> str | None:
+    """The host directory bound over ``path`` (so the host cannot see it), or None."""
+    for target in (*BIND_DIRS.values(), "/var/run"):
+        if path.is_relative_to(target):
+            return target
+    return None
+
+
+def kept_paths(paths: Sequence[Path]) -> list[Path]:
+    """Those of ``paths`` that a host's binds would hide, outermost only, refused if unkeepable.
+
+    A checkout (or venv) under ``/tmp`` is handed to hosts by path (``bash <checkout>/utils/...``,
+    a ``.pth`` into the checkout); such paths are bound back into the host at the same place.
+    """
+    kept: list[Path] = []
+    for path in sorted({Path(p).resolve() for p in paths}, key=lambda p: (len(p.parts), str(p))):
+        for target in (*BIND_DIRS.values(), *BIND_FILES.values()):
+            if Path(target).is_relative_to(path):
+                raise AlbertError(
+                    f"test hosts: {path} contains {target}, which every host replaces with its "
+                    f"own, so hosts cannot see it. Fix: clone the repository into a folder of its "
+                    f"own (e.g. /srv/albert or /tmp/albert).")
+        if hidden_by_binds(path) and not any(path.is_relative_to(k) for k in kept):
+            kept.append(path)
+    return kept
+
+
+def machine_paths_for_hosts() -> list[Path]:
+    """The checkout this package runs from (if it is one) and the running venv: tests and the local
+    environment hand paths inside them to hosts."""
+    checkout = Path(__file__).resolve().parents[1]
+    paths = [Path(sys.prefix)]
+    if (checkout / "pyproject.toml").exists():
+        paths.append(checkout)
+    return paths
+
+
+def setup_script(name: str, state: Path, keep: Sequence[Path] = ()) -> str:
     """What runs once inside a new mount namespace to make it the host's view of the machine.
 
     Copied nsfs mounts (``/run/netns/*``, other hosts' namespace files) are unmounted, else they
     keep deleted namespaces alive. A fresh sysfs shows this namespace's network devices; the
-    cgroup mounts are moved back on top of it (dockerd needs them).
+    cgroup mounts are moved back on top of it (dockerd needs them). Each ``keep`` path (from
+    :func:`kept_paths`: the checkout when it lies under ``/tmp``, say) is parked under the state
+    dir before the binds hide it and bound back, read-only, at the same path after them.
     """
     q = shlex.quote
     lines = [
@@ -158,9 +198,16 @@ def setup_script(name: str, state: Path) -> str:
         "mount -t sysfs sysfs /sys",
         f"mount --move {q(str(state / 'cgroup'))} /sys/fs/cgroup",
     ]
+    parked = [(path, state / "keep" / str(i)) for i, path in enumerate(keep)]
+    for path, park in parked:
+        lines += [f"mkdir -p {q(str(park))}", f"mount --bind {q(str(path))} {q(str(park))}"]
     # files first and /tmp, /run last: a state root below them would be hidden by their binds
     for key, target in {**BIND_FILES, **BIND_DIRS}.items():
         lines.append(f"mount --bind {q(str(state / key))} {q(target)}")
+    for path, park in parked:
+        # read-only: a host cleaning its /tmp must never reach into the machine's checkout
+        lines += [f"mkdir -p {q(str(path))}", f"mount --bind {q(str(park))} {q(str(path))}",
+                  f"mount -o remount,bind,ro {q(str(path))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +366,8 @@ class NamespaceHost:
     state_root: Path = DEFAULT_ROOT
     #: pid of the process that owns the host (a test session): hosts whose owner died are leftovers
     owner_pid: int | None = None
+    #: machine paths the host must see at the same place (the checkout, the running venv)
+    visible: Sequence[Path] = field(default_factory=lambda: machine_paths_for_hosts())
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -330,6 +379,7 @@ class NamespaceHost:
                 f"test host {self.name}: state root {self.state_root} is under /tmp or /run, which "
                 f"the host's own /tmp and /run hide. Fix: use a folder elsewhere (default "
                 f"{DEFAULT_ROOT}, or $ALBERT_TESTHOST_ROOT).")
+        kept_paths(self.visible)  # refuses, before any change, a checkout hosts cannot see
 
     # -- where things are
     @property
@@ -492,7 +542,8 @@ class NamespaceHost:
         for f in ("mnt", "uts"):
             (ns / f).touch()
         _run_cmd(mount_ns_create_cmd(ns))
-        _run(nsenter_argv(ns, self.index, ["sh", "-c", setup_script(self.name, self.state)]))
+        script = setup_script(self.name, self.state, kept_paths(self.visible))
+        _run(nsenter_argv(ns, self.index, ["sh", "-c", script]))
         (self.state / ".ns-ready").touch()
 
     def _drop_mount_ns(self) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from pyalbert.testhosts import (
     NamespaceHost,
     claim_index,
     cleanup_stale,
+    kept_paths,
     known_hosts_line,
     pid_alive,
     pids_in_namespaces,
@@ -54,6 +57,33 @@ def test_setup_script_binds_tmp_and_run_last_and_drops_copied_namespaces():
     assert lines.index("mount -t sysfs sysfs /sys") < lines.index(
         "mount --move /var/lib/x/h1/cgroup /sys/fs/cgroup")
     assert any("-t nsfs" in line and "umount" in line for line in lines)
+
+
+def test_kept_paths_are_parked_before_the_binds_and_restored_read_only_after_them():
+    lines = setup_script("h1", Path("/var/lib/x/h1"), [Path("/tmp/clone")]).splitlines()
+    park = lines.index("mount --bind /tmp/clone /var/lib/x/h1/keep/0")
+    restore = lines.index("mount --bind /var/lib/x/h1/keep/0 /tmp/clone")
+    tmp_bind = lines.index("mount --bind /var/lib/x/h1/tmp /tmp")
+    run_bind = lines.index("mount --bind /var/lib/x/h1/run /run")
+    assert park < tmp_bind < run_bind < restore
+    assert lines[restore - 1] == "mkdir -p /tmp/clone"
+    assert lines[restore + 1] == "mount -o remount,bind,ro /tmp/clone"
+
+
+@pytest.mark.parametrize(("paths", "kept"), [
+    (["/srv/albert", "/usr"], []),
+    (["/tmp/albert"], ["/tmp/albert"]),
+    (["/tmp/albert/.venv", "/tmp/albert"], ["/tmp/albert"]),
+    (["/run/user/0/albert", "/data/x"], ["/data/x", "/run/user/0/albert"]),
+], ids=["not-hidden", "under-tmp", "venv-inside-checkout", "under-run-and-data"])
+def test_kept_paths_are_the_outermost_hidden_ones(paths, kept):
+    assert [str(p) for p in kept_paths([Path(p) for p in paths])] == sorted(kept)
+
+
+@pytest.mark.parametrize("path", ["/", "/var", "/etc"])
+def test_a_checkout_that_contains_a_bound_folder_is_refused_with_the_fix(path):
+    with pytest.raises(AlbertError, match="folder of its own"):
+        kept_paths([Path(path)])
 
 
 def test_known_hosts_line_drops_the_comment():
@@ -133,6 +163,25 @@ def test_up_is_idempotent_and_repairs_a_dead_sshd(make_host):
     assert not host.is_up()
     assert host.up() == ["sshd started"]
     assert host.is_up()
+
+
+def test_a_checkout_under_tmp_is_seen_by_the_host_read_only(make_host):
+    """The host binds its own /tmp; a machine folder under /tmp it is handed stays visible."""
+    folder = Path(tempfile.mkdtemp(prefix="albert-checkout-", dir="/tmp"))
+    try:
+        (folder / "init.sh").write_text("echo from-the-checkout\n")
+        host = make_host(docker=False, visible=[folder])
+        assert host.run(["bash", str(folder / "init.sh")]).stdout == "from-the-checkout\n"
+        wiped = host.run(["sh", "-c", f"rm -rf {folder}/*; touch {folder}/x"], check=False)
+        assert wiped.returncode != 0 and "Read-only" in wiped.stderr
+        assert (folder / "init.sh").exists() and not (folder / "x").exists()
+        # the host's own /tmp is still its own
+        host.run(["touch", "/tmp/only-in-host"])
+        assert not Path("/tmp/only-in-host").exists()
+        make_host.release(host)
+        assert (folder / "init.sh").exists()  # teardown never reaches into it
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_down_leaves_no_namespace_veth_process_or_state(make_host):

@@ -9,7 +9,8 @@ tests/integration/conftest.py does)::
         spec = load_spec("test", config_dir)          # hosts a and b, user gitlab, port 22
         SSHRunner(spec.env.hosts[0], spec.env.ssh).run(Cmd.of("docker", "ps"))
 
-- ``make_host(docker=True, name=None)``: session-scoped factory. Each host gets a fresh index
+- ``make_host(docker=True, name=None, visible=None)``: session-scoped factory (``visible``: machine
+  paths the host sees at the same place; default the checkout and the running venv). Each host gets a fresh index
   >= 100 (address ``10.210.N.2``), is up when returned, and is torn down at the end of the
   session, even on failure; ``make_host.release(host)`` tears one down earlier. Hosts left by a
   crashed session (its pid gone) are cleaned when the next session starts.
@@ -58,10 +59,12 @@ class HostFactory:
         self.root = root
         self.hosts: list[NamespaceHost] = []
 
-    def __call__(self, docker: bool = True, name: str | None = None) -> NamespaceHost:
+    def __call__(self, docker: bool = True, name: str | None = None,
+                 visible: Sequence[Path] | None = None) -> NamespaceHost:
         index = claim_index(self.root)
+        extra = {} if visible is None else {"visible": visible}
         host = NamespaceHost(name or f"t{index}", index, docker=docker, state_root=self.root,
-                             owner_pid=os.getpid())
+                             owner_pid=os.getpid(), **extra)
         self.hosts.append(host)
         try:
             host.up()
