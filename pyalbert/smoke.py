@@ -1,5 +1,6 @@
-"""``albert smoke``: the end-to-end check of a deployed environment, through its api gateway.
+"""``albert smoke``: the checks of a deployed environment, one per lane of the pipeline.
 
+``albert smoke api`` (or ``albert smoke``; the ``test:api`` job) goes through the api gateway.
 Checks, each a JUnit test case:
 
 * ``api ready``: ``GET /v1/models`` answers (waits, up to a deadline, while the api refuses
@@ -10,6 +11,16 @@ Checks, each a JUnit test case:
 * ``bad key refused``: a wrong API key gets 401;
 * ``whitelist header``: answers carry ``X-Albert-Whitelist: <mode>; entries=<n>`` with the
   environment's mode (skipped, and said so, when the mode is ``off``).
+
+``albert smoke vllm`` (the ``test:vllm`` job) asks every vLLM server of the plan directly, no
+gateway in between. Per server, each check a JUnit test case named ``<model> on <host>:<port> …``:
+
+* ``/health``: answers 200 (waits, up to a deadline shared by all servers, while the server refuses
+  connections or answers 503);
+* ``/v1/models``: lists the served model id (the routing-table key, vLLM's ``--served-model-name``);
+* ``completion``: one short chat completion of that model returns non-empty text.
+
+When ``/health`` fails, the server's other two checks are skipped (the one failure says why).
 """
 
 from __future__ import annotations
@@ -70,40 +81,54 @@ def _error_text(exc: httpx.HTTPError) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-class SmokeRun:
+#: errors that mean "not up (yet)": waited out until the deadline
+_NOT_UP = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+
+
+def _client(timeout_s: float, **kwargs) -> httpx.Client:
+    return httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)), **kwargs)
+
+
+class _Checks:
+    """Timed checks appended to ``results``: a check returns its detail or raises ``_Failed``."""
+
+    detail_limit = 160
+
+    def __init__(self, poll_s: float, sleep: Callable[[float], None]):
+        self.poll_s = poll_s
+        self.sleep = sleep
+        self.results: list[CheckResult] = []
+
+    def _check(self, name: str, func: Callable[[], str], prefix: str = "") -> CheckResult:
+        start = time.perf_counter()
+        try:
+            detail, status = func(), "passed"
+        except _Failed as exc:
+            detail, status = prefix + str(exc), "failed"
+        except httpx.HTTPError as exc:
+            detail, status = prefix + _error_text(exc), "failed"
+        result = CheckResult(name, status, time.perf_counter() - start, _short(detail, self.detail_limit))
+        self.results.append(result)
+        return result
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.results.append(CheckResult(name, "skipped", 0.0, reason))
+
+
+class SmokeRun(_Checks):
     """Runs the checks in order against one target; ``results`` is filled as it goes."""
 
     def __init__(self, target: SmokeTarget, client: httpx.Client | None = None, *,
                  poll_s: float = 1.0, sleep: Callable[[float], None] = time.sleep):
+        super().__init__(poll_s, sleep)
         self.target = target
-        self.client = client or httpx.Client(
-            base_url=target.url,
-            timeout=httpx.Timeout(target.timeout_s, connect=min(target.timeout_s, 10.0)),
-        )
-        self.poll_s = poll_s
-        self.sleep = sleep
-        self.results: list[CheckResult] = []
+        self.client = client or _client(target.timeout_s, base_url=target.url)
         self.whitelist_headers: list[str | None] = []
         self._deadline = 0.0
 
     # -- helpers -------------------------------------------------------------------------------
     def _auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key if key is not None else self.target.api_key}"}
-
-    def _check(self, name: str, func: Callable[[], str]) -> CheckResult:
-        start = time.perf_counter()
-        try:
-            detail, status = func(), "passed"
-        except _Failed as exc:
-            detail, status = str(exc), "failed"
-        except httpx.HTTPError as exc:
-            detail, status = _error_text(exc), "failed"
-        result = CheckResult(name, status, time.perf_counter() - start, _short(detail))
-        self.results.append(result)
-        return result
-
-    def _skip(self, name: str, reason: str) -> None:
-        self.results.append(CheckResult(name, "skipped", 0.0, reason))
 
     def _post_until_ready(self, payload: dict) -> httpx.Response:
         """POST a chat; a 503 (model still loading behind the gateway) is retried until the deadline."""
@@ -134,8 +159,7 @@ class SmokeRun:
                 answered = response.status_code == 200
                 last = (f"HTTP 503: {_short(response.text, 80)}" if response.status_code == 503
                         else f"models not listed yet: {', '.join(sorted(wanted - listed))}")
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
-                    httpx.ReadError) as exc:
+            except _NOT_UP as exc:
                 answered, last = False, _error_text(exc)
             if time.monotonic() + self.poll_s > self._deadline:
                 if answered:
@@ -260,6 +284,128 @@ def _header_ok(value: str, mode: str) -> bool:
 
 def run_smoke(target: SmokeTarget, client: httpx.Client | None = None, **kwargs) -> list[CheckResult]:
     run = SmokeRun(target, client, **kwargs)
+    try:
+        return run.run()
+    finally:
+        if client is None:
+            run.client.close()
+
+
+# --- the vLLM servers, directly ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    """One vLLM OpenAI server of the plan: where it listens and the model id it serves."""
+
+    host: str  # the host's name in the environment
+    address: str
+    port: int
+    model: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """The test cases' name prefix: model, host and port."""
+        return f"{self.model} on {self.host}:{self.port}"
+
+    @property
+    def where(self) -> str:
+        """How a failure names the server: host, address and port, model."""
+        return f"host {self.host} ({self.address}:{self.port}), model {self.model}: "
+
+
+@dataclass(frozen=True)
+class VllmSmokeTarget:
+    env: str
+    servers: tuple[VllmServer, ...]
+    timeout_s: float = 60.0
+    wait_s: float = 120.0
+    max_tokens: int = 16
+
+
+def vllm_servers(plan) -> tuple[VllmServer, ...]:
+    """Every vLLM server of a resolved plan (:func:`pyalbert.config.resolve_plan`), in plan order."""
+    return tuple(VllmServer(host=i.host.name, address=i.host.address, port=i.port, model=i.model_id)
+                 for i in plan.vllm)
+
+
+class VllmSmokeRun(_Checks):
+    """``/health``, ``/v1/models`` and one completion per server, in plan order."""
+
+    detail_limit = 240
+
+    def __init__(self, target: VllmSmokeTarget, client: httpx.Client | None = None, *,
+                 poll_s: float = 1.0, sleep: Callable[[float], None] = time.sleep):
+        super().__init__(poll_s, sleep)
+        self.target = target
+        self.client = client or _client(target.timeout_s)
+        self._deadline = 0.0
+
+    def check_health(self, server: VllmServer) -> str:
+        """200 on ``/health``; refused connections and 503 (weights loading) are waited out."""
+        attempts, last = 0, ""
+        while True:
+            attempts += 1
+            try:
+                response = self.client.get(f"{server.url}/health")
+                if response.status_code == 200:
+                    return f"HTTP 200 after {attempts} attempt(s)"
+                last = f"HTTP {response.status_code}: {_short(response.text, 80)}"
+                if response.status_code != 503:
+                    raise _Failed(f"/health answered {last}")
+            except _NOT_UP as exc:
+                last = _error_text(exc)
+            if time.monotonic() + self.poll_s > self._deadline:
+                raise _Failed(f"/health not ready after {self.target.wait_s:g} s ({attempts} "
+                              f"attempt(s)); last: {last}")
+            self.sleep(self.poll_s)
+
+    def check_models(self, server: VllmServer) -> str:
+        response = self.client.get(f"{server.url}/v1/models")
+        if response.status_code != 200:
+            raise _Failed(f"/v1/models answered HTTP {response.status_code}: {_short(response.text, 80)}")
+        listed = _model_ids(response)
+        if server.model not in listed:
+            raise _Failed(f"/v1/models lists {', '.join(sorted(listed)) or 'no model'}, not "
+                          f"{server.model!r} (the server's --served-model-name)")
+        return f"{server.model} listed"
+
+    def check_completion(self, server: VllmServer) -> str:
+        payload = {"model": server.model, "messages": [{"role": "user", "content": PROMPT}],
+                   "max_tokens": self.target.max_tokens, "temperature": 0}
+        response = self.client.post(f"{server.url}/v1/chat/completions", json=payload)
+        if response.status_code != 200:
+            raise _Failed(f"completion answered HTTP {response.status_code}: {_short(response.text, 120)}")
+        try:
+            text = response.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Failed(f"completion is not an OpenAI chat completion: {_short(response.text, 120)}") from None
+        if not text.strip():
+            raise _Failed("completion answered an empty text")
+        return repr(_short(text, 60))
+
+    def run(self) -> list[CheckResult]:
+        self._deadline = time.monotonic() + self.target.wait_s
+        for server in self.target.servers:
+            health = self._check(f"{server.label} /health", lambda s=server: self.check_health(s),
+                                 server.where)
+            rest = [("/v1/models", self.check_models), ("completion", self.check_completion)]
+            for check, func in rest:
+                name = f"{server.label} {check}"
+                if health.failed:
+                    self._skip(name, f"{server.where}not run: /health failed")
+                else:
+                    self._check(name, lambda f=func, s=server: f(s), server.where)
+        return self.results
+
+
+def run_vllm_smoke(target: VllmSmokeTarget, client: httpx.Client | None = None,
+                   **kwargs) -> list[CheckResult]:
+    run = VllmSmokeRun(target, client, **kwargs)
     try:
         return run.run()
     finally:

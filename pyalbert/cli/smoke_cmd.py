@@ -1,4 +1,8 @@
-"""``albert smoke --env ENV``: check a deployed environment end to end through its api."""
+"""``albert smoke [api|vllm] --env ENV``: check a deployed environment, one lane at a time.
+
+``api`` (the default, the ``test:api`` job) goes end to end through the gateway; ``vllm`` (the
+``test:vllm`` job) asks every vLLM server of the plan directly.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,29 @@ from pathlib import Path
 
 from pyalbert.ui import console, console_err
 
+SERVICES = ("api", "vllm")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pyalbert.cli import common_env
 
-    smoke = sub.add_parser("smoke", help="end-to-end check of an environment's api (the pipeline's test job)")
+    smoke = sub.add_parser(
+        "smoke", help="check a deployed environment: its api, or its vLLM servers (the pipeline's test jobs)",
+        description="api (default): end to end through the gateway (ready, models listed, chat and "
+                    "stream per model, bad key refused, whitelist header). vllm: every vLLM server "
+                    "of the plan directly (/health, /v1/models lists the served model, one short "
+                    "completion). Exit status 1 when a check fails.")
+    smoke.add_argument("service", nargs="?", choices=SERVICES, default="api",
+                       help="what to check (default: api)")
     common_env(smoke)
     smoke.add_argument("--url", default=None,
-                       help="api base URL (default: the environment's url, else its first api host)")
+                       help="api only: base URL (default: the environment's url, else its first api host)")
     smoke.add_argument("--junit", type=Path, default=None, help="write a JUnit XML report there")
     smoke.add_argument("--timeout", type=_positive, default=60.0,
                        help="per-request timeout in seconds (default 60)")
     smoke.add_argument("--wait", type=_positive, default=120.0,
-                       help="how long to wait for the api and its models to come up (default 120 s)")
-    smoke.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each test chat")
+                       help="how long to wait for the servers to come up (default 120 s)")
+    smoke.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each test completion")
     smoke.set_defaults(func=smoke_command)
 
 
@@ -52,20 +65,45 @@ def target_for(args: argparse.Namespace):
                        timeout_s=args.timeout, wait_s=args.wait, max_tokens=args.max_tokens)
 
 
-def smoke_command(args: argparse.Namespace) -> int:
-    from pyalbert.smoke import run_smoke, summary_table, write_junit
+def vllm_target_for(args: argparse.Namespace):
+    from pyalbert.config import load_spec, resolve_plan
+    from pyalbert.errors import AlbertError
+    from pyalbert.smoke import VllmSmokeTarget, vllm_servers
 
-    target = target_for(args)
-    console.print(f"smoke test of [bold]{target.env}[/] at {target.url}: {len(target.models)} model(s), "
-                  f"whitelist mode {target.whitelist_mode}")
-    results = run_smoke(target)
-    console.print(summary_table(results, f"albert smoke {target.env}"))
+    if args.url:
+        raise AlbertError("--url is the api's address; `albert smoke vllm` asks the servers of the "
+                          "plan at their hosts' addresses. Fix: drop --url.")
+    spec = load_spec(args.env, args.config_dir)
+    servers = vllm_servers(resolve_plan(spec))
+    if not servers:
+        raise AlbertError(f"the plan of {spec.env.name} places no vLLM server on any host: nothing to "
+                          f"check. Fix: give a host the vllm service in {spec.env_file.name}.")
+    return VllmSmokeTarget(env=spec.env.name, servers=servers, timeout_s=args.timeout,
+                           wait_s=args.wait, max_tokens=args.max_tokens)
+
+
+def smoke_command(args: argparse.Namespace) -> int:
+    from pyalbert.smoke import run_smoke, run_vllm_smoke, summary_table, write_junit
+
+    if args.service == "vllm":
+        target = vllm_target_for(args)
+        console.print(f"smoke test of the vLLM servers of [bold]{target.env}[/]: "
+                      f"{len(target.servers)} server(s), "
+                      + ", ".join(f"{s.model} at {s.url}" for s in target.servers))
+        results = run_vllm_smoke(target)
+    else:
+        target = target_for(args)
+        console.print(f"smoke test of [bold]{target.env}[/] at {target.url}: {len(target.models)} model(s), "
+                      f"whitelist mode {target.whitelist_mode}")
+        results = run_smoke(target)
+    suite = f"albert-smoke-{target.env}" if args.service == "api" else f"albert-smoke-vllm-{target.env}"
+    console.print(summary_table(results, f"albert smoke {args.service} {target.env}"))
     if args.junit:
-        write_junit(args.junit, results, f"albert-smoke-{target.env}")
+        write_junit(args.junit, results, suite)
         console.print(f"JUnit report: {args.junit}")
     failed = [r for r in results if r.failed]
     for r in failed:
-        console_err.print(f"[bold red]FAILED[/] {r.name}: {r.detail}", soft_wrap=True)
+        console_err.print(f"[bold red]FAILED[/] {r.name}: {r.detail}", soft_wrap=True, highlight=False)
     if failed:
         console_err.print(f"[bold red]{len(failed)} of {len(results)} check(s) failed[/]")
         return 1

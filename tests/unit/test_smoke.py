@@ -1,20 +1,33 @@
-"""albert smoke against a small fake gateway on 127.0.0.1, good and broken."""
+"""albert smoke: the api lane against a small fake gateway on 127.0.0.1, good and broken; the
+vLLM lane against the repository's fake vLLM servers (real processes), good and broken."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
 
 from pyalbert.cli import main
-from pyalbert.smoke import SmokeTarget, junit_xml, run_smoke
+from pyalbert.smoke import (
+    SmokeTarget,
+    VllmServer,
+    VllmSmokeTarget,
+    junit_xml,
+    run_smoke,
+    run_vllm_smoke,
+)
+from tests.conftest import REPO
 
 KEY = "sk-good-key"
 MODELS = ("small", "other")
@@ -273,3 +286,250 @@ def test_cli_without_a_key_explains_which_variable(smoke_config, monkeypatch, ca
     err = capsys.readouterr().err
     assert "ALBERT_API_KEY is not set" in err and "Traceback" not in err
     assert behaviour.requests == []
+
+
+# --- albert smoke vllm: the servers of the plan, directly -------------------------------------
+# Each server is the repository's fake vLLM (tests/support/fake_vllm: vLLM's module path and
+# arguments, /health, /v1/models, chat completions, 503 while "loading"), a real process on
+# 127.0.0.1. ERROR_PATCH makes one answer completions with vLLM's 500 error body.
+
+FAKE_VLLM = REPO / "tests" / "support" / "fake_vllm"
+ERROR_PATCH = '''\
+"""sitecustomize: chat completions answer HTTP 500 with vLLM's error body."""
+import fake_http
+
+_send = fake_http.Handler.send_json
+
+
+def send_json(self, code, payload):
+    if code == 200 and isinstance(payload, dict) and payload.get("object") == "chat.completion":
+        return _send(self, 500, {"object": "error", "type": "InternalServerError", "code": 500,
+                                 "message": "CUDA error: an illegal memory access was encountered"})
+    return _send(self, code, payload)
+
+
+fake_http.Handler.send_json = send_json
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FakeVllm:
+    """``python -m vllm.entrypoints.openai.api_server`` (the fake) on 127.0.0.1:port."""
+
+    def __init__(self, tmp: Path, served: str, *, env: dict[str, str] | None = None,
+                 error_patch: bool = False):
+        self.port, self.served = free_port(), served
+        paths = [str(FAKE_VLLM)]
+        if error_patch:
+            patch = tmp / f"patch-{self.port}"
+            patch.mkdir()
+            (patch / "sitecustomize.py").write_text(ERROR_PATCH)
+            paths.insert(0, str(patch))
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_VLLM")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--model", f"/models/{served}", "--served-model-name", served,
+             "--tensor-parallel-size", "1"],
+            env={**environ, "PYTHONPATH": os.pathsep.join(paths), **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_listening(self, timeout: float = 20.0) -> FakeVllm:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"fake vLLM on {self.port} exited"
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise AssertionError(f"fake vLLM on {self.port} does not listen")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def vllms(tmp_path_factory) -> Iterator[dict[str, FakeVllm]]:
+    """Started once for the module (in parallel): role -> server."""
+    tmp = tmp_path_factory.mktemp("fake-vllm")
+    servers = {
+        "small": FakeVllm(tmp, "small"),
+        "other": FakeVllm(tmp, "other"),
+        "wrong-id": FakeVllm(tmp, "org/not-the-plan-id"),
+        "error-500": FakeVllm(tmp, "small", error_patch=True),
+        "never-ready": FakeVllm(tmp, "small", env={"FAKE_VLLM_FAIL": "never-ready"}),
+    }
+    try:
+        for server in servers.values():
+            server.wait_listening()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def server(port: int, model: str = "small", host: str = "gpu-1") -> VllmServer:
+    return VllmServer(host=host, address="127.0.0.1", port=port, model=model)
+
+
+def vllm_target(*servers: VllmServer, **kwargs) -> VllmSmokeTarget:
+    return VllmSmokeTarget(**{"env": "test", "servers": servers, "timeout_s": 5.0, "wait_s": 0.5,
+                              "max_tokens": 8, **kwargs})
+
+
+def test_vllm_good_servers_pass_three_checks_each(vllms):
+    small, other = vllms["small"].port, vllms["other"].port
+    results = run_vllm_smoke(vllm_target(server(small), server(other, "other", "gpu-2")), poll_s=0.05)
+    assert outcome(results) == {
+        f"small on gpu-1:{small} /health": "passed",
+        f"small on gpu-1:{small} /v1/models": "passed",
+        f"small on gpu-1:{small} completion": "passed",
+        f"other on gpu-2:{other} /health": "passed",
+        f"other on gpu-2:{other} /v1/models": "passed",
+        f"other on gpu-2:{other} completion": "passed",
+    }
+    # the fake echoes the prompt: the completion really went to that server, for that model
+    assert results[2].detail.startswith("'echo: Reply with one short sentence")
+
+
+def test_vllm_down_server_fails_health_naming_host_port_and_model_then_skips(vllms):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        port = sock.getsockname()[1]
+        start = time.monotonic()
+        results = run_vllm_smoke(vllm_target(server(port)), poll_s=0.05)
+    assert time.monotonic() - start < 3
+    health, models, completion = results
+    assert (health.name, health.status) == (f"small on gpu-1:{port} /health", "failed")
+    assert health.detail.startswith(f"host gpu-1 (127.0.0.1:{port}), model small: /health not ready "
+                                    "after 0.5 s")
+    assert "ConnectError" in health.detail
+    assert [models.status, completion.status] == ["skipped", "skipped"]
+    assert models.detail == f"host gpu-1 (127.0.0.1:{port}), model small: not run: /health failed"
+
+
+def test_vllm_server_serving_another_model_id_fails_models_and_completion(vllms):
+    port = vllms["wrong-id"].port
+    results = run_vllm_smoke(vllm_target(server(port)), poll_s=0.05)
+    assert outcome(results) == {f"small on gpu-1:{port} /health": "passed",
+                                f"small on gpu-1:{port} /v1/models": "failed",
+                                f"small on gpu-1:{port} completion": "failed"}
+    got = failures(results)
+    assert got[f"small on gpu-1:{port} /v1/models"] == (
+        f"host gpu-1 (127.0.0.1:{port}), model small: /v1/models lists org/not-the-plan-id, not "
+        "'small' (the server's --served-model-name)")
+    assert "completion answered HTTP 404" in got[f"small on gpu-1:{port} completion"]
+    assert "does not exist" in got[f"small on gpu-1:{port} completion"]
+
+
+def test_vllm_500_on_completion_fails_that_check_only(vllms):
+    port = vllms["error-500"].port
+    results = run_vllm_smoke(vllm_target(server(port)), poll_s=0.05)
+    assert failures(results).keys() == {f"small on gpu-1:{port} completion"}
+    detail = failures(results)[f"small on gpu-1:{port} completion"]
+    assert detail.startswith(f"host gpu-1 (127.0.0.1:{port}), model small: completion answered HTTP 500")
+    assert "illegal memory access" in detail and "\n" not in detail
+
+
+def test_vllm_503_is_waited_out_until_the_deadline(vllms):
+    port = vllms["never-ready"].port
+    start = time.monotonic()
+    results = run_vllm_smoke(vllm_target(server(port), wait_s=0.6), poll_s=0.05)
+    assert 0.5 < time.monotonic() - start < 3
+    assert results[0].status == "failed" and "HTTP 503" in results[0].detail
+    assert "/health not ready after 0.6 s" in results[0].detail
+
+
+def test_vllm_server_still_loading_passes_once_ready(tmp_path):
+    loading = FakeVllm(tmp_path, "small", env={"FAKE_VLLM_START_DELAY": "0.8"})
+    try:
+        loading.wait_listening()
+        results = run_vllm_smoke(vllm_target(server(loading.port), wait_s=10), poll_s=0.1)
+    finally:
+        loading.stop()
+    assert not failures(results)
+    attempts = int(results[0].detail.split()[3])
+    assert results[0].detail.startswith("HTTP 200 after") and attempts > 2
+
+
+def test_vllm_junit_has_one_case_per_check_and_names_the_failure(vllms):
+    good, down = vllms["small"].port, free_port()
+    results = run_vllm_smoke(vllm_target(server(good), server(down, "other", "gpu-2")), poll_s=0.05)
+    suite = ET.fromstring(junit_xml(results, "albert-smoke-vllm-test")).find("testsuite")
+    assert (suite.attrib["tests"], suite.attrib["failures"], suite.attrib["skipped"]) == ("6", "1", "2")
+    cases = {c.attrib["name"]: c for c in suite.iter("testcase")}
+    failure = cases[f"other on gpu-2:{down} /health"].find("failure").attrib["message"]
+    assert failure.startswith(f"host gpu-2 (127.0.0.1:{down}), model other: /health not ready")
+    assert cases[f"small on gpu-1:{good} completion"].find("failure") is None
+
+
+PLAN_ENV = """
+    [[hosts]]
+    name = "gpu-1"
+    address = "127.0.0.1"
+    gpus = 1
+"""
+
+
+@pytest.fixture
+def vllm_config(config_factory, vllms):
+    """A plan whose two vLLM servers are two running fakes: ``small`` and ``other``."""
+    config_factory.env(PLAN_ENV)
+    config_factory.routing({m: {"model": f"org/{m}", "port": vllms[m].port, "gpu_mem_use": 0.4}
+                            for m in ("small", "other")})
+    return config_factory
+
+
+def test_cli_vllm_checks_every_server_of_the_plan_and_writes_junit(vllm_config, vllms, monkeypatch,
+                                                                     capsys, tmp_path):
+    monkeypatch.delenv("ALBERT_API_KEY", raising=False)  # the servers need no client key
+    report = tmp_path / "smoke-vllm.xml"
+    code = main(["smoke", "vllm", "--env", "test", "--config-dir", str(vllm_config.root),
+                 "--junit", str(report), "--wait", "2", "--timeout", "5"])
+    out = capsys.readouterr()
+    assert code == 0, out
+    assert "6 check(s) passed or skipped" in out.out
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite.attrib["name"] == "albert-smoke-vllm-test" and suite.attrib["failures"] == "0"
+    assert sorted(c.attrib["name"] for c in suite.iter("testcase")) == sorted(
+        f"{m} on gpu-1:{vllms[m].port} {check}" for m in ("small", "other")
+        for check in ("/health", "/v1/models", "completion"))
+
+
+def test_cli_vllm_fails_with_a_line_naming_the_server(config_factory, vllms, capsys):
+    config_factory.env(PLAN_ENV)
+    port = vllms["wrong-id"].port
+    config_factory.routing({"small": {"model": "org/small", "port": port, "gpu_mem_use": 0.4}})
+    code = main(["smoke", "vllm", "--env", "test", "--config-dir", str(config_factory.root),
+                 "--wait", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (f"FAILED small on gpu-1:{port} /v1/models: host gpu-1 (127.0.0.1:{port}), model small: "
+            "/v1/models lists org/not-the-plan-id") in " ".join(err.split())
+    assert "2 of 3 check(s) failed" in err
+
+
+def test_cli_vllm_refuses_the_api_url(vllm_config, capsys):
+    code = main(["smoke", "vllm", "--env", "test", "--config-dir", str(vllm_config.root),
+                 "--url", "http://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "drop --url" in err and "Traceback" not in err
+
+
+def test_cli_service_defaults_to_api_and_only_knows_the_two_lanes(smoke_config, monkeypatch, capsys):
+    config, _ = smoke_config
+    monkeypatch.setenv("ALBERT_API_KEY", KEY)
+    assert main(["smoke", "api", "--env", "test", "--config-dir", str(config.root), "--wait", "2"]) == 0
+    assert "8 check(s) passed or skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["smoke", "gpu", "--env", "test"])
+    assert exc.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
