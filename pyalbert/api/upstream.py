@@ -6,6 +6,12 @@ client costs several hundred microseconds of CPU. This one does only what the ga
 awaited (first-byte timeout) and whose body is read whole or chunk by chunk (for SSE) with
 backpressure, and timers that abort the connection instead of wrapping every await.
 
+Backpressure applies to streamed bodies only: while a slow client has not taken what
+:meth:`Response.next_chunk` returned, reading from the replica pauses past ``HIGH_WATER`` and
+resumes when the client catches up. A body read whole (:meth:`Response.read`) is never paused: the
+reader waits for its end, so pausing would wait forever (issue 14: answers over 256 KiB never
+arrived). A connection goes back to the pool reading.
+
 Errors: :class:`ConnectFailed` (nothing reached the replica: safe to retry elsewhere),
 :class:`UpstreamTimeout` (which phase in ``.phase``), :class:`UpstreamBroken` (the connection died
 or the response was malformed after the request was sent).
@@ -20,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-#: stop reading from a replica while this much streamed body waits for a slow client
+#: stop reading from a replica while this much *streamed* body waits for a slow client
 HIGH_WATER = 256 * 1024
 MAX_IDLE = 512
 
@@ -48,7 +54,7 @@ class Response:
     """An upstream response: ``status`` and ``headers`` once :meth:`Pool.request` returns."""
 
     __slots__ = ("status", "headers", "_chunks", "_size", "_done", "_error", "_waiter", "_conn",
-                 "head_timer", "total_timer", "_paused")
+                 "head_timer", "total_timer", "_paused", "_whole")
 
     def __init__(self, conn: Connection):
         self.status = 0
@@ -62,6 +68,8 @@ class Response:
         self.head_timer: asyncio.TimerHandle | None = None
         self.total_timer: asyncio.TimerHandle | None = None
         self._paused = False
+        #: read() waits for the whole body: no pausing, no wake-up per piece
+        self._whole = False
 
     # -- fed by the connection -------------------------------------------------------------
     def _wake(self) -> None:
@@ -73,11 +81,20 @@ class Response:
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
+        if self._whole:
+            return
         self._size += len(data)
         if self._size > HIGH_WATER and not self._paused:
             self._paused = True
             self._conn.transport.pause_reading()
         self._wake()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            transport = self._conn.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     def _finish(self) -> None:
         self._done = True
@@ -112,6 +129,8 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body (raises the connection's error if it broke)."""
+        self._whole = True
+        self._resume()
         while not self._done:
             await self._wait()
         if self._error is not None:
@@ -131,8 +150,7 @@ class Response:
         chunks.clear()
         self._size = 0
         if self._paused:
-            self._paused = False
-            self._conn.transport.resume_reading()
+            self._resume()
         return data
 
     def close(self) -> None:
@@ -217,6 +235,7 @@ class Connection(asyncio.Protocol):
         self.response = None
         self.head = None
         if reusable:
+            response._resume()  # paused by a streamed body that then ended: read the next answer
             self.pool.put(self)
         else:
             self.pool.forget(self)

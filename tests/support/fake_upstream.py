@@ -9,7 +9,10 @@ Behaviours: ``latency`` before the response head; streamed answers of ``chunks``
 (``chunk_delay`` apart) or the words of ``reply``; ``status`` 503 (vLLM's "loading" answer) or
 500; ``close_after`` chunks then drop the connection (a replica dying mid-stream);
 ``refuse()``/``accept()`` stop/restart listening (connection refused); embeddings; ``/v1/models``
-and ``/health`` like vLLM.
+and ``/health`` like vLLM. Answers of any size and shape: ``raw_body`` (a plain answer of exactly
+these bytes) or ``raw_events`` (a streamed answer of these SSE events), sent with ``framing``
+``"length"`` (Content-Length) or ``"chunked"`` (default: plain answers with Content-Length, streams
+chunked, as vLLM does), plain answers in ``pieces`` writes ``piece_delay`` apart (a slow upstream).
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ import httptools
 import orjson
 
 JSON_HEAD = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+CHUNKED_JSON_HEAD = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
             b"transfer-encoding: chunked\r\n\r\n")
+SSE_LENGTH_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                   b"content-length: %d\r\n\r\n")
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error",
            503: b"Service Unavailable"}
 
@@ -41,6 +48,11 @@ class FakeUpstream:
         self.reply: str | None = None
         self.status = 200
         self.close_after: int | None = None
+        self.raw_body: bytes | None = None
+        self.raw_events: list[bytes] | None = None
+        self.framing: str | None = None
+        self.pieces = 1
+        self.piece_delay = 0.0
         self.requests: list[tuple[str, dict | None]] = []
         self.record = True
         self.in_flight = 0
@@ -56,6 +68,8 @@ class FakeUpstream:
     def reset(self) -> None:
         self.latency = self.chunk_delay = 0.0
         self.chunks, self.reply, self.status, self.close_after = 5, None, 200, None
+        self.raw_body, self.raw_events, self.framing, self.pieces = None, None, None, 1
+        self.piece_delay = 0.0
         self.requests.clear()
         self.aborted = 0
 
@@ -141,6 +155,10 @@ class FakeUpstream:
             return 503, _error("model is loading", "ServiceUnavailableError")
         if self.status >= 400:
             return self.status, _error("internal failure", "InternalServerError")
+        if body.get("stream") and self.raw_events is not None:
+            return None
+        if self.raw_body is not None:
+            return 200, self.raw_body
         if path == "/v1/embeddings":
             inputs = body.get("input")
             count = len(inputs) if isinstance(inputs, list) else 1
@@ -168,6 +186,8 @@ class FakeUpstream:
         return [f"word{chr(97 + i % 26)} " for i in range(self.chunks)]
 
     def events(self, path: str, body: dict) -> list[bytes]:
+        if self.raw_events is not None:
+            return list(self.raw_events)
         model = body.get("model", "")
         chat = path == "/v1/chat/completions"
         kind = b"chat.completion.chunk" if chat else b"text_completion"
@@ -242,7 +262,7 @@ class _Conn(asyncio.Protocol):
         fake = self.fake
         if fake.record and path not in ("/v1/models", "/health"):
             fake.requests.append((path, body))
-        if fake.latency == 0 and fake.close_after is None:
+        if fake.latency == 0 and fake.close_after is None and fake.pieces == 1:
             result = fake.answer(path, body)
             if result is not None:
                 self._plain(*result)
@@ -250,7 +270,27 @@ class _Conn(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._slow(path, body))
 
     def _plain(self, status: int, payload: bytes) -> None:
-        self.transport.write(JSON_HEAD % (status, REASONS.get(status, b"X"), len(payload)) + payload)
+        reason = REASONS.get(status, b"X")
+        if self.fake.framing == "chunked":
+            self.transport.write(CHUNKED_JSON_HEAD % (status, reason)
+                                 + (_frame(payload) if payload else b"") + b"0\r\n\r\n")
+        else:
+            self.transport.write(JSON_HEAD % (status, reason, len(payload)) + payload)
+
+    async def _plain_in_pieces(self, status: int, payload: bytes) -> None:
+        """The answer written in ``fake.pieces`` parts, ``fake.piece_delay`` apart."""
+        fake = self.fake
+        reason = REASONS.get(status, b"X")
+        chunked = fake.framing == "chunked"
+        size = -(-len(payload) // fake.pieces) or 1
+        parts = [payload[i:i + size] for i in range(0, len(payload), size)]
+        self.transport.write(CHUNKED_JSON_HEAD % (status, reason) if chunked
+                             else JSON_HEAD % (status, reason, len(payload)))
+        for part in parts:
+            await asyncio.sleep(fake.piece_delay)
+            self.transport.write(_frame(part) if chunked else part)
+        if chunked:
+            self.transport.write(b"0\r\n\r\n")
 
     async def _slow(self, path: str, body: dict | None) -> None:
         fake = self.fake
@@ -260,9 +300,19 @@ class _Conn(asyncio.Protocol):
                 await asyncio.sleep(fake.latency)
             result = fake.answer(path, body)
             if result is not None:
-                self._plain(*result)
+                if fake.pieces > 1:
+                    await self._plain_in_pieces(*result)
+                else:
+                    self._plain(*result)
                 return
             events = fake.events(path, body or {})
+            if fake.framing == "length" and fake.close_after is None:
+                self.transport.write(SSE_LENGTH_HEAD % sum(len(e) for e in events))
+                for event in events:
+                    self.transport.write(event)
+                    if fake.chunk_delay:
+                        await asyncio.sleep(fake.chunk_delay)
+                return
             if fake.chunk_delay == 0 and fake.close_after is None:
                 self.transport.write(SSE_HEAD + b"".join(_frame(e) for e in events) + b"0\r\n\r\n")
                 return

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from pyalbert.api.answers import Answers
-from pyalbert.api.upstream import ConnectFailed, Pool, UpstreamBroken, UpstreamTimeout
+from pyalbert.api.upstream import HIGH_WATER, ConnectFailed, Pool, UpstreamBroken, UpstreamTimeout
 from pyalbert.whitelist import matcher
 from tests.support.fake_upstream import FakeUpstream
 
@@ -110,6 +110,47 @@ def test_mid_stream_close_is_upstream_broken():
                 pass
         resp.close()
         assert not pool.idle
+
+    run(go)
+
+
+def test_whole_body_past_the_high_water_mark_is_read_to_its_end():
+    """read() once waited forever: reading paused at HIGH_WATER and nothing resumed it."""
+    async def go(fake):
+        fake.raw_body = b"x" * (HIGH_WATER * 4)
+        fake.pieces, fake.piece_delay = 16, 0.005
+        pool = Pool(fake.url)
+        resp = await pool.request(b"POST", b"/v1/chat/completions", CHAT, total_timeout=10)
+        await asyncio.sleep(0.2)  # the replica sends while nobody reads yet
+        assert await asyncio.wait_for(resp.read(), 10) == fake.raw_body
+        resp.close()
+        fake.raw_body, fake.pieces = None, 1
+        # the connection went back to the pool reading: the next answer on it arrives
+        resp = await pool.request(b"POST", b"/v1/chat/completions", CHAT, first_byte_timeout=5)
+        assert orjson.loads(await resp.read())["model"] == "m"
+        resp.close()
+
+    run(go)
+
+
+def test_stream_paused_for_a_slow_reader_resumes_and_its_connection_is_reusable():
+    async def go(fake):
+        event = b"data: " + orjson.dumps({"pad": "y" * 4096}) + b"\n\n"
+        fake.raw_events = [event] * ((HIGH_WATER * 3) // len(event))
+        pool = Pool(fake.url)
+        resp = await pool.request(b"POST", b"/v1/chat/completions",
+                                  orjson.dumps({"model": "m", "stream": True}), total_timeout=10)
+        await asyncio.sleep(0.2)  # a slow client: everything the replica sent waits here
+        assert resp._paused
+        got = bytearray()
+        while (chunk := await asyncio.wait_for(resp.next_chunk(), 10)) is not None:
+            got += chunk
+        assert bytes(got) == b"".join(fake.raw_events)
+        resp.close()
+        fake.raw_events = None
+        resp = await pool.request(b"POST", b"/v1/chat/completions", CHAT, first_byte_timeout=5)
+        assert resp.status == 200 and await resp.read()
+        resp.close()
 
     run(go)
 
