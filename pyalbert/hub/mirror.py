@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import os
 import re
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +48,15 @@ SKIPPED_NAMES = frozenset({CACHE_NAME, MANIFEST_NAME})
 SKIPPED_DIRS = frozenset({".git", ".cache", ".huggingface"})
 DEFAULT_REVISION = "main"
 READ_CHUNK = 8 * 1024 * 1024
+#: connections handled at once (one thread each); more are answered 503 + Retry-After at once
+MAX_CONNECTIONS = 64
+#: a request head (line + headers) must arrive within this, counted from when the connection
+#: starts waiting for it (so it is also the keep-alive idle timeout)
+REQUEST_TIMEOUT_S = 20.0
+#: any single read or write that makes no progress for this long ends the connection
+IO_TIMEOUT_S = 60.0
+#: longest header value sent (error messages quote client input)
+MAX_HEADER_VALUE = 1024
 
 
 class MirrorError(HubError):
@@ -149,8 +161,20 @@ def file_headers(commit: str, meta: FileMeta) -> dict[str, str]:
     return headers
 
 
+def header_value(text: str, limit: int = MAX_HEADER_VALUE) -> str:
+    """``text`` as a safe header value: printable ASCII only (CR, LF, other controls and non-ASCII
+    characters become ``\\r``, ``\\xe9``, ``\\u2603`` escapes), at most ``limit`` characters.
+
+    Error messages quote decoded client input (a revision, a path): a CR/LF there would start a
+    header line of the client's choosing, and a character outside latin-1 cannot be sent at all.
+    """
+    out = "".join(ch if " " <= ch <= "~" else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
 def error_headers(code: str, message: str, commit: str | None = None) -> dict[str, str]:
-    headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
+    headers = {"X-Error-Code": header_value(code), "X-Error-Message": header_value(message),
+               "Content-Type": "application/json"}
     if commit:
         headers["X-Repo-Commit"] = commit
     return headers
@@ -430,20 +454,25 @@ class Mirror:
         return snaps
 
     # -- serving ------------------------------------------------------------------------------
-    def make_server(self, host: str = "127.0.0.1", port: int = 8090) -> ThreadingHTTPServer:
+    def make_server(self, host: str = "127.0.0.1", port: int = 8090, *,
+                    max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
+                    io_timeout_s: float = IO_TIMEOUT_S) -> MirrorServer:
+        """The HTTP server (not started): at most ``max_connections`` handler threads, a request
+        head due within ``request_timeout_s``, every socket operation within ``io_timeout_s``."""
         mirror = self
 
         class Handler(MirrorHandler):
             pass
 
         Handler.mirror = mirror
-        server = _Server((host, port), Handler)
-        server.daemon_threads = True
-        return server
+        return MirrorServer((host, port), Handler, max_connections=max_connections,
+                            request_timeout_s=request_timeout_s, io_timeout_s=io_timeout_s)
 
-    def serve_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, Callable[[], None]]:
-        """Start serving in a daemon thread: ``(url, stop)``; ``port=0`` picks a free port."""
-        server = self.make_server(host, port)
+    def serve_in_thread(self, host: str = "127.0.0.1", port: int = 0,
+                        **options) -> tuple[str, Callable[[], None]]:
+        """Start serving in a daemon thread: ``(url, stop)``; ``port=0`` picks a free port;
+        ``options`` go to :meth:`make_server`."""
+        server = self.make_server(host, port, **options)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
 
@@ -462,29 +491,125 @@ def server_url(server: ThreadingHTTPServer) -> str:
     return f"http://{host}:{port}"
 
 
-class _Server(ThreadingHTTPServer):
+#: the answer when every slot is taken: clients (huggingface_hub included) retry a 503
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
+               b"X-Error-Code: Busy\r\nX-Error-Message: mirror busy, retry\r\nContent-Length: 0\r\n"
+               b"Connection: close\r\n\r\n")
+
+
+class MirrorServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them; the handler enforces the
+    timeouts. A connection over the cap gets :data:`BUSY_ANSWER` from the accepting thread
+    (non-blocking: a client that does not read cannot stall the accept loop)."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, *, max_connections: int = MAX_CONNECTIONS,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, io_timeout_s: float = IO_TIMEOUT_S) -> None:
+        if max_connections < 1 or request_timeout_s <= 0 or io_timeout_s <= 0:
+            raise MirrorError("the mirror needs max_connections >= 1 and positive timeouts")
+        self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
+        self.io_timeout_s = io_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0  # connections answered 503 because every slot was taken
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            request.setblocking(False)
+            try:  # read what already arrived, so that closing sends FIN, not RST
+                while request.recv(65536):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+            request.send(BUSY_ANSWER)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
     def handle_error(self, request, client_address) -> None:
         import sys
 
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away
+        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):  # a client gone or too slow
             super().handle_error(request, client_address)
+
+
+class _HeadDeadlineReader(io.RawIOBase):
+    """The connection's reads, each bounded by the I/O timeout and, while a request head is
+    awaited, by what is left of its deadline: a head sent a byte at a time is cut all the same."""
+
+    def __init__(self, handler: MirrorHandler) -> None:
+        self.handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        handler = self.handler
+        timeout = handler.server.io_timeout_s
+        if handler.head_deadline is not None:
+            left = handler.head_deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request head not received in time")
+            timeout = min(timeout, left)
+        handler.connection.settimeout(timeout)
+        return handler.connection.recv_into(buffer)
 
 
 class MirrorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     mirror: Mirror
+    server: MirrorServer
     server_version = "albert-hub-mirror"
+    head_deadline: float | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.io_timeout_s)  # writes (sendfile included) too
+        plain, self.rfile = self.rfile, io.BufferedReader(_HeadDeadlineReader(self))
+        plain.close()  # (the socket's own file: closed, or the socket would outlive the handler)
+
+    def handle_one_request(self) -> None:
+        # the head of the next request is due within request_timeout_s (idle keep-alive included);
+        # past it, a read raises TimeoutError, which the stdlib turns into closing the connection
+        self.head_deadline = time.monotonic() + self.server.request_timeout_s
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.head_deadline = None  # the head is in: the answer only has the I/O timeout
+        return ok
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
         if self.mirror.log is not None:
-            self.mirror.log(f"{self.address_string()} {format % args}")
+            self.mirror.log(header_value(f"{self.address_string()} {format % args}", 4096))
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if self.mirror.log is None:
             return
         status = getattr(code, "value", code)
         wanted = self.headers.get("Range") if self.headers is not None else None
-        self.mirror.log(f'"{self.requestline}" {status}' + (f" range={wanted}" if wanted else ""))
+        self.mirror.log(header_value(f'"{self.requestline}" {status}' + (f" range={wanted}" if wanted else ""),
+                                     4096))
 
     def do_HEAD(self) -> None:
         self._handle(head=True)
@@ -495,7 +620,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def _send(self, status: int, headers: Mapping[str, str], body: bytes = b"", *, head: bool) -> None:
         self.send_response(status)
         for key, value in headers.items():
-            self.send_header(key, value)
+            self.send_header(key, header_value(value))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if body and not head:
