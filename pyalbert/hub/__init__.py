@@ -9,6 +9,7 @@ from pyalbert.hub.errors import (
     NotEnoughSpace,
     NotFoundOnHub,
     OfflineMissing,
+    UnsafeFileName,
 )
 from pyalbert.hub.manifest import MANIFEST_NAME, Manifest, check_installed, read_manifest
 from pyalbert.hub.selection import select_files
@@ -25,6 +26,7 @@ __all__ = [
     "NotEnoughSpace",
     "NotFoundOnHub",
     "OfflineMissing",
+    "UnsafeFileName",
     "check_installed",
     "download_models",
     "make_plan",

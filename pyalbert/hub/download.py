@@ -28,6 +28,7 @@ from pyalbert.hub.errors import (
     HubError,
     NotEnoughSpace,
     OfflineMissing,
+    UnsafeFileName,
 )
 from pyalbert.hub.manifest import FileEntry, Manifest, check_installed, write_manifest
 from pyalbert.hub.progress import NullReporter, Reporter, human_bytes
@@ -99,10 +100,35 @@ def _content_key(entry: FileEntry) -> tuple | None:
     return None
 
 
+def check_names(where: remote.Where, names: Iterable[str], folders: Iterable[Path]) -> None:
+    """Refuse the repo if a file name could reach outside the model folder: by its spelling
+    (``..``, absolute, backslash, see :func:`layout.unsafe_name`) or, once joined to one of
+    ``folders`` (the download and install dirs), through a symlink on the way."""
+    names, folders = list(names), list(folders)
+    for name in names:
+        why = layout.unsafe_name(name)
+        if not why:
+            escaped = [f for f in folders if not layout.resolves_inside(f, name)]
+            why = f"{escaped[0] / name} resolves outside {escaped[0]}" if escaped else ""
+        if why:
+            raise UnsafeFileName(
+                f"model '{where.model_id}' ({where.repo_at}, {where.routing_file}): the hub at "
+                f"{remote.endpoint()} lists a file named {name!r} in {where.repo} ({why}): it would "
+                f"be written outside the model folder {where.target}. Nothing was downloaded, "
+                "reused, verified or deleted. Fix: make sure HF_ENDPOINT is a hub you trust (a "
+                "mirror or proxy on the way may be compromised); pin 'revision' to a commit without "
+                "this file, and report it to the repo's owners.")
+
+
 def make_plan(where: remote.Where, model: ModelSpec, repo: remote.RemoteRepo,
               paths: layout.ModelPaths, installed: Manifest | None) -> DownloadPlan:
-    """Split the selected files into fetch / reuse / resumed (reads the disk, no network)."""
+    """Split the selected files into fetch / reuse / resumed (reads the disk, no network).
+
+    Raises :class:`UnsafeFileName` first, before any file is looked at, if a name from the hub
+    could reach outside the model folder."""
+    check_names(where, repo.files, [])
     kept, skipped = select_files(model, repo.files)
+    check_names(where, kept, [paths.partial(repo.commit), paths.target])
     files = {p: repo.files[p] for p in kept}
     plan = DownloadPlan(where, model, repo.commit, files, skipped, paths.partial(repo.commit),
                         previous=installed)
@@ -110,7 +136,8 @@ def make_plan(where: remote.Where, model: ModelSpec, repo: remote.RemoteRepo,
     if installed is not None:
         for path, entry in installed.files.items():
             key = _content_key(entry)
-            if key is not None:
+            # a manifest names what was installed, but only names that stay inside are sources
+            if key is not None and not layout.unsafe_name(path) and layout.resolves_inside(paths.target, path):
                 old_by_content.setdefault(key, paths.target / path)
     for path, entry in files.items():
         in_partial = plan.partial / path

@@ -23,6 +23,10 @@ class ChecksumMismatch(HubError):
     """A downloaded file differs from what the hub metadata announced."""
 
 
+class UnsafeFileName(HubError):
+    """The hub listed a file whose name would land outside the model folder."""
+
+
 class NotEnoughSpace(HubError):
     """The storage dir cannot hold what is about to be downloaded."""
 

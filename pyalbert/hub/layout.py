@@ -49,6 +49,36 @@ class ModelPaths:
         return self.parent / f".{self.name}.lock"
 
 
+def unsafe_name(name: str) -> str:
+    """Why a repo file name cannot be a relative path under a model folder ('' when it can).
+
+    Hub names are POSIX paths relative to the repo root; anything that could point elsewhere
+    once joined to a folder is refused: '..' or '.' components, an absolute path, a backslash
+    (a separator on Windows, and never in a real repo), empty components, a NUL byte.
+    """
+    if not name:
+        return "an empty name"
+    if "\0" in name:
+        return "a NUL byte"
+    if name.startswith("/"):
+        return "an absolute path"
+    if "\\" in name:
+        return "a backslash"
+    parts = name.split("/")
+    if ".." in parts:
+        return "a '..' component"
+    if "." in parts:
+        return "a '.' component"
+    if "" in parts:
+        return "an empty component"
+    return ""
+
+
+def resolves_inside(folder: Path, name: str) -> bool:
+    """``folder / name``, symlinks followed as far as they exist, stays under ``folder``."""
+    return (folder / name).resolve().is_relative_to(folder.resolve())
+
+
 def _renameat2_exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically; False when the kernel or libc cannot."""
     try:
