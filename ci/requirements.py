@@ -3,9 +3,12 @@
 One source of truth: ``EnvironmentSpec.secrets`` (SecretRefs) and ``EnvironmentSpec.ssh``
 (``key_env``, ``known_hosts_env``). Each becomes a variable scoped to the environment (GitLab
 only gives environment-scoped variables to jobs whose ``environment:name`` matches, which is why
-every host-side job of ``.gitlab-ci.yml`` declares one). Variables of a ``production`` tier
-environment are protected (only protected branches, i.e. ``main``, see them); secrets are masked
-when GitLab can mask them (single-line values; File variables hold multi-line content).
+every host-side job of ``.gitlab-ci.yml`` declares one). Secrets are protected in every
+environment, and every variable of a ``production`` tier environment: GitLab gives a protected
+variable only to pipelines of protected branches, so a job that any branch adds with
+``environment: staging`` cannot read staging's SSH key or tokens (the deploying branches,
+``staging`` and ``main``, must be protected). Secrets are masked when GitLab can mask them
+(single-line values; File variables hold multi-line content).
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ class VariableSpec:
 
 def required_variables(spec: DeploymentSpec) -> list[VariableSpec]:
     env = spec.env
-    protected = env.tier == "production"
+    protected = env.tier == "production"  # everything; secrets are protected in every tier
     config = f"config/environments/{spec.env_file.name}"
     out = [
         VariableSpec(
-            key=env.ssh.key_env, scope=env.name, file=True, secret=True, protected=protected,
+            key=env.ssh.key_env, scope=env.name, file=True, secret=True, protected=True,
             masked=False, required=True, source=f"{config}: ssh.key_env",
             description="private key the jobs use to SSH to the hosts (File variable)",
         ),
@@ -56,7 +59,7 @@ def required_variables(spec: DeploymentSpec) -> list[VariableSpec]:
     for name, ref in sorted(env.secrets.items()):
         out.append(
             VariableSpec(
-                key=ref.env, scope=env.name, file=ref.file, secret=True, protected=protected,
+                key=ref.env, scope=env.name, file=ref.file, secret=True, protected=True,
                 masked=not ref.file, required=ref.required, source=f"{config}: secrets.{name}",
                 description=ref.description,
             )

@@ -75,7 +75,7 @@ def check(required: Iterable[VariableSpec], existing: Sequence[Mapping[str, Any]
                                     f"scope '*' shares this {need.scope} secret with every "
                                     f"environment; scope it to {need.scope}"))
             continue
-        if need.protected and not var.get("protected"):
+        if (need.protected or need.secret) and not var.get("protected"):
             problems.append("must be protected")
         if need.masked and not (var.get("masked") or var.get("hidden")):
             problems.append("must be masked")
@@ -86,6 +86,16 @@ def check(required: Iterable[VariableSpec], existing: Sequence[Mapping[str, Any]
         else:
             findings.append(Finding(need.key, need.scope, "ok"))
     return findings
+
+
+def unprotected_secrets(required: Iterable[VariableSpec], findings: Iterable[Finding]) -> dict[str, list[str]]:
+    """``{scope: [keys]}`` of the secrets the findings say are not protected."""
+    secret = {(v.key, v.scope) for v in required if v.secret}
+    out: dict[str, list[str]] = {}
+    for f in findings:
+        if (f.key, f.scope) in secret and "must be protected" in f.detail:
+            out.setdefault(f.scope, []).append(f.key)
+    return out
 
 
 # --- pure: sync plan ----------------------------------------------------------------------------
@@ -186,6 +196,13 @@ def render_docs(by_env: Mapping[str, list[VariableSpec]], pipeline_vars: Mapping
         "Each variable is scoped to its environment: GitLab gives it only to jobs whose",
         "`environment:name` matches, which every job that reaches the hosts declares.",
         "",
+        "Secrets are **protected** in every environment (and everything in production): GitLab",
+        "gives a protected variable only to pipelines of protected branches and tags. Unprotected,",
+        "any branch could add a job with `environment: staging` and read staging's SSH key and",
+        "tokens. So protect the `staging` branch (and `main`) in Settings > Repository > Protected",
+        "branches, with who may push and merge restricted: its deploy jobs see the secrets only",
+        "then. `check` fails on a secret that is not protected.",
+        "",
     ]
     for env, needs in by_env.items():
         lines += [f"## `{env}`", ""]
@@ -252,6 +269,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                           + ", ".join(f"{f.key} ({f.scope}: {f.status})" for f in failed)
                           + ". Fix: python -m ci.variables sync --from FILE, or the project's "
                             "Settings > CI/CD > Variables.")
+        for scope, keys in unprotected_secrets(required, findings).items():
+            console_err.print(
+                f"{', '.join(keys)} hold secrets and must be protected: unprotected, any branch can "
+                f"add a job with `environment: {scope}` and read them. Protected variables reach "
+                f"only pipelines of protected branches: protect the `{scope}` branch too (Settings "
+                "> Repository > Protected branches).", soft_wrap=True)
         return 1
     console.print("all required variables are set")
     return 0

@@ -24,15 +24,18 @@ def flags(specs):
 
 
 # --- derived from the config ------------------------------------------------------------------
-def test_staging_needs_ssh_and_secrets_unprotected():
+def test_staging_secrets_are_protected_and_only_known_hosts_is_not():
+    """An unprotected staging secret is read by any branch that adds a job with
+    ``environment: staging``: every secret is protected, whatever the tier."""
     assert flags(needs("staging")) == {
-        "SSH_PRIVATE_KEY": ("file", False, False, True),
-        "SSH_KNOWN_HOSTS": ("file", False, False, True),
-        "HF_TOKEN": ("env_var", False, True, False),
-        "ALBERT_API_KEYS": ("file", False, False, False),
-        "ALBERT_API_KEY": ("env_var", False, True, False),
+        "SSH_PRIVATE_KEY": ("file", True, False, True),
+        "SSH_KNOWN_HOSTS": ("file", False, False, True),  # public host keys, not a secret
+        "HF_TOKEN": ("env_var", True, True, False),
+        "ALBERT_API_KEYS": ("file", True, False, False),
+        "ALBERT_API_KEY": ("env_var", True, True, False),
     }
     assert {v.scope for v in needs("staging")} == {"staging"}
+    assert all(v.protected for v in needs("staging") if v.secret)
 
 
 def test_production_variables_are_protected():
@@ -78,7 +81,7 @@ def test_check_reports_missing_optional_scope_and_flags():
     result = by_key(variables.check(needs("staging"), existing))
     assert result["SSH_PRIVATE_KEY"] == ("wrong scope", "defined for production, not for staging")
     assert result["SSH_KNOWN_HOSTS"] == ("wrong flags", "must be of type 'file', not 'env_var'")
-    assert result["HF_TOKEN"] == ("wrong flags", "must be masked")
+    assert result["HF_TOKEN"] == ("wrong flags", "must be protected; must be masked")
     assert result["ALBERT_API_KEY"][0] == "optional"
 
 
@@ -93,14 +96,19 @@ def test_production_secret_shared_with_every_environment_is_wrongly_scoped():
 
 
 def test_exact_scope_wins_over_wildcard():
-    existing = [var("HF_TOKEN", scope="*"), var("HF_TOKEN", masked=True)]
+    existing = [var("HF_TOKEN", scope="*"), var("HF_TOKEN", masked=True, protected=True)]
     assert by_key(variables.check(needs("staging"), existing))["HF_TOKEN"] == ("ok", "")
+
+
+def test_a_secret_shared_with_every_environment_is_wrongly_scoped_in_staging_too():
+    existing = [var("HF_TOKEN", scope="*", masked=True, protected=True)]
+    assert by_key(variables.check(needs("staging"), existing))["HF_TOKEN"][0] == "wrong scope"
 
 
 def test_plan_sync_creates_updates_and_leaves_equal_values():
     required = needs("staging")
-    existing = [var("HF_TOKEN", masked=True, raw=True, value="hf_same_value"),
-                var("ALBERT_API_KEY", masked=False, raw=True, value="key_same_value")]
+    existing = [var("HF_TOKEN", masked=True, raw=True, protected=True, value="hf_same_value"),
+                var("ALBERT_API_KEY", masked=False, raw=True, protected=True, value="key_same_value")]
     values = {("HF_TOKEN", "staging"): "hf_same_value", ("ALBERT_API_KEY", "staging"): "key_same_value",
               ("SSH_PRIVATE_KEY", "staging"): SSH_KEY}
     changes = {c.key: (c.action, c.why) for c in variables.plan_sync(required, values, existing)}
@@ -155,9 +163,47 @@ def test_check_then_sync_then_check(fake, tmp_path, capsys):
     assert stored["SSH_PRIVATE_KEY"]["value"] == SSH_KEY
     assert stored["SSH_PRIVATE_KEY"]["variable_type"] == "file"
     assert stored["HF_TOKEN"]["masked"] is True and stored["HF_TOKEN"]["environment_scope"] == "staging"
+    assert stored["HF_TOKEN"]["protected"] is True and stored["SSH_PRIVATE_KEY"]["protected"] is True
+    assert stored["SSH_KNOWN_HOSTS"]["protected"] is False
 
     assert variables.main(["check", "--env", "staging"]) == 0
     assert "all required variables are set" in capsys.readouterr().out
+
+
+def test_check_fails_on_unprotected_staging_secrets(fake, capsys):
+    """The project as the previous rules set it up: staging secrets not protected."""
+    fake.variables += [
+        var("SSH_PRIVATE_KEY", type="file", value=SSH_KEY),
+        var("SSH_KNOWN_HOSTS", type="file", value="staging.albert.internal ssh-ed25519 AAAAC3Nza"),
+        var("HF_TOKEN", masked=True, value="hf_supersecret123"),
+        var("ALBERT_API_KEYS", type="file", value="keys: []\n"),
+        var("ALBERT_API_KEY", masked=True, protected=True, value="key_protected_1"),
+    ]
+
+    assert variables.main(["check", "--env", "staging"]) == 1
+
+    out = capsys.readouterr()
+    err = " ".join(out.err.split())
+    for key in ("SSH_PRIVATE_KEY", "HF_TOKEN", "ALBERT_API_KEYS"):
+        assert f"{key} (staging: wrong flags)" in err
+    assert "SSH_KNOWN_HOSTS" not in err and "ALBERT_API_KEY (" not in err
+    assert "SSH_PRIVATE_KEY, ALBERT_API_KEYS, HF_TOKEN hold secrets and must be protected" in err
+    assert "job with `environment: staging`" in err and "protect the `staging` branch" in err
+
+
+def test_sync_protects_an_unprotected_secret(fake, tmp_path, capsys):
+    fake.variables += [var("HF_TOKEN", masked=True, raw=True, value="hf_supersecret123")]
+    path = tmp_path / "v.toml"
+    path.write_text('[staging]\nHF_TOKEN = "hf_supersecret123"\n')
+    assert variables.main(["sync", "--env", "staging", "--from", str(path)]) == 0
+    assert "updated  HF_TOKEN (staging): protected" in capsys.readouterr().out
+    assert [v["protected"] for v in fake.variables if v["key"] == "HF_TOKEN"] == [True]
+
+
+def test_docs_say_to_protect_the_deploying_branches():
+    text = " ".join(variables.DOCS.read_text().split())
+    assert "protect the `staging` branch" in text
+    assert "| `HF_TOKEN` | env_var | yes | yes | no | config/environments/staging.toml" in text
 
 
 def test_second_sync_changes_nothing(fake, tmp_path, capsys):
@@ -171,7 +217,7 @@ def test_second_sync_changes_nothing(fake, tmp_path, capsys):
 
 def test_sync_updates_only_the_scope_it_names(fake, tmp_path, capsys):
     fake.variables += [var("HF_TOKEN", scope="production", masked=True, protected=True, value="hf_prodvalue1"),
-                       var("HF_TOKEN", scope="staging", masked=True, value="hf_oldvalue12")]
+                       var("HF_TOKEN", scope="staging", masked=True, protected=True, value="hf_oldvalue12")]
     path = tmp_path / "v.toml"
     path.write_text('[staging]\nHF_TOKEN = "hf_newvalue12"\n')
     assert variables.main(["sync", "--env", "staging", "--from", str(path)]) == 0
