@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from pyalbert.api import admission
 from pyalbert.api import errors as E
 from pyalbert.api.accesslog import AccessLog
 from pyalbert.api.answers import Answers
@@ -53,7 +54,8 @@ class Ctx:
     """What one request's access-log line says."""
 
     __slots__ = ("model", "key", "replica", "retries", "stream", "tokens", "error", "ttfb",
-                 "finished", "task", "gone", "start")
+                 "finished", "task", "gone", "start", "reserved", "charge", "prompt", "events",
+                 "usage")
 
     def __init__(self) -> None:
         self.model = ""
@@ -68,6 +70,13 @@ class Ctx:
         self.task: asyncio.Task | None = None
         self.gone = False
         self.start = 0.0
+        #: tokens reserved at admission; what to charge in the end (None: unknown, keep them)
+        self.reserved = 0
+        self.charge: int | None = None
+        self.prompt = 0
+        #: SSE events relayed and the usage seen (-1: not a relayed stream)
+        self.events = -1
+        self.usage = 0
 
 
 class Gateway:
@@ -186,7 +195,7 @@ class Gateway:
             if route is not None:
                 if scope["method"] != "POST":
                     raise ApiError(405, f"{path} takes POST", "invalid_request_error", "method_not_allowed")
-                status = await self.proxy(scope, receive, send, ctx, path, route[1])
+                status = await self.proxy(scope, receive, send, ctx, path, route[0], route[1])
             else:
                 status = await self.local(scope, send, path, ctx)
                 name = path if path in LOCAL_ROUTES else "other"
@@ -326,26 +335,33 @@ class Gateway:
             raise E.bad_request("the request body must be a JSON object", "invalid_json")
         return req
 
-    def cap_tokens(self, req: dict, key: Key) -> bool:
-        """Apply the max_tokens cap (key's and environment's); True if ``req`` changed."""
-        cap = self.settings.max_tokens_cap
-        if key.max_tokens is not None and (cap is None or key.max_tokens < cap):
-            cap = key.max_tokens
-        if cap is None:
-            return False
-        changed = False
-        for field in ("max_tokens", "max_completion_tokens"):
-            value = req.get(field)
-            if isinstance(value, int) and value > cap:
-                req[field] = cap
-                changed = True
-        if req.get("max_tokens") is None and req.get("max_completion_tokens") is None:
-            req["max_tokens"] = cap
-            changed = True
-        return changed
+    def cap_counts(self, req: dict, key: Key) -> bool:
+        """Validate and cap max_tokens, max_completion_tokens, n (key's and environment's caps)."""
+        s = self.settings
+        return admission.apply_caps(req, admission.smaller(key.max_tokens, s.max_tokens_cap),
+                                    admission.smaller(key.max_n, s.max_n_cap))
+
+    def reserve(self, req: dict, key: Key, body: bytes, route: str, model: str) -> int:
+        """Tokens this request reserves of the key's tokens per minute (0 without that limit)."""
+        if key.tokens is None:
+            return 0
+        model_len = next((r.card.get("max_model_len") for r in self.router.models[model]
+                          if r.card), None)
+        return admission.reservation(req, len(body), route, model_len)
+
+    def settle(self, key: Key, ctx: Ctx) -> None:
+        """Charge the key what the request used (the reservation when unknown)."""
+        if ctx.events >= 0:  # a stream, complete or cut: its usage, else what was relayed
+            ctx.charge = ctx.usage or ctx.prompt + max(0, ctx.events - 2)
+        used = ctx.charge if ctx.charge is not None else ctx.reserved
+        if ctx.reserved or ctx.charge:
+            key.settle(ctx.reserved, used)
+        ctx.tokens = used
+        if used:
+            self.metrics.tokens[(key.name, ctx.model)] += used
 
     async def proxy(self, scope: dict, receive: Any, send: Any, ctx: Ctx, path: str,
-                    chat: bool | None) -> int:
+                    route: str, chat: bool | None) -> int:
         key = self.authenticate(scope)
         ctx.key = key.name
         body = await self.read_body(scope, receive)
@@ -361,18 +377,26 @@ class Gateway:
         ctx.model = model
         if not key.allows(model):
             raise E.forbidden(f"this API key may not use model {model!r}")
-        wait, which = key.admit()
+        ctx.stream = stream = req.get("stream") is True
+        if chat is not None and self.cap_counts(req, key):
+            body = orjson.dumps(req)
+        reserve = self.reserve(req, key, body, route, model)
+        wait, which = key.admit(reserve)
         if wait:
             raise E.too_many(f"rate limit of this API key reached ({which}); retry in "
                              f"{max(1, int(wait + 0.999))} s", wait)
-        ctx.stream = stream = req.get("stream") is True
-        if chat is not None and self.cap_tokens(req, key):
-            body = orjson.dumps(req)
+        ctx.reserved = reserve
+        ctx.prompt = admission.prompt_estimate(len(body)) if reserve else 0
 
         ctx.task = asyncio.current_task()
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, ctx))
         try:
-            replica, resp = await self.open_upstream(ctx, model, path.encode(), body)
+            try:
+                replica, resp = await self.open_upstream(ctx, model, path.encode(), body)
+            except ApiError as exc:
+                if exc.status == 503:
+                    ctx.charge = 0  # no replica ran it
+                raise
             try:
                 ctx.ttfb = time.perf_counter() - ctx.start
                 if stream and resp.status == 200 and resp.headers.get(
@@ -386,6 +410,7 @@ class Gateway:
             ctx.finished = True
             if not watcher.done():
                 watcher.cancel()
+            self.settle(key, ctx)  # disconnects and cut streams too
 
     async def _watch_disconnect(self, receive: Any, ctx: Ctx) -> None:
         while True:
@@ -463,14 +488,13 @@ class Gateway:
         if status == 200:
             match = TOTAL_TOKENS_RE.search(body)
             if match:
-                ctx.tokens = int(match[1])
-                key.spend_tokens(ctx.tokens)
-                self.metrics.tokens[(key.name, ctx.model)] += ctx.tokens
+                ctx.charge = int(match[1])
             if chat is not None and self.answers.active:
                 new = self.answers.plain(body, chat)
                 if new is not None:
                     body = new
         elif status >= 400:
+            ctx.charge = 0  # refused: nothing generated
             body = openai_error_shape(body, status)
         content_type = resp.headers.get(b"content-type", JSON)
         ctx.finished = True
@@ -481,8 +505,7 @@ class Gateway:
                            chat: bool | None) -> int:
         rewriter = self.answers.stream(bool(chat)) if chat is not None and self.answers.active else None
         await send({"type": "http.response.start", "status": 200, "headers": self.sse_headers})
-        events = 0
-        usage = 0
+        ctx.events = ctx.usage = 0  # counted as relayed: settle() charges a cut stream too
         error: UpstreamError | None = None
         while True:
             try:
@@ -492,11 +515,11 @@ class Gateway:
                 break
             if data is None:
                 break
-            events += data.count(b"data:")
+            ctx.events += data.count(b"data:")
             if b'"total_tokens"' in data:
                 match = TOTAL_TOKENS_RE.search(data)
                 if match:
-                    usage = int(match[1])
+                    ctx.usage = int(match[1])
             if rewriter is not None:
                 data = rewriter.feed(data)
                 if not data:
@@ -514,9 +537,6 @@ class Gateway:
             tail += b"data: " + E.error_body(
                 f"model {ctx.model!r}: the answer was interrupted ({error})", "server_error",
                 "upstream_" + kind) + b"\n\n"
-        ctx.tokens = usage or max(0, events - 2)
-        key.spend_tokens(ctx.tokens)
-        self.metrics.tokens[(key.name, ctx.model)] += ctx.tokens
         ctx.finished = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         return 200

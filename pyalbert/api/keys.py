@@ -9,10 +9,20 @@ The keys file (JSON or YAML; its path is the ``api_keys`` secret, ``$ALBERT_API_
         requests_per_minute: 600   # optional, no limit when absent
         tokens_per_minute: 200000  # optional (prompt + completion tokens reported by vLLM)
         max_tokens: 2048           # optional cap on max_tokens of one request
+        max_n: 4                   # optional cap on n (choices) of one request
+      - name: prometheus
+        sha256: 9a0c...41
+        models: []                 # no model: this key only reads /metrics
+        scrape: true               # may read /metrics (api.metrics_auth, on by default)
 
 Only the SHA-256 of a key is stored (keys are long random strings, so a salted slow hash buys
 nothing and would cost CPU on every request). Limits are token buckets per gateway process: with
 N workers each enforces 1/N of the per-minute figures.
+
+Tokens per minute are reserved, then settled: a request is admitted when the bucket holds what it
+may use at most (capped at the bucket's size), that much is taken at once (concurrent requests
+cannot all pass on one full bucket), and the difference with what it really used is given back or
+taken when it ends, disconnects and cut streams included (:mod:`pyalbert.api.admission`).
 """
 
 from __future__ import annotations
@@ -52,6 +62,9 @@ class KeySpec(BaseModel):
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
+    max_n: int | None = Field(None, ge=1)
+    #: may read /metrics when api.metrics_auth is on
+    scrape: bool = False
 
     @field_validator("sha256")
     @classmethod
@@ -97,20 +110,25 @@ class Bucket:
         return (cost - self.level) / self.rate
 
     def take(self, cost: float, now: float) -> None:
+        """Take ``cost`` (negative: give back, up to the capacity)."""
         self._refill(now)
-        self.level -= cost  # may go negative: a debt paid back before the next request
+        level = self.level - cost  # may go negative: a debt paid back before the next request
+        self.level = self.capacity if level > self.capacity else level
 
 
 class Key:
     """A loaded key with its live rate-limit state."""
 
-    __slots__ = ("name", "all_models", "models", "max_tokens", "requests", "tokens")
+    __slots__ = ("name", "all_models", "models", "max_tokens", "max_n", "scrape", "requests",
+                 "tokens")
 
     def __init__(self, spec: KeySpec, workers: int = 1):
         self.name = spec.name
         self.all_models = "*" in spec.models
         self.models = frozenset(spec.models)
         self.max_tokens = spec.max_tokens
+        self.max_n = spec.max_n
+        self.scrape = spec.scrape
         self.requests = (Bucket(max(1.0, spec.requests_per_minute / workers))
                          if spec.requests_per_minute else None)
         self.tokens = (Bucket(max(1.0, spec.tokens_per_minute / workers))
@@ -119,11 +137,17 @@ class Key:
     def allows(self, model: str) -> bool:
         return self.all_models or model in self.models
 
-    def admit(self) -> tuple[float, str]:
-        """(0, "") if a request may start now, else (seconds to wait, which limit)."""
+    def admit(self, reserve: int = 1) -> tuple[float, str]:
+        """(0, "") if a request may start now, else (seconds to wait, which limit).
+
+        Admitted, it counts one request and reserves ``reserve`` tokens (see :meth:`settle`); it
+        needs that many tokens in the bucket, or a full bucket when ``reserve`` is larger.
+        """
         now = time.monotonic()
-        if self.tokens is not None:
-            wait = self.tokens.wait_time(1.0, now)
+        tokens = self.tokens
+        if tokens is not None:
+            need = min(max(1.0, float(reserve)), tokens.capacity)
+            wait = tokens.wait_time(need, now)
             if wait:
                 return wait, "tokens per minute"
         if self.requests is not None:
@@ -131,7 +155,14 @@ class Key:
             if wait:
                 return wait, "requests per minute"
             self.requests.take(1.0, now)
+        if tokens is not None and reserve > 0:
+            tokens.take(float(reserve), now)
         return 0.0, ""
+
+    def settle(self, reserved: int, used: int) -> None:
+        """The request that reserved ``reserved`` tokens used ``used``: give back or take more."""
+        if self.tokens is not None and used != reserved:
+            self.tokens.take(float(used - reserved), time.monotonic())
 
     def spend_tokens(self, count: int) -> None:
         if self.tokens is not None and count > 0:

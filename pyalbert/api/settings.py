@@ -15,6 +15,8 @@ from typing import Any
 from pyalbert.errors import AlbertError
 
 SETTINGS_ENV = "ALBERT_API_SETTINGS"
+#: ``[api]`` keys that GatewaySettings takes from the environment file when ApiSpec defines them
+OPTIONAL_API_FIELDS = ("max_n_cap",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class GatewaySettings:
     metrics_auth: bool = False
     max_body_bytes: int = 1_000_000
     max_tokens_cap: int | None = None
+    #: cap on ``n`` (and ``best_of``): choices multiply the tokens one request generates
+    max_n_cap: int | None = 16
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 120.0
     total_timeout_s: float = 600.0
@@ -125,6 +129,8 @@ def settings_from_spec(spec: Any, backends: dict[str, tuple[str, ...]] | None = 
         keys_path=keys_path,
         max_body_bytes=api.max_body_bytes,
         max_tokens_cap=api.max_tokens_cap,
+        # read when the environment model has them (ApiSpec); else the defaults above
+        **{name: getattr(api, name) for name in OPTIONAL_API_FIELDS if hasattr(api, name)},
         connect_timeout_s=api.connect_timeout_s,
         first_byte_timeout_s=api.first_byte_timeout_s,
         total_timeout_s=api.total_timeout_s,

@@ -211,15 +211,144 @@ def test_key_models_rate_limit_and_max_tokens_cap(gateway, up):
     assert gw.client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-def test_tokens_per_minute(gateway, tmp_path):
+def sent_bodies(up) -> list[dict]:
+    return [body for f in up for _, body in f.requests]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("raw", [b"100000", b"100000.0", b"1e5", b"1E+5"],
+                         ids=["int", "float", "exponent", "exponent-upper"])
+def test_token_caps_hold_for_every_json_number_spelling(gateway, up, field, raw):
+    """100000.0 and 1e5 passed uncapped: the cap looked at Python ints only (issue 14)."""
+    gw = gateway(max_tokens_cap=64)
+    body = b'{"model": "m", "messages": [], "%s": %s}' % (field.encode(), raw)
+    r = gw.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    (sent,) = sent_bodies(up)
+    assert sent[field] == gw.gateway.settings.max_tokens_cap and type(sent[field]) is int
+
+
+@pytest.mark.parametrize("raw", [b"64.0", b"6.4e1"], ids=["float", "exponent"])
+def test_integral_numbers_under_the_cap_are_forwarded_as_integers(gateway, up, raw):
+    gw = gateway(max_tokens_cap=100)
+    body = b'{"model": "m", "prompt": "x", "max_tokens": %s, "n": 2.0}' % raw
+    assert gw.client.post("/v1/completions", content=body).status_code == 200
+    (sent,) = sent_bodies(up)
+    assert (sent["max_tokens"], sent["n"]) == (64, 2)
+    assert type(sent["max_tokens"]) is int and type(sent["n"]) is int
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "n", "best_of"])
+@pytest.mark.parametrize("value", ['"100000"', "true", "1.5", "0", "-3", "[]", "{}", '"x"'],
+                         ids=["string", "bool", "fraction", "zero", "negative", "list", "object",
+                              "text"])
+def test_garbage_counts_are_a_400_naming_the_field(gateway, up, field, value):
+    gw = gateway(max_tokens_cap=64)
+    body = b'{"model": "m", "messages": [], "%s": %s}' % (field.encode(), value.encode())
+    r = gw.client.post("/v1/chat/completions", content=body)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == field and err["type"] == "invalid_request_error"
+    assert err["code"] in ("invalid_type", "integer_below_min_value")
+    assert field in err["message"]
+    assert not sent_bodies(up)  # nothing reached a replica
+
+
+def test_n_is_capped_by_the_environment_and_the_key(gateway, up, tmp_path):
+    keys = tmp_path / "n.json"
+    small = "k-small-n-0123456789abcdef"
+    keys.write_text(json.dumps([{"name": "main", "sha256": hash_key(KEY)},
+                                {"name": "small", "sha256": hash_key(small), "max_n": 2}]))
+    gw = gateway(backends={"m": [up[0].url]}, keys_path=str(keys), max_n_cap=4)
+    for n, headers in ((10, {}), (1e1, {}), (3, {"Authorization": f"Bearer {small}"})):
+        r = gw.client.post("/v1/chat/completions", json={**CHAT, "n": n, "best_of": n}, headers=headers)
+        assert r.status_code == 200
+    caps = [gw.gateway.settings.max_n_cap, gw.gateway.settings.max_n_cap, 2]
+    assert [(b["n"], b["best_of"]) for b in sent_bodies(up)] == [(c, c) for c in caps]
+    r = gw.client.post("/v1/chat/completions", json={**CHAT, "n": "3"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def tpm_gateway(gateway, tmp_path, per_minute: int, **settings):
     keys = tmp_path / "tpm.json"
     keys.write_text(json.dumps({"keys": [{"name": "t", "sha256": hash_key(KEY),
-                                          "tokens_per_minute": 20}]}))
-    gw = gateway(keys_path=str(keys))
-    assert gw.client.post("/v1/chat/completions", json=CHAT).status_code == 200  # 12 tokens
-    assert gw.client.post("/v1/chat/completions", json=CHAT).status_code == 200  # 24 > 20
-    r = gw.client.post("/v1/chat/completions", json=CHAT)
+                                          "tokens_per_minute": per_minute}]}))
+    return gateway(keys_path=str(keys), **settings)
+
+
+def test_tokens_per_minute_charges_the_reported_usage(gateway, up, tmp_path):
+    gw = tpm_gateway(gateway, tmp_path, 100)
+    used_per_request = 12  # the fake reports total_tokens 7 + 5
+    admitted = 0
+    while (r := gw.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5})).status_code == 200:
+        admitted += 1
+        assert admitted < 20
     assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
+    assert int(r.headers["retry-after"]) >= 1
+    # within the budget, and what was reserved beyond the usage was given back
+    assert admitted * used_per_request <= 100
+    assert admitted * used_per_request > 100 / 2
+    assert gw.gateway.metrics.tokens[("t", "m")] == admitted * used_per_request
+    # a request that may use more than the whole budget needs a full bucket
+    r = gw.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1000})
+    assert r.status_code == 429
+
+
+def test_concurrent_streams_reserve_max_tokens_at_admission(gateway, up, tmp_path):
+    """10 concurrent streams on a 100 tokens/min key were all admitted (issue 14)."""
+    up[0].chunk_delay = up[1].chunk_delay = 0.05
+    gw = tpm_gateway(gateway, tmp_path, 100)
+    max_tokens = 20
+    statuses = []
+
+    def call():
+        with gw.client.stream("POST", "/v1/chat/completions",
+                              json={**CHAT, "stream": True, "max_tokens": max_tokens}) as r:
+            statuses.append(r.status_code)
+            r.read()
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    admitted = statuses.count(200)
+    assert statuses.count(429) == 10 - admitted
+    assert 1 <= admitted <= 100 // max_tokens
+
+
+def test_streams_cut_by_the_client_are_charged(gateway, up, tmp_path):
+    """6 streams cut after 60 events delivered 360 tokens on a 100 tokens/min key (issue 14)."""
+    up[0].chunks = up[1].chunks = 500
+    up[0].chunk_delay = up[1].chunk_delay = 0.002
+    gw = tpm_gateway(gateway, tmp_path, 100)
+    port = int(gw.server.url.rsplit(":", 1)[1])
+    delivered = refused = 0
+    for _ in range(6):
+        body = orjson.dumps({**CHAT, "stream": True, "max_tokens": 90})
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            data = sock.recv(65536)
+            if data.startswith(b"HTTP/1.1 429"):
+                refused += 1
+                continue
+            assert data.startswith(b"HTTP/1.1 200")
+            while data.count(b"data: {") < 60 and b"\r\n\r\n0\r\n" not in data:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                data += piece
+            delivered += data.count(b'"content":"word')
+        # the gateway notices the disconnect and settles before the next attempt
+        deadline = time.monotonic() + 5
+        while gw.gateway.metrics.in_flight:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert refused >= 1
+    assert delivered <= 100  # about one cut stream's worth, not 6
+    charged = gw.gateway.metrics.tokens[("t", "m")]
+    assert charged >= delivered  # what was relayed was charged, though no stream completed
 
 
 def test_metrics_can_require_a_key(gateway):
