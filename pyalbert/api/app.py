@@ -189,7 +189,8 @@ class Gateway:
         ctx = Ctx()
         ctx.start = start
         route = PROXIED.get(path)
-        name = route[0] if route else path
+        # a metrics label: never the raw path (label injection, unbounded series)
+        name = route[0] if route else path if path in LOCAL_ROUTES else "other"
         self.metrics.in_flight += 1
         try:
             if route is not None:
@@ -198,7 +199,6 @@ class Gateway:
                 status = await self.proxy(scope, receive, send, ctx, path, route[0], route[1])
             else:
                 status = await self.local(scope, send, path, ctx)
-                name = path if path in LOCAL_ROUTES else "other"
         except ApiError as exc:
             status = exc.status
             ctx.error = exc.code or exc.type
@@ -256,7 +256,12 @@ class Gateway:
             return status
         if path == "/metrics":
             if self.settings.metrics_auth:
-                self.authenticate(scope)
+                key = self.authenticate(scope)
+                ctx.key = key.name
+                if not (key.scrape or self.keys.open_access):
+                    raise ApiError(403, "this API key may not read /metrics: use a key with "
+                                   "'scrape: true' in the keys file (api.metrics_auth is on)",
+                                   "permission_error", "metrics_not_allowed")
             body = self.metrics.render(self.router, len(self.answers.whitelist or ()))
             await self.respond(send, 200, body, content_type=b"text/plain; version=0.0.4")
             return 200

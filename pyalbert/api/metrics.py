@@ -1,4 +1,10 @@
-"""Prometheus text exposition of the gateway's counters (one gateway process)."""
+"""Prometheus text exposition of the gateway's counters (one gateway process).
+
+Every label value is escaped (backslash, double quote, new line), and label sets stay bounded:
+routes are the gateway's own names (a path it does not serve counts as ``other``), models are the
+routing table's, keys the keys file's names. A raw request path as a label let a client inject
+series (``GET /x%22%7D%201%0Aalbert_fake...``) and grow the exposition without end (issue 14).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,9 @@ from pyalbert.api.routing import Router
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _label(value: object) -> str:
+    """A label value as the text format wants it (escaped backslash, quote and new line)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Metrics:
@@ -40,11 +47,12 @@ class Metrics:
             "# TYPE albert_requests_total counter",
         ]
         for (route, model, status), n in sorted(self.requests.items()):
-            lines.append(f'albert_requests_total{{route="{route}",model="{_label(model)}",'
-                         f'status="{status}"}} {n}')
+            lines.append(f'albert_requests_total{{route="{_label(route)}",model="{_label(model)}",'
+                         f'status="{_label(status)}"}} {n}')
         lines += ["# HELP albert_request_duration_seconds Time to the end of the response.",
                   "# TYPE albert_request_duration_seconds histogram"]
-        for route, hist in sorted(self.duration.items()):
+        for raw_route, hist in sorted(self.duration.items()):
+            route = _label(raw_route)
             total = 0
             for bound, count in zip(BUCKETS, hist, strict=False):
                 total += int(count)
@@ -56,16 +64,22 @@ class Metrics:
         lines += ["# HELP albert_upstream_errors_total Failures talking to replicas.",
                   "# TYPE albert_upstream_errors_total counter"]
         for (model, kind), n in sorted(self.upstream_errors.items()):
-            lines.append(f'albert_upstream_errors_total{{model="{_label(model)}",kind="{kind}"}} {n}')
-        lines += ["# HELP albert_tokens_total Tokens reported by replicas, by key.",
+            lines.append(f'albert_upstream_errors_total{{model="{_label(model)}",kind="{_label(kind)}"}} {n}')
+        lines += ["# HELP albert_tokens_total Tokens charged to keys (usage reported by replicas, "
+                  "else relayed or reserved).",
                   "# TYPE albert_tokens_total counter"]
         for (key, model), n in sorted(self.tokens.items()):
             lines.append(f'albert_tokens_total{{key="{_label(key)}",model="{_label(model)}"}} {n}')
-        lines += ["# TYPE albert_retries_total counter", f"albert_retries_total {self.retries}",
+        lines += ["# HELP albert_retries_total Requests retried on another replica.",
+                  "# TYPE albert_retries_total counter", f"albert_retries_total {self.retries}",
+                  "# HELP albert_in_flight Requests being answered.",
                   "# TYPE albert_in_flight gauge", f"albert_in_flight {self.in_flight}",
+                  "# HELP albert_reloads_total Keys and whitelist reloads (SIGHUP).",
                   "# TYPE albert_reloads_total counter", f"albert_reloads_total {self.reloads}",
+                  "# HELP albert_reload_failures_total Reloads refused (a broken file).",
                   "# TYPE albert_reload_failures_total counter",
                   f"albert_reload_failures_total {self.reload_failures}",
+                  "# HELP albert_whitelist_entries Entries of the loaded whitelist.",
                   "# TYPE albert_whitelist_entries gauge",
                   f"albert_whitelist_entries {whitelist_entries}",
                   "# HELP albert_replica_healthy 1 if the replica serves, 0 if ejected.",
@@ -73,9 +87,12 @@ class Metrics:
         for rep in router.replicas:
             lines.append(f'albert_replica_healthy{{model="{_label(rep.model)}",'
                          f'replica="{_label(rep.url)}"}} {int(rep.healthy)}')
-        lines.append("# TYPE albert_replica_outstanding gauge")
+        lines += ["# HELP albert_replica_outstanding Requests in flight to the replica.",
+                  "# TYPE albert_replica_outstanding gauge"]
         for rep in router.replicas:
             lines.append(f'albert_replica_outstanding{{model="{_label(rep.model)}",'
                          f'replica="{_label(rep.url)}"}} {rep.outstanding}')
-        lines.append(f'albert_process_info{{pid="{os.getpid()}"}} 1')
+        lines += ["# HELP albert_process_info The gateway process (one per worker).",
+                  "# TYPE albert_process_info gauge",
+                  f'albert_process_info{{pid="{os.getpid()}"}} 1']
         return ("\n".join(lines) + "\n").encode()

@@ -16,7 +16,7 @@ from pyalbert.errors import AlbertError
 
 SETTINGS_ENV = "ALBERT_API_SETTINGS"
 #: ``[api]`` keys that GatewaySettings takes from the environment file when ApiSpec defines them
-OPTIONAL_API_FIELDS = ("max_n_cap",)
+OPTIONAL_API_FIELDS = ("max_n_cap", "metrics_auth")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class GatewaySettings:
     keys_path: str | None = None
     #: no keys at all: anyone may call (``--no-auth``, tests and laptops)
     open_access: bool = False
-    metrics_auth: bool = False
+    #: /metrics needs a scrape key (a key with ``scrape: true`` in the keys file); off: open
+    metrics_auth: bool = True
     max_body_bytes: int = 1_000_000
     max_tokens_cap: int | None = None
     #: cap on ``n`` (and ``best_of``): choices multiply the tokens one request generates

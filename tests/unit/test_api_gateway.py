@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import re
+import shutil
 import socket
+import string
+import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -22,6 +28,7 @@ from tests.support.fake_upstream import FakeUpstream, GatewayServer
 
 KEY = "k-test-0123456789abcdef"
 LIMITED = "k-limited-0123456789abcdef"
+SCRAPE = "k-scrape-0123456789abcdef"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "secret prompt 42"}]}
 
 
@@ -46,6 +53,7 @@ def keys_file(tmp_path: Path) -> Path:
         f"  - {{name: main, sha256: {hash_key(KEY)}, models: ['*']}}\n"
         f"  - name: limited\n    sha256: {hash_key(LIMITED)}\n    models: [m]\n"
         "    requests_per_minute: 2\n    max_tokens: 50\n"
+        f"  - {{name: prometheus, sha256: {hash_key(SCRAPE)}, models: [], scrape: true}}\n"
     )
     return path
 
@@ -165,7 +173,7 @@ def test_models_health_ready_metrics(gateway, up):
         assert [m["id"] for m in models["data"]] == ["m"]
         assert HTTP.get(gw.server.url + "/v1/models").status_code == 401
         gw.client.post("/v1/chat/completions", json=CHAT)
-        metrics = HTTP.get(gw.server.url + "/metrics").text
+        metrics = HTTP.get(gw.server.url + "/metrics", headers=SCRAPER).text
         assert 'albert_requests_total{route="chat",model="m",status="200"} 1' in metrics
         assert 'albert_replica_healthy{model="down"' in metrics
     finally:
@@ -351,10 +359,63 @@ def test_streams_cut_by_the_client_are_charged(gateway, up, tmp_path):
     assert charged >= delivered  # what was relayed was charged, though no stream completed
 
 
-def test_metrics_can_require_a_key(gateway):
-    gw = gateway(metrics_auth=True)
-    assert HTTP.get(gw.server.url + "/metrics").status_code == 401
-    assert "albert_in_flight" in gw.client.get("/metrics").text
+SCRAPER = {"Authorization": f"Bearer {SCRAPE}"}
+
+
+def test_metrics_need_a_scrape_key_by_default(gateway, up):
+    """/metrics was open: key names, models and replicas for anyone (issue 14)."""
+    gw = gateway()
+    assert gw.gateway.settings.metrics_auth
+    r = HTTP.get(gw.server.url + "/metrics")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = gw.client.get("/metrics")  # a valid key, but not a scrape key
+    assert r.status_code == 403 and "scrape: true" in r.json()["error"]["message"]
+    r = HTTP.get(gw.server.url + "/metrics", headers=SCRAPER)
+    assert r.status_code == 200 and "albert_in_flight" in r.text
+    # the scrape key uses no model
+    r = HTTP.post(gw.server.url + "/v1/chat/completions", json=CHAT, headers=SCRAPER)
+    assert r.status_code == 403 and not sent_bodies(up)
+    assert HTTP.get(gateway(metrics_auth=False).server.url + "/metrics").status_code == 200
+
+
+#: one sample line of the text exposition format: name, escaped labels, value
+SAMPLE_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+                       r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)?\})? \S+$')
+
+
+def samples(text: str) -> list[tuple[str, str]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = SAMPLE_RE.match(line)
+        assert match, f"not a valid sample line: {line!r}"
+        out.append((match[1], match[2] or ""))
+    return out
+
+
+def test_metrics_labels_are_bounded_and_cannot_inject_series(gateway):
+    gw = gateway()
+    evil = '/x"} 1\nalbert_fake_total{route="pwn'
+    assert HTTP.get(gw.server.url + quote(evil)).status_code == 404
+    assert HTTP.get(gw.server.url + "/v1/" + quote('a\\"b\n')).status_code == 404
+    for _ in range(2):  # the first scrape adds the /metrics route's own series
+        series_before = len(samples(HTTP.get(gw.server.url + "/metrics", headers=SCRAPER).text))
+    rng = random.Random(14)
+    for _ in range(300):
+        path = "/" + "".join(rng.choice(string.ascii_letters + '"{}\\\n=, ') for _ in range(12))
+        HTTP.get(gw.server.url + quote(path))
+    text = HTTP.get(gw.server.url + "/metrics", headers=SCRAPER).text
+    found = samples(text)
+    assert not [name for name, _ in found if "fake" in name or "pwn" in name]
+    routes = {labels.split('route="')[1].split('"')[0] for _, labels in found if 'route="' in labels}
+    assert routes <= {"chat", "completions", "embeddings", "/health", "/ready", "/metrics",
+                      "/v1/models", "other"}
+    assert len(found) == series_before  # 300 new paths, no new series
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                               capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 # -- bad inputs --------------------------------------------------------------------------------------
