@@ -9,10 +9,17 @@ exactly ``postprocess(text)[0]``:
   URL, e-mail or phone pattern can cross such a boundary, and every look-around of the patterns
   looks only at non-whitespace, so scanning regions one by one finds what scanning the whole text
   finds;
-* a region that reaches ``MAX_REGION`` characters also ends at its next whitespace, so the text
-  a stream holds back stays bounded even for a long run of spaced digits.
+* a region that reaches ``MAX_REGION`` characters also ends at its next whitespace, so the work
+  per region stays bounded even for a long run of spaced digits.
 
-A stream therefore holds back only the unfinished last word (or the unfinished spaced number).
+Inside the open (last) region, ``redact`` emits at once everything that no continuation can put
+under a redaction: it holds back only a *candidate*, the characters from where a URL
+(``h``, ``ht``, ... ``https://...``, ``www...``) or a phone number (``+``, ``0``, ``01 23``...)
+could still match, or an e-mail's domain after its ``@``. Plain words are never held: an e-mail's
+local part is a plain word until its ``@`` arrives, so an unverified e-mail loses its domain
+(``fraude@[unverified e-mail domain removed]``), in streams and whole answers alike. A phone
+candidate is at most ``PHONE_MAX`` characters; a link or a domain at most a region. ``flag``
+never changes the text: it relays every chunk as it arrives and matches on the side.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ FILE_FORMAT_VERSION = 1
 
 REDACTIONS: dict[str, str] = {
     "url": "[unverified link removed]",
-    "email": "[unverified e-mail removed]",
+    "email": "[unverified e-mail domain removed]",
     "phone": "[unverified phone number removed]",
 }
 
@@ -56,7 +63,8 @@ REDACTIONS: dict[str, str] = {
 MAX_REGION = 512
 
 _SEP = r"[ .\-\u00a0\u202f]"
-_URL = r"(?P<url>(?<![\w.\-/@])(?:https?://|www\.)[^\s<>\"'`\[\]{}|\\^]+)"
+_URL_CHAR = r"[^\s<>\"'`\[\]{}|\\^]"
+_URL = rf"(?P<url>(?<![\w.\-/@])(?:https?://|www\.){_URL_CHAR}+)"
 _EMAIL = (
     r"(?P<email>(?<![\w.%+\-])[\w.%+\-]+@[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?"
     r"(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)+)"
@@ -76,6 +84,18 @@ _MAYBE_URL = re.compile(r"://|www\.", re.IGNORECASE)
 _DIGIT = re.compile(r"[0-9]")
 _SHORT_NUMBER = re.compile(r"(?<![\w+])[0-9]{3,6}(?![\w])")
 _URL_TRAILING = ".,;:!?'\"*_~"
+
+#: the longest phone match: "+", 3 digits and 6 groups like " (1234)"
+PHONE_MAX = 46
+#: candidates, each anchored at the end of the text: what more text could still make a match
+#: (over-approximations: a candidate that cannot match is only held a little longer)
+_PHONE_CHAR = r"[0-9()\u00a0\u202f .\-]"
+_LIVE_URL = re.compile(
+    rf"(?:(?:https?://|www\.){_URL_CHAR}*|h(?:t(?:t(?:p(?:s?:?/?)?)?)?)?|ww?w?)\Z", re.IGNORECASE)
+_URL_START = re.compile(r"(?<![\w.\-/@])[hw]", re.IGNORECASE)
+_LIVE_PHONE = re.compile(
+    rf"(?:\+(?:[1-9]{_PHONE_CHAR}*)?|0(?:0(?:3(?:3{_PHONE_CHAR}*)?)?|[1-9]{_PHONE_CHAR}*)?)\Z")
+_PHONE_START = re.compile(r"(?<![\w+])[+0]")
 
 
 @lru_cache(maxsize=8)
@@ -104,14 +124,15 @@ def _scanner(region: str) -> re.Pattern[str] | None:
     )
 
 
-def _scan(region: str, pattern: re.Pattern[str]) -> Iterator[tuple[Kind, int, int, str]]:
-    """Raw spans (kind, start, end, text) in one region."""
-    for match in pattern.finditer(region):
+def _scan(region: str, pattern: re.Pattern[str],
+          pos: int = 0) -> Iterator[tuple[Kind, int, int, str, int]]:
+    """Raw spans (kind, start, end, text, end before trimming) in one region, from ``pos``."""
+    for match in pattern.finditer(region, pos):
         kind = match.lastgroup
         start, text = match.start(), match.group()
         if kind == "url":
             text = _trim_url(text)
-        yield kind, start, start + len(text), text  # type: ignore[misc]
+        yield kind, start, start + len(text), text, match.end()  # type: ignore[misc]
 
 
 _MISSING = object()
@@ -250,7 +271,7 @@ class Whitelist:
         pattern = _scanner(region)
         if pattern is None:
             return
-        for kind, start, end, text in _scan(region, pattern):
+        for kind, start, end, text, _ in _scan(region, pattern):
             allowed = self._verdict(kind, text)
             if allowed is not None:
                 yield Finding(kind, offset + start, offset + end, text, allowed)
@@ -324,74 +345,204 @@ class _Splitter:
             start = pos = found.end()
 
 
+#: a piece of output: the stream positions [start, end) of the input it stands for, its text, and
+#: whether that text is the input itself (else a redaction)
+Segment = tuple[int, int, str, bool]
+_Span = tuple[Kind, int, int, str, int]
+_LIVE_LOCAL = re.compile(r"(?<![\w.%+\-])[\w.%+\-]+\Z")
+_LIVE_AT = re.compile(r"(?<![\w.%+\-])[\w.%+\-]+@[a-z0-9.\-]*\Z", re.IGNORECASE)
+
+
+def _spans(region: str, pos: int) -> list[_Span]:
+    """Matches of ``region`` from ``pos`` (no match crosses ``pos``)."""
+    pattern = _scanner(region[pos:] if pos else region)
+    return list(_scan(region, pattern, pos)) if pattern is not None else []
+
+
+def _redaction_start(kind: str, start: int, text: str) -> int:
+    """Where a redaction begins: an e-mail keeps its local part and its ``@``."""
+    return start + text.index("@") + 1 if kind == "email" else start
+
+
+def _candidates(region: str, pos: int) -> list[tuple[int, int]]:
+    """(start, hold from) of every match attempt from ``pos`` that more text could still change.
+
+    An attempt that does not reach the end of ``region`` is decided: the patterns read nothing
+    past a character they cannot take (and a phone number reads at most ``PHONE_MAX + 1``).
+    """
+    n = len(region)
+    out = []
+    for m in _URL_START.finditer(region, pos):
+        if _LIVE_URL.match(region, m.start()):
+            out.append((m.start(), m.start()))
+    for m in _PHONE_START.finditer(region, max(pos, n - PHONE_MAX - 1)):
+        if _LIVE_PHONE.match(region, m.start()):
+            out.append((m.start(), m.start()))
+    m = _LIVE_AT.search(region, pos)
+    if m:
+        out.append((m.start(), m.start() + m.group().index("@") + 1))
+    m = _LIVE_LOCAL.search(region, pos)
+    if m:  # a word that may yet get an "@": nothing of it is ever redacted
+        out.append((m.start(), n))
+    out.sort()
+    return out
+
+
+def _render(region: str, offset: int, wl: Whitelist, mode: Mode, spans: list[_Span], start: int,
+            stop: int, found: list[Finding], out: list[Segment]) -> None:
+    """Segments of ``region[start:stop]`` (``spans`` lie inside); disallowed spans go to ``found``
+    and, in redact mode, are replaced."""
+    last = start
+    for kind, s, e, text, _ in spans:
+        if wl._verdict(kind, text) is not False:
+            continue
+        found.append(Finding(kind, offset + s, offset + e, text, False))
+        if mode == "redact":
+            r = _redaction_start(kind, s, text)
+            if r > last:
+                out.append((offset + last, offset + r, region[last:r], True))
+            out.append((offset + r, offset + e, REDACTIONS[kind], False))
+            last = e
+    if stop > last:
+        out.append((offset + last, offset + stop, region[last:stop], True))
+
+
 def _apply(region: str, offset: int, wl: Whitelist, mode: Mode, found: list[Finding]) -> str:
     """Flag or redact the disallowed spans of one region; append them to ``found``."""
-    if _scanner(region) is None:
-        return region
-    pieces: list[str] = []
-    last = 0
-    for finding in wl._check(region, offset):
-        if finding.allowed:
-            continue
-        found.append(finding)
-        if mode == "redact":
-            pieces.append(region[last : finding.start - offset])
-            pieces.append(REDACTIONS[finding.kind])
-            last = finding.end - offset
-    if not pieces:
-        return region
-    pieces.append(region[last:])
-    return "".join(pieces)
+    segments: list[Segment] = []
+    _render(region, offset, wl, mode, _spans(region, 0), 0, len(region), found, segments)
+    return "".join(s[2] for s in segments)
 
 
 class StreamFilter:
-    """Post-process a streamed answer chunk by chunk, holding back only an unfinished tail."""
+    """Post-process a streamed answer chunk by chunk.
 
-    def __init__(self, wl: Whitelist, mode: Mode):
+    ``flag`` returns every chunk unchanged at once. ``redact`` returns what is decided and holds
+    back only a candidate (see the module docstring). With ``segments=True`` the emitted output is
+    also described in ``segments`` (input positions -> text), for callers that map it back onto
+    tokens (logprobs); they take the list and clear it.
+    """
+
+    def __init__(self, wl: Whitelist, mode: Mode, *, segments: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown whitelist mode {mode!r}: use one of {', '.join(MODES)}")
         self.wl = wl
         self.mode = mode
         self.findings: list[Finding] = []
-        self._pending = ""  # text of the open region, not emitted yet
-        self._offset = 0  # position of _pending in the whole stream
+        self.segments: list[Segment] | None = [] if segments else None
+        self._region = ""  # the open region (its start is _offset in the whole stream)
+        self._offset = 0
+        self._fixed = 0  # in the open region: what precedes is decided (findings recorded)
+        self._done = 0  # in the open region: what precedes is emitted (redact)
         self._splitter = _Splitter()
 
     @property
     def held(self) -> int:
-        """Characters held back right now."""
-        return len(self._pending)
+        """Characters received and not emitted yet."""
+        return len(self._region) - self._done if self.mode == "redact" else 0
+
+    @property
+    def emitted(self) -> int:
+        """Stream position up to which the input has been emitted (as itself or redacted)."""
+        if self.mode == "redact":
+            return self._offset + self._done
+        return self._offset + len(self._region)
 
     def feed(self, chunk: str) -> str:
         if self.mode == "off" or not chunk:
             return chunk
-        buf = self._pending + chunk
-        cuts = self._splitter.cuts(buf, len(self._pending))
-        if not cuts:
-            self._pending = buf
-            return ""
-        pieces, start = [], 0
+        buf = self._region + chunk
+        cuts = self._splitter.cuts(buf, len(self._region))
+        out: list[Segment] = []
+        start = 0
         for cut in cuts:
-            pieces.append(_apply(buf[start:cut], self._offset + start, self.wl, self.mode, self.findings))
+            self._close(buf[start:cut], self._offset + start, out)
             start = cut
-        self._pending = buf[start:]
-        self._offset += start
-        self._splitter.region_start -= start
-        return "".join(pieces) if len(pieces) > 1 else pieces[0]
+        if start:
+            self._region = buf[start:]
+            self._offset += start
+            self._splitter.region_start -= start
+        else:
+            self._region = buf
+        if self.mode == "flag":
+            return chunk
+        self._advance(out)
+        return self._output(out)
 
     def flush(self) -> str:
-        rest, self._pending = self._pending, ""
-        if not rest:
+        if self.mode == "off" or not self._region:
             return ""
-        out = _apply(rest, self._offset, self.wl, self.mode, self.findings)
-        self._offset += len(rest)
+        out: list[Segment] = []
+        self._close(self._region, self._offset, out)
+        self._offset += len(self._region)
+        self._region = ""
         self._splitter.region_start = 0
-        return out
+        return "" if self.mode == "flag" else self._output(out)
+
+    def _output(self, out: list[Segment]) -> str:
+        if self.segments is not None:
+            self.segments.extend(out)
+        if not out:
+            return ""
+        return out[0][2] if len(out) == 1 else "".join(s[2] for s in out)
+
+    def _emit(self, segments: list[Segment], out: list[Segment]) -> None:
+        """Append what follows the emitted part of the open region."""
+        done = self._offset + self._done
+        for seg in segments:
+            start, end, text, same = seg
+            if end <= done:
+                continue
+            if start < done:  # only text kept as is can have been emitted in part
+                assert same, "a redaction was emitted in part"
+                seg = (done, end, text[done - start:], True)
+            out.append(seg)
+
+    def _close(self, region: str, offset: int, out: list[Segment]) -> None:
+        """A region ended: everything in it is decided."""
+        segments: list[Segment] = []
+        _render(region, offset, self.wl, self.mode, _spans(region, self._fixed), self._fixed,
+                len(region), self.findings, segments)
+        if self.mode == "redact":
+            self._emit(segments, out)
+        self._fixed = self._done = 0
+
+    def _advance(self, out: list[Segment]) -> None:
+        """Emit what no continuation of the open region can change."""
+        region, fixed = self._region, self._fixed
+        candidates = _candidates(region, fixed)
+        spans = _spans(region, fixed)
+        # the first candidate that the scan reaches: one inside a decided match is never tried
+        decided_to, j = len(region), 0
+        for start, _ in candidates:
+            while j < len(spans) and spans[j][4] <= start:
+                j += 1
+            if j < len(spans) and spans[j][1] < start:
+                continue
+            decided_to = start
+            break
+        hold = len(region)
+        for start, held_from in candidates:
+            if start >= decided_to and held_from < hold:
+                hold = held_from
+        decided = []
+        for span in spans:
+            if span[1] < decided_to:
+                decided.append(span)
+            else:
+                hold = min(hold, _redaction_start(span[0], span[1], span[3]))
+        if hold > self._done:
+            segments: list[Segment] = []
+            _render(region, self._offset, self.wl, self.mode, decided, fixed, hold, self.findings,
+                    segments)
+            self._emit(segments, out)
+            self._done = hold
+        self._fixed = decided_to  # (a decided redaction ends before ``hold``: it was emitted)
 
 
 def postprocess(text: str, wl: Whitelist, mode: Mode) -> tuple[str, list[Finding]]:
     """off: ``(text, [])``; flag: ``(text, disallowed findings)``; redact: disallowed spans
-    replaced by ``[unverified link removed]`` and the like."""
+    replaced by ``[unverified link removed]`` and the like (an e-mail keeps its local part)."""
     if mode == "off":
         return text, []
     stream = StreamFilter(wl, mode)

@@ -145,7 +145,7 @@ def test_postprocess_modes():
     assert redacted == (
         "Voir https://www.service-public.fr/vosdroits?utm_source=x. Ou [lien]("
         + REDACTIONS["url"]
-        + ") et www.impots.gouv.fr/contact, écrivez à Contact@Albert.fr ou "
+        + ") et www.impots.gouv.fr/contact, écrivez à Contact@Albert.fr ou a@"
         + REDACTIONS["email"]
         + ". Appelez le +33 (0)1 23 45 67 89, le "
         + REDACTIONS["phone"]
