@@ -21,6 +21,7 @@ from pyalbert.api import errors as E
 from pyalbert.api.accesslog import AccessLog
 from pyalbert.api.answers import Answers
 from pyalbert.api.errors import ApiError
+from pyalbert.api.http_guard import HttpLimits
 from pyalbert.api.keys import Key, KeyStore
 from pyalbert.api.metrics import Metrics
 from pyalbert.api.routing import Replica, Router
@@ -94,6 +95,11 @@ class Gateway:
         self._flusher: asyncio.TimerHandle | None = None
         self._signal = False
         self._set_headers()
+
+    @property
+    def http_limits(self) -> HttpLimits:
+        """Read by the server's protocol (:mod:`pyalbert.api.http_guard`) for each connection."""
+        return HttpLimits(self.settings.max_header_bytes, self.settings.read_timeout_s)
 
     # -- configuration that can be reloaded ------------------------------------------------
     def _load_keys(self) -> KeyStore:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from pyalbert.api import http_guard
 from pyalbert.api.app import Gateway, create_app
 from pyalbert.api.settings import SETTINGS_ENV, GatewaySettings
 
@@ -18,7 +19,7 @@ def uvicorn_options(settings: GatewaySettings) -> dict:
         "host": settings.host,
         "port": settings.port,
         "workers": settings.workers,
-        "http": "httptools",
+        "http": http_guard.PROTOCOL,  # httptools, with a head cap (431) and a read deadline (408)
         "loop": "uvloop",
         "lifespan": "on",
         "access_log": False,

@@ -16,7 +16,7 @@ from pyalbert.errors import AlbertError
 
 SETTINGS_ENV = "ALBERT_API_SETTINGS"
 #: ``[api]`` keys that GatewaySettings takes from the environment file when ApiSpec defines them
-OPTIONAL_API_FIELDS = ("max_n_cap", "metrics_auth")
+OPTIONAL_API_FIELDS = ("max_n_cap", "metrics_auth", "max_header_bytes", "read_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class GatewaySettings:
     first_byte_timeout_s: float = 120.0
     total_timeout_s: float = 600.0
     probe_interval_s: float = 1.0
+    #: request line + headers; larger heads get 431 (pyalbert.api.http_guard)
+    max_header_bytes: int = 32 * 1024
+    #: a whole request (head and body) must arrive within this, else 408 and the connection closes
+    read_timeout_s: float = 30.0
     access_log: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

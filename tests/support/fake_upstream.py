@@ -355,13 +355,16 @@ if __name__ == "__main__":
 
 
 class GatewayServer:
-    """An ASGI app (the gateway) served by uvicorn in a thread on 127.0.0.1, random port."""
+    """An ASGI app (the gateway) served by uvicorn in a thread on 127.0.0.1, random port, with
+    the protocol the gateway runs with in production (head cap, read deadline)."""
 
     def __init__(self, app):
         import uvicorn
 
+        from pyalbert.api.http_guard import PROTOCOL
+
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, http="httptools", loop="uvloop",
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, http=PROTOCOL, loop="uvloop",
                                 lifespan="on", access_log=False, log_level="warning",
                                 proxy_headers=False)
         self.server = uvicorn.Server(config)
