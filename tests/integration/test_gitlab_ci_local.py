@@ -52,9 +52,17 @@ STAGING_EDGES = [
     ("link gpu", "setup:vllm"), ("link gpu", "setup:api"),
     ("build:vllm", "deploy:vllm"), ("setup:vllm", "deploy:vllm"),
     ("build:api", "deploy:api"), ("setup:api", "deploy:api"),
-    ("deploy:vllm", "test:smoke"), ("deploy:api", "test:smoke"),
-    ("test:smoke", "unlink gpu"), ("build:vllm", "unlink gpu"), ("build:api", "unlink gpu"),
+    ("deploy:vllm", "test:vllm"), ("deploy:api", "test:api"),
+    ("test:vllm", "unlink gpu"), ("test:api", "unlink gpu"),
+    ("build:vllm", "unlink gpu"), ("build:api", "unlink gpu"),
 ]
+LANES = {"vllm": ["link gpu", "build:vllm", "setup:vllm", "deploy:vllm", "test:vllm"],
+         "api": ["link gpu", "build:api", "setup:api", "deploy:api", "test:api"]}
+STAGING_JOBS = {*LANES["vllm"], *LANES["api"], "unlink gpu"}
+
+
+def smoke_argv(service: str, env: str = "staging") -> list[str]:
+    return ["smoke", service, "--env", env, "--junit", f"smoke-{service}.xml"]
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +131,7 @@ def assert_order(records: list[dict], edges: list[tuple[str, str]]) -> None:
 
 def test_list_shows_the_jobs_of_each_branch(project):
     staging = listed(project, "CI_COMMIT_BRANCH=staging")
-    assert staging == {"link gpu", "build:vllm", "build:api", "setup:vllm", "setup:api",
-                       "deploy:vllm", "deploy:api", "test:smoke", "unlink gpu"}
+    assert staging == STAGING_JOBS
     assert listed(project, "CI_COMMIT_BRANCH=main") == staging - {"link gpu", "unlink gpu"}
     assert listed(project, "CI_PIPELINE_SOURCE=merge_request_event",
                   "CI_COMMIT_BRANCH=feature") == {"test:unit"}
@@ -146,15 +153,41 @@ def test_staging_pipeline_runs_in_order_with_deploys_played(project):
         "deploy:api": ["-r", "deploy", "deploy", "--env", "staging", "--service", "api"],
         "unlink gpu": ["-r", "deploy", "unlink-gpu", "--env", "staging"],
     }
-    (smoke,) = calls(records, "albert")
-    assert smoke["argv"] == ["smoke", "--env", "staging", "--junit", "smoke.xml"]
+    smokes = calls(records, "albert")
+    assert {r["job"]: r["argv"] for r in smokes} == {"test:vllm": smoke_argv("vllm"),
+                                                     "test:api": smoke_argv("api")}
+    assert len(smokes) == 2
     # host-side jobs run in the staging environment and get its scoped SSH key file;
     # image builds get no environment and no key
-    for record in calls(records, "fab") + [smoke]:
+    for record in calls(records, "fab") + smokes:
         assert (record["environment"], record["ssh_key"]) == ("staging", "staging-key"), record
     pushes = [r for r in calls(records, "docker") if r["argv"][0] == "push"]
     assert sorted(p["argv"][1].rsplit("/", 1)[1].split(":")[0] for p in pushes) == ["api", "vllm"]
     assert all(r["ssh_key"] is None and r["environment"] is None for r in calls(records, "docker"))
+
+
+@pytest.mark.parametrize(("lane", "other"), [("vllm", "api"), ("api", "vllm")])
+def test_deploying_one_lane_runs_its_test_and_not_the_others(project, lane, other):
+    """Only deploy:<lane> played: gitlab-ci-local runs test:<lane> with everything it needs (the
+    lane, as GitLab runs it once that button is played) and no job of the other lane. The whole
+    pipeline with one button played is refused: the other lane's test waits for its own button
+    (in GitLab the pipeline waits there; unlink gpu runs once both lanes ended)."""
+    result, records = gitlab_ci_local(
+        project, "--force-shell-executor", "--variable", "CI_COMMIT_BRANCH=staging",
+        "--manual", f"deploy:{lane}", "--needs", f"test:{lane}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    ran = {r["job"] for r in records if r["tool"] in {"fab", "albert", "docker"}}
+    assert ran == set(LANES[lane])
+    assert_order(records, [(a, b) for a, b in STAGING_EDGES if {a, b} <= set(LANES[lane])])
+    (smoke,) = calls(records, "albert")
+    assert (smoke["job"], smoke["argv"]) == (f"test:{lane}", smoke_argv(lane))
+    assert not any(r["job"].endswith(f":{other}") for r in records)
+
+    whole, records = gitlab_ci_local(
+        project, "--force-shell-executor", "--variable", "CI_COMMIT_BRANCH=staging",
+        "--manual", f"deploy:{lane}")
+    assert whole.returncode != 0 and records == []
+    assert f"deploy:{other} is when:manual, its needed by test:{other}" in whole.stdout + whole.stderr
 
 
 def test_main_deploys_production_without_gpu_link(project):
@@ -165,14 +198,33 @@ def test_main_deploys_production_without_gpu_link(project):
     fab = calls(records, "fab")
     assert {r["job"] for r in fab} == {"setup:vllm", "setup:api", "deploy:vllm", "deploy:api"}
     assert all(r["argv"][4] == "production" and r["ssh_key"] == "production-key" for r in fab)
+    assert sorted(r["argv"] for r in calls(records, "albert")) == [
+        smoke_argv("api", "production"), smoke_argv("vllm", "production")]
+
+
+@pytest.mark.parametrize("lane", ["vllm", "api"])
+def test_unlink_gpu_runs_last_after_a_failed_lane_test(project, lane):
+    """One lane's test fails: the other lane's test still runs, and unlink gpu (when: always)
+    frees the GPU last."""
+    result, records = gitlab_ci_local(
+        project, "--force-shell-executor", "--variable", "CI_COMMIT_BRANCH=staging",
+        "--manual", "deploy:vllm", "--manual", "deploy:api", fail=" ".join(smoke_argv(lane)))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"FAIL  test:{lane}" in out and "PASS  unlink gpu" in out
+    assert {r["job"] for r in calls(records, "albert")} == {"test:vllm", "test:api"}
+    jobs = [r["job"] for r in records if r["tool"] in {"fab", "albert"}]
+    assert jobs[-1] == "unlink gpu" and jobs.count("unlink gpu") == 1
 
 
 def test_unlink_gpu_runs_after_a_failed_deploy(project):
-    """A forced deploy failure: no smoke test, and unlink gpu (when: always) still frees the GPU.
+    """A forced deploy failure: no test of that lane, and unlink gpu (when: always) still frees
+    the GPU.
 
     gitlab-ci-local 4.73 never marks a job whose needs failed as skipped (GitLab does), so with
-    test:smoke selected it never starts the later stages; the whole pipeline is run first to show
-    the failure stops the smoke test, then every job but test:smoke to show unlink gpu runs.
+    test:vllm selected it never starts the last stage; the whole pipeline is run first to show
+    the failure stops that lane's test (the api lane's still runs), then every job but test:vllm
+    to show unlink gpu runs.
     """
     fail = "-r deploy deploy --env staging --service vllm"
     common = ("--force-shell-executor", "--variable", "CI_COMMIT_BRANCH=staging",
@@ -180,10 +232,9 @@ def test_unlink_gpu_runs_after_a_failed_deploy(project):
     result, records = gitlab_ci_local(project, *common, fail=fail)
     assert result.returncode != 0
     jobs = [r["job"] for r in records if r["tool"] in {"fab", "albert"}]
-    assert "deploy:vllm" in jobs and "test:smoke" not in jobs
+    assert "deploy:vllm" in jobs and "test:vllm" not in jobs and "test:api" in jobs
 
-    selection = ["link gpu", "build:vllm", "build:api", "setup:vllm", "setup:api", "deploy:vllm",
-                 "deploy:api", "unlink gpu"]
+    selection = sorted(STAGING_JOBS - {"test:vllm"})
     result, records = gitlab_ci_local(project, *common, *selection, fail=fail)
     assert result.returncode != 0
     assert "FAIL  deploy:vllm" in result.stdout + result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -121,14 +122,15 @@ def test_staging_runs_the_whole_chain_with_gpu_link():
     assert pipeline_for(STAGING) == {
         "link gpu": "on_success", "build:vllm": "on_success", "build:api": "on_success",
         "setup:vllm": "on_success", "setup:api": "on_success", "deploy:vllm": "manual",
-        "deploy:api": "manual", "test:smoke": "on_success", "unlink gpu": "always",
+        "deploy:api": "manual", "test:vllm": "on_success", "test:api": "on_success",
+        "unlink gpu": "always",
     }
 
 
 def test_main_deploys_production_without_gpu_link():
     jobs = pipeline_for(MAIN)
     assert set(jobs) == {"build:vllm", "build:api", "setup:vllm", "setup:api", "deploy:vllm",
-                         "deploy:api", "test:smoke"}
+                         "deploy:api", "test:vllm", "test:api"}
     assert pf.branches(DOC) == {"staging": "staging", "main": "production"}
 
 
@@ -170,7 +172,9 @@ def test_needs_name_jobs_of_earlier_stages():
 def test_needs_express_the_real_dag():
     assert _ancestors("deploy:vllm") == {"build:vllm", "setup:vllm", "link gpu"}
     assert _ancestors("deploy:api") == {"build:api", "setup:api", "link gpu"}  # no model download
-    assert {"deploy:vllm", "deploy:api"} <= _ancestors("test:smoke")
+    # each lane's test needs its own deploy only: one deploy button played runs that lane's test
+    assert _ancestors("test:vllm") == {"deploy:vllm", "build:vllm", "setup:vllm", "link gpu"}
+    assert _ancestors("test:api") == {"deploy:api", "build:api", "setup:api", "link gpu"}
     assert _needs(JOBS["build:vllm"]) == _needs(JOBS["build:api"]) == []
     # link gpu exists on staging only: needing it must be optional
     for name, job in JOBS.items():
@@ -183,6 +187,8 @@ def test_unlink_gpu_always_runs_last():
     job = JOBS["unlink gpu"]
     assert job["stage"] == STAGES[-1] and "needs" not in job  # waits for every earlier stage
     assert [r.get("when") for r in job["rules"]] == ["always"]
+    # ... so after both lanes' tests: it stops the vLLM servers the api test goes through
+    assert {JOBS["test:vllm"]["stage"], JOBS["test:api"]["stage"]} == {"test"}
 
 
 # --- deploys and environments -----------------------------------------------------------------
@@ -217,12 +223,42 @@ def test_deploy_side_jobs_are_one_call_of_fab_or_albert():
         "setup:api": 'fab -r deploy setup --env "$ALBERT_ENV" --service api',
         "deploy:vllm": 'fab -r deploy deploy --env "$ALBERT_ENV" --service vllm',
         "deploy:api": 'fab -r deploy deploy --env "$ALBERT_ENV" --service api',
-        "test:smoke": 'albert smoke --env "$ALBERT_ENV" --junit smoke.xml',
+        "test:vllm": 'albert smoke vllm --env "$ALBERT_ENV" --junit smoke-vllm.xml',
+        "test:api": 'albert smoke api --env "$ALBERT_ENV" --junit smoke-api.xml',
         "unlink gpu": 'fab -r deploy unlink-gpu --env "$ALBERT_ENV"',
     }
-    assert {n: j["script"] for n, j in host_side.items()} == expected
-    assert JOBS["test:smoke"]["artifacts"]["reports"]["junit"] == "smoke.xml"
-    assert JOBS["test:smoke"]["artifacts"]["when"] == "always"
+    assert {n: _argv(j) for n, j in host_side.items()} == {n: shlex.split(c) for n, c in expected.items()}
+
+
+@pytest.mark.parametrize("service", ["vllm", "api"])
+def test_each_lane_test_keeps_its_junit_report(service):
+    job = JOBS[f"test:{service}"]
+    assert job["stage"] == "test" and job["environment"]["action"] == "verify"
+    assert job["artifacts"]["when"] == "always"
+    report = _expand(job["artifacts"]["reports"]["junit"], job)
+    assert report == f"smoke-{service}.xml" and _argv(job)[-2:] == ["--junit", report]
+
+
+def _expand(text: str, job: dict) -> str:
+    """The job's own variables substituted, as the runner does (others stay as they are)."""
+    for name, value in (job.get("variables") or {}).items():
+        text = re.sub(rf"\$({name}\b|\{{{name}\}})", value, text)
+    return text
+
+
+def _argv(job: dict) -> list[str]:
+    """The one-line script as the shell splits it, the job's variables expanded."""
+    return shlex.split(_expand(job["script"], job))
+
+
+def test_every_lane_job_is_a_stage_template_plus_a_service_template():
+    raw = pf.jobs(DOC)
+    for stage in ("build", "setup", "deploy", "test"):
+        for service in ("vllm", "api"):
+            name = f"{stage}:{service}"
+            assert raw[name]["extends"] == [f".{stage}-job", f".{service}"], name
+            assert set(raw[name]) <= {"extends", "needs"}, f"{name} repeats what its templates say"
+            assert JOBS[name]["variables"]["SERVICE"] == service
 
 
 def test_builds_push_the_commit_image_of_their_service():
