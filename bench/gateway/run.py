@@ -1,13 +1,15 @@
 """Gateway benchmark: direct vs our gateway vs a naive FastAPI+httpx proxy vs LiteLLM's proxy.
 
     .venv/bin/python bench/gateway/run.py [--setup] [--duration 4] [--targets direct,gateway,naive,litellm]
+                                          [--whitelist-mode off|flag|redact]
 
 One instant fake upstream (tests/support/fake_upstream.py, its own process), one load tool for
 every target (bench/gateway/load.py: closed-loop keep-alive clients), concurrency 1 and 64, plain
 and streamed chat completions. Each target is one server process (workers = 1), started alone,
 measured, stopped. Printed side by side: req/s, p50/p99, added p50 vs direct, server CPU ms per
 request (user+system from /proc over the measured window), SSE chunks/s, and the ratios the
-targets of issue 8 are about. The naive proxy and LiteLLM run from a separate venv
+targets of issue 8 are about (its CPU target is for whitelist mode ``off``, the default here;
+``--whitelist-mode flag`` measures the answer checks too). The naive proxy and LiteLLM run from a separate venv
 (``--setup`` creates it in .cache/bench/venv); without it they are reported as skipped.
 """
 
@@ -90,7 +92,7 @@ def setup_venv() -> None:
                     "httpx", "uvicorn[standard]"], check=True)
 
 
-def targets(upstream: str, workdir: Path, wanted: list[str]):
+def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str = "off"):
     """(name, context manager yielding (url, pid, key)) for each target that can run."""
     key = "bench-" + secrets.token_urlsafe(24)
 
@@ -108,7 +110,7 @@ def targets(upstream: str, workdir: Path, wanted: list[str]):
         argv = [sys.executable, "-c", "from pyalbert.cli import run; run()", "api",
                 "--backends", json.dumps({"fake": [upstream]}), "--keys", str(keys),
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--whitelist-mode", "flag"]
+                "--whitelist-mode", whitelist_mode]
         with process(argv, f"http://127.0.0.1:{port}/health") as proc:
             yield f"http://127.0.0.1:{port}", proc.pid, key
 
@@ -206,6 +208,8 @@ def main() -> None:
                         help="runs per target and scenario; the one with the most req/s is shown "
                              "(a shared machine's noise hits every target alike)")
     parser.add_argument("--setup", action="store_true", help="create the venv with litellm and fastapi")
+    parser.add_argument("--whitelist-mode", choices=("off", "flag", "redact"), default="off",
+                        help="the gateway's answer checks (issue 8's CPU target is for off)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args()
     if args.setup and not (BENCH_VENV / "bin" / "litellm").exists():
@@ -217,7 +221,8 @@ def main() -> None:
                  "--chunks", str(CHUNKS)]
     upstream = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp, process(fake_argv, upstream + "/health"):
-        for name, target, why in targets(upstream, Path(tmp), args.targets.split(",")):
+        wanted = args.targets.split(",")
+        for name, target, why in targets(upstream, Path(tmp), wanted, args.whitelist_mode):
             if why:
                 skipped[name] = why
                 continue
@@ -230,6 +235,7 @@ def main() -> None:
                         results[name][f"{scenario} c={c}"] = max(runs, key=lambda r: r["rps"])
             except (RuntimeError, subprocess.CalledProcessError) as exc:
                 skipped[name] = f"failed: {exc}"
+    print(f"gateway whitelist mode: {args.whitelist_mode}")
     report(results, skipped)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "skipped": skipped}, indent=2))
