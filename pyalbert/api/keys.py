@@ -164,10 +164,6 @@ class Key:
         if self.tokens is not None and used != reserved:
             self.tokens.take(float(used - reserved), time.monotonic())
 
-    def spend_tokens(self, count: int) -> None:
-        if self.tokens is not None and count > 0:
-            self.tokens.take(float(count), time.monotonic())
-
 
 class KeyStore:
     """sha256 hex -> :class:`Key`. ``open`` stores accept any caller (``--no-auth``)."""

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pyalbert.api import admission
+from pyalbert.api.errors import ApiError
 from pyalbert.api.keys import Bucket, Key, KeySpec, KeyStore, hash_key
 from pyalbert.api.settings import GatewaySettings, parse_backends, settings_from_spec
 from pyalbert.cli import main
@@ -80,9 +82,65 @@ def test_bucket_refills_over_time():
 def test_key_admit_counts_requests_and_tokens():
     key = Key(KeySpec(name="k", sha256="a" * 64, requests_per_minute=2, tokens_per_minute=100))
     assert key.admit() == (0.0, "")
-    key.spend_tokens(150)
+    key.settle(1, 151)  # used more than reserved: a debt
     wait, which = key.admit()
     assert which == "tokens per minute" and wait > 20
+
+
+def test_reservations_are_taken_at_admission_and_settled():
+    key = Key(KeySpec(name="k", sha256="a" * 64, tokens_per_minute=100))
+    assert key.admit(40) == (0.0, "")
+    assert key.admit(40) == (0.0, "")
+    wait, which = key.admit(40)  # 20 left: concurrent requests cannot all pass
+    assert which == "tokens per minute" and wait > 0
+    key.settle(40, 5)  # the first used 5: 35 given back
+    assert key.admit(40) == (0.0, "")
+    # a request that may use more than the whole budget needs a full bucket, not more
+    fresh = Key(KeySpec(name="f", sha256="b" * 64, tokens_per_minute=100))
+    assert fresh.admit(10_000) == (0.0, "")
+    fresh.settle(10_000, 10)
+    assert fresh.tokens.level == pytest.approx(90, abs=1)
+    fresh.settle(0, -1000)  # giving back never fills past the capacity
+    assert fresh.tokens.level <= fresh.tokens.capacity
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, None), (5, 5), (5.0, 5), (1e5, 100000),
+], ids=["absent", "int", "float", "exponent"])
+def test_counts_accept_integers_in_any_json_spelling(value, expected):
+    assert admission.count({} if value is None else {"n": value}, "n") == expected
+
+
+@pytest.mark.parametrize("value", ["5", True, False, 1.5, 0, -1, [], {}, float("inf")],
+                         ids=["string", "true", "false", "fraction", "zero", "negative", "list",
+                              "object", "infinite"])
+def test_counts_refuse_anything_else_with_a_400_naming_the_field(value):
+    with pytest.raises(ApiError) as info:
+        admission.count({"max_tokens": value}, "max_tokens")
+    assert info.value.status == 400 and info.value.param == "max_tokens"
+
+
+def test_caps_lower_fill_and_canonicalise():
+    req = {"max_tokens": 1e4, "n": 9.0, "best_of": 2}
+    assert admission.apply_caps(req, token_cap=100, n_cap=4)
+    assert req == {"max_tokens": 100, "n": 4, "best_of": 2}
+    req = {"max_completion_tokens": 50}
+    assert not admission.apply_caps(req, token_cap=100, n_cap=4)  # already within the caps
+    assert "max_tokens" not in req
+    req = {}
+    assert admission.apply_caps(req, token_cap=100, n_cap=None) and req == {"max_tokens": 100}
+    req = {"max_tokens": 7.0}
+    assert admission.apply_caps(req, None, None) and type(req["max_tokens"]) is int
+
+
+def test_reservation_covers_prompt_and_every_choice():
+    body = 400
+    one = admission.reservation({"max_tokens": 100}, body, "chat")
+    assert one >= 100 + body // admission.PROMPT_BYTES_PER_TOKEN
+    assert admission.reservation({"max_tokens": 100, "n": 3}, body, "chat") - one == 200
+    assert admission.reservation({}, body, "chat", model_len=2048) > 2048
+    assert admission.reservation({}, body, "chat") > admission.DEFAULT_MODEL_LEN
+    assert admission.reservation({"max_tokens": 100}, body, "embeddings") == admission.prompt_estimate(body)
 
 
 def test_parse_backends_json_file_and_errors(tmp_path: Path):
