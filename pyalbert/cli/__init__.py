@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "supervise_cmd",
     "local_cmd",
     "hub_cmd",
+    "top_cmd",
 )
 
 

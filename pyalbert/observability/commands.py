@@ -9,7 +9,7 @@ from datetime import datetime
 
 from pyalbert.commands.base import Cmd, combine
 from pyalbert.commands.gpu import Lease
-from pyalbert.commands.release import ensure_dir, put
+from pyalbert.commands.release import put
 from pyalbert.observability import promql
 from pyalbert.observability.render import CONFIG_FILE, RULE_TESTS_FILE
 from pyalbert.observability.rules import RULES_FILE
@@ -44,7 +44,8 @@ def install(files: dict[str, str], config_dir: str, promtool: str = PROMTOOL) ->
     replaces the running one. The last step is the only one that touches ``config_dir``.
     """
     staging = f"{config_dir}.new"
-    steps = [Cmd.of("rm", "-rf", staging), ensure_dir(staging)]
+    # 0755, not the releases' 0700: Prometheus may run as its own user (Debian's package)
+    steps = [Cmd.of("rm", "-rf", staging), Cmd.of("mkdir", "-p", staging)]
     steps += [put(f"{staging}/{name}", content) for name, content in sorted(files.items())]
     if CONFIG_FILE in files:
         steps.append(check_config(f"{staging}/{CONFIG_FILE}", promtool))
@@ -53,7 +54,7 @@ def install(files: dict[str, str], config_dir: str, promtool: str = PROMTOOL) ->
     if RULE_TESTS_FILE in files:
         steps.append(test_rules(f"{staging}/{RULE_TESTS_FILE}", promtool))
     moves = [Cmd.of("mv", "-f", f"{staging}/{name}", f"{config_dir}/{name}") for name in sorted(files)]
-    steps.append(combine(ensure_dir(config_dir), *moves, Cmd.of("rmdir", staging)))
+    steps.append(combine(Cmd.of("mkdir", "-p", config_dir), *moves, Cmd.of("rmdir", staging)))
     return steps
 
 

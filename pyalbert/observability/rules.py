@@ -145,6 +145,7 @@ def rule_tests(a: AlertsSpec, rule_file: str = RULES_FILE) -> dict:
     long = max(_seconds(x) for x in (a.error_ratio_for, a.ttft_for, a.kv_cache_for,
                                      a.waiting_for, a.rejections_for)) // 60 + win + 5
     ttft_bad = a.ttft_p95_s * 2
+    grace = _seconds(a.gpu_lease_grace) // 60
     tests = [
         {   # model down: m1 has no replica up (its one target answers no more), m2 still serves
             "interval": "1m",
@@ -231,13 +232,13 @@ def rule_tests(a: AlertsSpec, rule_file: str = RULES_FILE) -> dict:
             "interval": "1m",
             "input_series": [
                 {"series": f'{q.GPU_LEASE_EXPIRY}{{env="staging",pipeline="41",who="ci"}}',
-                 "values": f"0x{long}"},
+                 "values": f"0x{grace + 2}"},
                 {"series": f'{q.GPU_LEASE_EXPIRY}{{env="other",pipeline="42",who="ci"}}',
-                 "values": f"{(long + 60) * 60}x{long}"},
+                 "values": f"{(grace + 60) * 60}x{grace + 2}"},
             ],
             "alert_rule_test": [
-                _quiet(by["AlbertGpuLeaseOverdue"], f"{max(_seconds(a.gpu_lease_grace) // 60 - 1, 0)}m"),
-                _fires(by["AlbertGpuLeaseOverdue"], f"{_seconds(a.gpu_lease_grace) // 60 + 1}m",
+                _quiet(by["AlbertGpuLeaseOverdue"], f"{max(grace - 1, 0)}m"),
+                _fires(by["AlbertGpuLeaseOverdue"], f"{grace + 1}m",
                        {"env": "staging", "pipeline": "41", "who": "ci"}),
             ],
         },
