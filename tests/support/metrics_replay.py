@@ -4,7 +4,8 @@ Every family, label and bucket is the real server's. Counters and histograms mov
 the real server showed under traffic: scrape ``k`` serves ``idle + k * (after - idle)``, so
 ``rate()`` and ``histogram_quantile`` have something to chew on for as long as the test runs
 (no window to race). Gauges are the real server's after traffic. ``/v1/models`` lists the model
-(the gateway's probe), ``/v1/chat/completions`` answers a real vLLM answer.
+(the gateway's probe), ``/v1/chat/completions`` answers in vLLM's shape with a usage block (the
+gateway charges the tokens to the key).
 
     python -m tests.support.metrics_replay --port 18001 --model smollm2
 """
@@ -20,7 +21,6 @@ from pathlib import Path
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vllm"
 IDLE = FIXTURES / "metrics-0.32-idle.txt"
 AFTER = FIXTURES / "metrics-0.32-after-traffic.txt"
-CHAT = FIXTURES / "chat-completion-0.32.json"
 
 
 def _series(line: str) -> tuple[str, float]:
@@ -66,9 +66,12 @@ def exposition(k: int, idle: str | None = None, after: str | None = None) -> str
 
 
 def chat_answer(model: str) -> bytes:
-    data = json.loads(CHAT.read_text())
-    data["model"] = model
-    return json.dumps(data).encode()
+    return json.dumps({
+        "id": "chatcmpl-replay", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
+                     "logprobs": None, "finish_reason": "stop", "stop_reason": None}],
+        "usage": {"prompt_tokens": 21, "total_tokens": 24, "completion_tokens": 3},
+    }).encode()
 
 
 class Replay(ThreadingHTTPServer):
