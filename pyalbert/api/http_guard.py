@@ -12,7 +12,8 @@ request:
   connection closed.
 - ``read_timeout_s``: a request (line, headers and body) must arrive within this from its first
   byte, and a new connection must start one within it. Else ``408`` (when no response is under
-  way) and the connection is closed; an app waiting for the body sees a disconnect.
+  way) and the connection is closed; an app waiting for the body sees a disconnect. Time while
+  the server itself does not read (flow control) does not count.
 
 The limits come from the app (``app.http_limits``: the gateway's settings); any other app gets
 the defaults below. Select it with uvicorn's ``http="pyalbert.api.http_guard:GuardedHttpToolsProtocol"``.
@@ -69,6 +70,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.read_timer = None
         if self.transport.is_closing():
             return
+        if self.flow is not None and self.flow.read_paused:
+            self._arm()  # we stopped reading (a pipelined request, a body the app has not taken)
+            return
         cycle = self.cycle
         if self.in_head and (cycle is None or cycle.response_complete):
             self._refuse(408, f"request not received within {self.read_timeout:g} s")
@@ -97,8 +101,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self.in_head:
             self.head_raw += len(data)
-            if self.read_timer is None:
-                self._arm()  # the first bytes of the next request on a kept-alive connection
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -121,6 +123,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- httptools callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.head_parsed = 0
+        if self.read_timer is None:
+            self._arm()  # the first byte of the next request on a kept-alive connection
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
