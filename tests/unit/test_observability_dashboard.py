@@ -4,6 +4,7 @@ every query valid PromQL (promtool parses and evaluates it)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,3 +79,22 @@ def test_dashboard_json_round_trips():
     doc = json.loads(d.render())
     assert doc["uid"] == "albert-deploy" and doc["schemaVersion"] == 39
     assert [v["name"] for v in doc["templating"]["list"]] == ["datasource", "model"]
+
+
+def test_snapshot_draws_each_panel_with_its_legend():
+    import xml.etree.ElementTree as ET
+
+    from pyalbert.observability import snapshot as s
+
+    assert s.legend("p95 {{model}} {{ host }}", {"model": "m", "host": "h"}) == "p95 m h"
+    svg = s.render([
+        ("Time to first token", "s", [("p95 m", [(0.0, 0.5), (60.0, 1.5), (120.0, math.nan)])]),
+        ("KV-cache use", "percentunit", []),
+    ], "title <&>")
+    root = ET.fromstring(svg)  # well-formed, title escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert texts[0] == "title <&>"
+    assert {"Time to first token", "KV-cache use", "p95 m", "no data", "1.5s"} <= set(texts)
+    (line,) = root.iter(f"{ns}polyline")
+    assert len(line.get("points").split()) == 2  # NaN points are left out
