@@ -2,8 +2,8 @@
 
 The staging pipeline runs with the real ``fab`` and ``albert`` (``.venv/bin`` first on PATH)
 against one namespace host (sshd + dockerd): link gpu -> setup (tools venv, model from a local
-hub, whitelist) -> deploy (played with ``--manual``) -> test:smoke (the real gateway in front of
-a fake vLLM) -> unlink gpu. Only what needs a registry is shimmed: ``docker login/build/push`` of
+hub, whitelist) -> deploy (played with ``--manual``) -> test:vllm (``albert smoke vllm``: the fake
+vLLM server asked directly) and test:api (the real gateway in front of it) -> unlink gpu. Only what needs a registry is shimmed: ``docker login/build/push`` of
 the build jobs (``push`` tags an image prepared here in the host's dockerd under the pipeline's
 ``$CI_REGISTRY_IMAGE/<service>:$CI_COMMIT_SHA``, as a pull from the registry would) and ``pip``
 (the jobs' ``pip install --editable .`` must not touch the shared venv).
@@ -44,7 +44,7 @@ MARKER = "/home/gitlab/gpu-hooks.log"
 MODEL = "albert-test/tiny-pipeline"
 VLLM_PORT, API_PORT = 18501, 18580
 STAGING_JOBS = ["link gpu", "build:vllm", "build:api", "setup:vllm", "setup:api", "deploy:vllm",
-                "deploy:api", "test:smoke", "unlink gpu"]
+                "deploy:api", "test:vllm", "test:api", "unlink gpu"]
 
 #: fake vLLM + answers ``stream: true`` with SSE (the gateway and the smoke test stream)
 STREAM_PATCH = '''\
@@ -330,7 +330,8 @@ def vllm_running(names) -> bool:
 
 def test_staging_pipeline_links_sets_up_deploys_tests_and_unlinks_the_host(stage):
     stage.write_config()
-    (stage.project / "smoke.xml").unlink(missing_ok=True)
+    for service in ("vllm", "api"):
+        (stage.project / f"smoke-{service}.xml").unlink(missing_ok=True)
     with Watch(stage.host) as watch:
         result = stage.run(701)
     out = result.stdout + result.stderr
@@ -341,8 +342,8 @@ def test_staging_pipeline_links_sets_up_deploys_tests_and_unlinks_the_host(stage
     for before, after in [("link gpu", "setup:vllm"), ("link gpu", "setup:api"),
                           ("setup:vllm", "deploy:vllm"), ("setup:api", "deploy:api"),
                           ("build:vllm", "deploy:vllm"), ("build:api", "deploy:api"),
-                          ("deploy:vllm", "test:smoke"), ("deploy:api", "test:smoke"),
-                          ("test:smoke", "unlink gpu")]:
+                          ("deploy:vllm", "test:vllm"), ("deploy:api", "test:api"),
+                          ("test:vllm", "unlink gpu"), ("test:api", "unlink gpu")]:
         assert started.index(before) < started.index(after), (before, after, started)
     assert "lease taken for pipeline 701" in out
     assert "stopped 1 vLLM server(s); lease released; detach hook run" in out
@@ -356,11 +357,17 @@ def test_staging_pipeline_links_sets_up_deploys_tests_and_unlinks_the_host(stage
     assert marker(stage.host) == [f"attach 701 {host}", f"detach 701 {host}"]
     assert "config.json" in stage.host.run(["ls", "/home/gitlab/models/tiny"]).stdout.split()
 
-    # the smoke test passed through the real gateway and left its JUnit report
-    # (the shell executor runs the jobs in the project folder itself)
-    suite = ElementTree.parse(stage.project / "smoke.xml").getroot().find("testsuite")
-    assert (suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("0", "0", "0")
-    assert [case.get("name") for case in suite.iter("testcase")] == [
+    # each lane's test passed and left its JUnit report (the shell executor runs the jobs in the
+    # project folder itself): the vLLM server asked directly, then the real gateway
+    suites = {service: ElementTree.parse(stage.project / f"smoke-{service}.xml").getroot().find("testsuite")
+              for service in ("vllm", "api")}
+    for suite in suites.values():
+        assert (suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("0", "0", "0")
+    assert suites["vllm"].get("name") == "albert-smoke-vllm-staging"
+    assert [case.get("name") for case in suites["vllm"].iter("testcase")] == [
+        f"tiny on {host}:{VLLM_PORT} /health", f"tiny on {host}:{VLLM_PORT} /v1/models",
+        f"tiny on {host}:{VLLM_PORT} completion"]
+    assert [case.get("name") for case in suites["api"].iter("testcase")] == [
         "api ready", "models listed", "chat tiny", "stream tiny", "bad key refused",
         "whitelist header"]
     assert stage.key not in out
@@ -376,12 +383,12 @@ def test_a_failed_deploy_still_unlinks_the_gpu(stage):
     """A vLLM server that dies at start: deploy:vllm fails, unlink gpu still frees the GPU.
 
     gitlab-ci-local 4.73 does not mark a job whose needs failed as skipped (GitLab does), so with
-    test:smoke selected it never reaches the last stage; as in test_gitlab_ci_local, every job
-    but test:smoke is selected.
+    test:vllm selected it never reaches the last stage; as in test_gitlab_ci_local, every job
+    but the tests is selected (test:api would only fail on the missing vLLM server).
     """
     stage.write_config(model_env={"FAKE_VLLM_FAIL": "exit"})
     stage.host.run(f"rm -f {MARKER}")
-    jobs = [j for j in STAGING_JOBS if j != "test:smoke"]
+    jobs = [j for j in STAGING_JOBS if not j.startswith("test:")]
     with Watch(stage.host) as watch:
         result = stage.run(702, *jobs)
     out = result.stdout + result.stderr
