@@ -248,3 +248,23 @@ def test_default_server_caps_threads_and_times_out(root):
         assert 0 < server.request_timeout_s <= 60 and 0 < server.io_timeout_s <= 300
     finally:
         server.server_close()
+
+
+def test_a_busy_mirror_makes_the_hub_client_retry_not_fail(root, serve, tmp_path, monkeypatch):
+    """Every slot held by a half-sent request: huggingface_hub gets 503 + Retry-After, retries,
+    and downloads once the slot is freed by the head deadline."""
+    from huggingface_hub import hf_hub_download
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    host, port = serve(Mirror(root, cache_path=None), max_connections=1, request_timeout_s=1.0)
+    [held] = half_sent((host, port), 1)
+    try:
+        started = time.monotonic()
+        got = hf_hub_download("org/tiny", "config.json", endpoint=f"http://{host}:{port}",
+                              local_dir=tmp_path / "out")
+        assert Path(got).read_bytes() == FILES["config.json"]
+        assert 0.5 < time.monotonic() - started < 15  # waited for the slot, then got it
+    finally:
+        held.close()
