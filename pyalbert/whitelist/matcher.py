@@ -81,6 +81,7 @@ _BOUNDARY = re.compile(r"(?<![0-9)])[ \u00a0\u202f]|[^\S \u00a0\u202f]")
 _WHITESPACE = re.compile(r"\s")
 #: cheap tests that decide which patterns can match a region at all
 _MAYBE_URL = re.compile(r"://|www\.", re.IGNORECASE)
+_MAYBE_ANY = re.compile(r"[0-9@]|://|www\.", re.IGNORECASE)
 _DIGIT = re.compile(r"[0-9]")
 _SHORT_NUMBER = re.compile(r"(?<![\w+])[0-9]{3,6}(?![\w])")
 _URL_TRAILING = ".,;:!?'\"*_~"
@@ -96,6 +97,8 @@ _URL_START = re.compile(r"(?<![\w.\-/@])[hw]", re.IGNORECASE)
 _LIVE_PHONE = re.compile(
     rf"(?:\+(?:[1-9]{_PHONE_CHAR}*)?|0(?:0(?:3(?:3{_PHONE_CHAR}*)?)?|[1-9]{_PHONE_CHAR}*)?)\Z")
 _PHONE_START = re.compile(r"(?<![\w+])[+0]")
+#: what any match or candidate but a plain word needs (a link starts with h or w)
+_MAYBE_CANDIDATE = re.compile(r"(?<![\w.\-/@])[hw]|[@+0-9]", re.IGNORECASE)
 
 
 @lru_cache(maxsize=8)
@@ -117,6 +120,8 @@ def _trim_url(text: str) -> str:
 
 
 def _scanner(region: str) -> re.Pattern[str] | None:
+    if _MAYBE_ANY.search(region) is None:  # most regions of prose: one search
+        return None
     return _pattern(
         _MAYBE_URL.search(region) is not None,
         "@" in region,
@@ -510,6 +515,14 @@ class StreamFilter:
     def _advance(self, out: list[Segment]) -> None:
         """Emit what no continuation of the open region can change."""
         region, fixed = self._region, self._fixed
+        if _MAYBE_CANDIDATE.search(region, fixed) is None:  # plain words: all out
+            word = _LIVE_LOCAL.search(region, fixed)
+            if len(region) > self._done:
+                out.append((self._offset + self._done, self._offset + len(region),
+                            region[self._done:], True))
+                self._done = len(region)
+            self._fixed = word.start() if word else len(region)
+            return
         candidates = _candidates(region, fixed)
         spans = _spans(region, fixed)
         # the first candidate that the scan reaches: one inside a decided match is never tried
