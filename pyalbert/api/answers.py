@@ -25,6 +25,7 @@ The matcher is imported lazily: with mode ``off`` the gateway does not need it.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from pathlib import Path
 from types import ModuleType
@@ -135,6 +136,48 @@ class _Text:
     def feed(self, text: str, final: bool) -> str:
         out = self.filter.feed(text) if text else ""
         return out + self.filter.flush() if final else out
+
+
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?\Z|\\(?:/|u([0-9a-fA-F]{4})|.)", re.DOTALL)
+
+
+class _Arguments(_Text):
+    """Tool-call arguments: JSON text, where ``https:\\/\\/`` or ``\\u0040`` spell what a
+    tool will read as ``https://`` and ``@``. Such escapes (``\\/``, and ``\\uXXXX`` of a
+    printable ASCII character other than ``"`` and ``\\``) are written plainly before matching
+    (the same JSON value); an escape cut by the chunking waits for its end."""
+
+    __slots__ = ("carry",)
+
+    def __init__(self, answers: Answers):
+        super().__init__(answers)
+        self.carry = ""
+
+    def feed(self, text: str, final: bool) -> str:
+        return super().feed(self.unescape(text, final), final)
+
+    def unescape(self, text: str, final: bool) -> str:
+        text, self.carry = self.carry + text, ""
+        if "\\" not in text:
+            return text
+
+        def plain(m: re.Match[str]) -> str:
+            escape = m.group()
+            if m.end() == len(text) and (escape == "\\" or (escape[:2] == "\\u" and len(escape) < 6)):
+                if not final:
+                    self.carry = escape
+                    return ""
+                return escape
+            if escape == "\\/":
+                return "/"
+            code = m.group(1)
+            if code is not None:
+                char = chr(int(code, 16))
+                if " " <= char <= "~" and char not in "\"\\":
+                    return char
+            return escape
+
+        return _ESCAPE.sub(plain, text)
 
 
 #: a released piece of content: (output text, input text, logprob entries or None)
@@ -272,7 +315,7 @@ class _Choice:
         self.content: _Text | None = None  # flag
         self.tokens: _Tokens | None = None  # redact
         self.side: dict[str, _Text] = {}
-        self.tools: dict[int, _Text] = {}
+        self.tools: dict[int, _Arguments] = {}
         self.out_pos = 0  # characters of content sent (completions ``text_offset``)
         self.offset_base: int | None = None
         self.finished = False
@@ -388,7 +431,7 @@ class _Choice:
             args = args if isinstance(args, str) else ""
             if not args and not (final and index in self.tools):
                 continue
-            state = self.tools.get(index) or self.tools.setdefault(index, _Text(self.answers))
+            state = self.tools.get(index) or self.tools.setdefault(index, _Arguments(self.answers))
             out = state.feed(args, final)
             if out != args:
                 function["arguments"] = out

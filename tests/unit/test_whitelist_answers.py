@@ -363,3 +363,24 @@ def test_redact_stream_property_random_answers():
                     assert (c["delta"].get("content") or "") == "".join(x["token"] for x in entries)
                 for x in entries:  # the alternatives say no more than the token
                     assert x["token"] == "<|im_end|>" or [alt["token"] for alt in x["top_logprobs"]] == [x["token"]]
+
+
+@pytest.mark.parametrize("mode", ["flag", "redact"])
+def test_tool_call_arguments_escaped_in_json_are_seen_through(mode):
+    r"""``https:\/\/`` and ``\u0040`` are what the tool reads as ``https://`` and ``@``."""
+    args = ['{"u": "https:\\', '/\\/evil.example\\/x", "m": "fraude\\u00', '40evil.example", ',
+            '"q": "\\\\/ok\\"\\u00e9"}']
+    events = [chat_event(0, None, role="assistant")]
+    events += [chat_event(0, None, tool_calls=[{"index": 0, "function": {"arguments": a}}]) for a in args]
+    events.append(chat_event(0, None, finish="tool_calls"))
+    outs, out_events = run(mode, sse(events))
+    arguments = "".join(tc["function"].get("arguments") or "" for e in out_events
+                        for c in e["choices"] for tc in c["delta"].get("tool_calls") or [])
+    if mode == "flag":
+        assert arguments == "".join(args)
+        assert [u["text"] for u in out_events[-1]["albert"]["unverified"]] == [
+            "https://evil.example/x", "fraude@evil.example"]
+        return
+    assert b"evil" not in b"".join(outs)
+    assert json.loads(arguments) == {"u": REDACTIONS["url"], "m": "fraude@" + REDACTIONS["email"],
+                                     "q": "\\/ok\"é"}
