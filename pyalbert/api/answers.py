@@ -348,12 +348,16 @@ class _Choice:
         field = "content" if self.chat else "text"
         text = holder.get(field)
         text = text if isinstance(text, str) else ""
-        if self.flag:
+        logprobs = choice.get("logprobs")
+        if self.flag or (self.content is not None and not logprobs):
+            # flag matches on the side; an answer without logprobs needs no token boundaries
             if text or (final and self.content is not None):
                 self.content = self.content or _Text(self.answers)
-                self.content.feed(text, final)
+                out = self.content.feed(text, final)
+                if out != text and not self.flag:
+                    holder[field] = out
+                    return True
             return False
-        logprobs = choice.get("logprobs")
         entries = tokens = None
         if isinstance(logprobs, dict):
             if self.chat:
@@ -368,6 +372,18 @@ class _Choice:
                 entries, tokens = _completion_entries(logprobs)
         if not text and not entries and not (final and self.tokens is not None):
             return False
+        if self.tokens is None and not entries and self.content is None:
+            self.content = _Text(self.answers)
+            return self._content(holder, choice, final)
+        if self.content is not None:  # logprobs after text without: they say what this event says
+            out = self.content.feed(text, final)
+            if out != text and entries:
+                (_rewrite_chat_entries if self.chat else _rewrite_completion_entries)(entries, out)
+                if not self.chat:
+                    choice["logprobs"] = _completion_logprobs(entries, logprobs)
+            if out != text:
+                holder[field] = out
+            return out != text
         self.tokens = self.tokens or _Tokens(self.answers)
         units = self.tokens.feed(text, entries, tokens, final)
         out = "".join(u[0] for u in units)

