@@ -27,6 +27,7 @@ from pyalbert.api import errors as E
 
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 CHOICE_FIELDS = ("n", "best_of")
+COUNT_FIELDS = frozenset(TOKEN_FIELDS + CHOICE_FIELDS)
 #: completion budget when the request sets none and the replica's max_model_len is unknown
 DEFAULT_MODEL_LEN = 4096
 #: vLLM's default max_tokens for /v1/completions
@@ -78,6 +79,8 @@ def _set(req: dict, field: str, number: int | None, cap: int | None) -> bool:
 
 def apply_caps(req: dict, token_cap: int | None, n_cap: int | None) -> bool:
     """Validate the counts of a chat/completions request and cap them; True if ``req`` changed."""
+    if token_cap is None and not req.keys() & COUNT_FIELDS:
+        return False  # the common case, on every request: nothing to check
     changed = False
     absent = True
     for field in TOKEN_FIELDS:

@@ -137,7 +137,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_parsed += len(name) + len(value) + 4  # ": " and CRLF
         if self.head_parsed > self.max_head:
             raise HeadTooLarge
-        super().on_header(name, value)
+        # uvicorn's on_header, inlined (one call per header on every request)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
