@@ -384,3 +384,17 @@ def test_tool_call_arguments_escaped_in_json_are_seen_through(mode):
     assert b"evil" not in b"".join(outs)
     assert json.loads(arguments) == {"u": REDACTIONS["url"], "m": "fraude@" + REDACTIONS["email"],
                                      "q": "\\/ok\"é"}
+
+
+def test_redact_logprobs_that_start_mid_answer_say_what_their_event_says():
+    events = token_stream(TOKENS)
+    for e in events[1:4]:  # the first tokens came without logprobs
+        e["choices"][0]["logprobs"] = None
+    outs, out_events = run("redact", sse(events))
+    assert_no_secret(b"".join(outs))
+    assert texts(out_events) == {0: postprocess(TEXT, WL, "redact")[0]}
+    for e in out_events:
+        for c in e["choices"]:
+            entries = (c.get("logprobs") or {}).get("content") or []
+            if entries and entries[0]["token"] != "<|im_end|>":
+                assert c["delta"]["content"] == "".join(x["token"] for x in entries)
