@@ -14,14 +14,18 @@
 #   --skip-packages      leave apt packages alone (hosts whose packages are managed elsewhere)
 #
 # Output: "changed: X" per change ("would change: X" in a dry run), "note: X" for things skipped,
-# then "init_vm: N change(s)" or "init_vm: no change". Exit 2: bad input, nothing touched.
+# then "init_vm: N change(s)" or "init_vm: no change". Exit 2: bad input, nothing touched. Exit 3:
+# the host is in a state this script will not act on as root (it says what and the fix).
 # Secrets are never echoed nor put in a command line (the password is hashed via stdin).
+# The deploy user's home is that user's ground: root never reads, writes or chowns through a path
+# the user could have planted a symlink in (see ensure_authorized_key).
 # A no-op run is mostly checks: they use bash built-ins (read, [[ ]]) where a tool is not needed,
 # so that a re-run costs a few processes, not dozens (fab provision runs it on every host).
 
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 readonly SUDOERS_PREFIX=/etc/sudoers.d/albert-
+readonly SUDOERS_MARK="# Managed by Albert Deploy (utils/init_vm.sh)"
 readonly KEYS_BEGIN="# BEGIN albert managed keys"
 readonly KEYS_END="# END albert managed keys"
 
@@ -33,10 +37,12 @@ SKIP_PACKAGES=0
 ENV_FILE=
 CHANGES=0
 APT_UPDATED=0
+USER_UID= USER_GID=
 
 say() { printf '%s\n' "$*"; }
 note() { say "note: $*"; }
 die() { say "init_vm: error: $*" >&2; exit 2; }
+fail() { say "init_vm: error: $*" >&2; exit 3; }
 
 # act DESCRIPTION CMD...: run CMD (or, in a dry run, only report it) and count the change.
 act() {
@@ -244,59 +250,66 @@ set_password() {
 }
 
 # authorized_keys keeps lines it does not manage; the block between the markers is ours.
+# Everything under the user's home may be a symlink the user planted (to /etc/shadow, to root's
+# keys): root only looks (stat, which follows no final link) and fixes the owner of ~/.ssh itself
+# with chown -h. Reading and writing go through as_user, a process with the user's uid and groups,
+# so a link can only lead where the user could go anyway; the file is replaced by a rename of a
+# fresh temp file (mktemp: O_EXCL), so a link at its name is replaced, never written through.
+# (Lines the user cannot read are not kept: sshd reads the file as the user, they never worked.)
 ensure_authorized_key() {
-  local entry rest home dir file desired
+  local entry rest home dir file current= desired state
   entry=$(getent passwd "$USER_NAME")
-  IFS=: read -r rest rest rest rest rest home rest <<<"$entry"  # name:x:uid:gid:gecos:HOME:shell
+  IFS=: read -r rest rest USER_UID USER_GID rest home rest <<<"$entry"  # name:x:uid:gid:gecos:HOME:shell
   dir=$home/.ssh file=$home/.ssh/authorized_keys
-  desired=$( { [[ -f $file ]] && sed "/^$KEYS_BEGIN\$/,/^$KEYS_END\$/d" "$file"; printf '%s\n%s\n%s\n' "$KEYS_BEGIN" "$GITLAB_SSH_PUBLIC_KEY" "$KEYS_END"; } )
-  if [[ ! -f $file ]] || [[ $(<"$file") != "$desired" ]]; then
-    act "$file: managed key" write_owned "$file" 0600 "$desired"
+  [[ -L $dir ]] && fail "$dir is a symbolic link: root does not follow links in the home of $USER_NAME. Fix: make it a directory owned by $USER_NAME (mode 700), then re-run"
+  if [[ -d $dir ]] && [[ $(stat -c %U -- "$dir") != "$USER_NAME" ]]; then
+    act "$dir: owner $USER_NAME" chown -h -- "$USER_UID:$USER_GID" "$dir"
   fi
-  [[ -f $file ]] || return 0  # dry run: it would be written with the right modes
-  if [[ $(stat -c '%U %a' "$dir" "$file") != "$USER_NAME 700"$'\n'"$USER_NAME 600" ]]; then
-    act "$dir: owner $USER_NAME, modes 700/600" fix_ssh_modes "$dir" "$file"
+  if [[ -e $file || -L $file ]]; then
+    current=$(as_user cat -- "$file" 2>/dev/null) || current=  # what the user cannot read: nothing
+  fi
+  desired=$( { [[ -n $current ]] && sed "/^$KEYS_BEGIN\$/,/^$KEYS_END\$/d" <<<"$current"; printf '%s\n%s\n%s\n' "$KEYS_BEGIN" "$GITLAB_SSH_PUBLIC_KEY" "$KEYS_END"; } )
+  state=$(stat -c '%U %a %F' -- "$dir" "$file" 2>/dev/null) || state=
+  if [[ $current != "$desired" || $state != *$'\n'"$USER_NAME "*" regular file" ]]; then
+    act "$file: managed key" write_as_user "$file" "$desired"
+  elif [[ $state != "$USER_NAME 700 directory"$'\n'"$USER_NAME 600 regular file" ]]; then
+    act "$dir: owner $USER_NAME, modes 700/600" fix_ssh_modes "$dir" "$file" "$desired"
   fi
 }
 
-write_owned() {  # FILE MODE CONTENT: atomic write owned by the deploy user
-  local file=$1 mode=$2 dir
-  dir=$(dirname "$file")
-  install -d -m 0700 -o "$USER_NAME" -g "$USER_NAME" "$dir"
-  (umask 077 && printf '%s\n' "$3" >"$file.tmp")
-  chown "$USER_NAME:$USER_NAME" "$file.tmp" && chmod "$mode" "$file.tmp" && mv -f "$file.tmp" "$file"
+as_user() {  # CMD...: run as the deploy user (uid, gid, groups): never with root's rights
+  setpriv --reuid="$USER_UID" --regid="$USER_GID" --init-groups -- "$@"
 }
 
-fix_ssh_modes() {
-  chown "$USER_NAME:$USER_NAME" "$1" "$2" && chmod 700 "$1" && chmod 600 "$2"
+write_as_user() {  # FILE CONTENT: replace FILE atomically as the deploy user, mode 600
+  local dir=${1%/*}
+  [[ -d $dir ]] || as_user mkdir -m 0700 -- "$dir" || fail "cannot create $dir as $USER_NAME. Fix: check the owner of the home directory"
+  # shellcheck disable=SC2016 # $1 and $t are the inner shell's
+  printf '%s\n' "$2" | as_user sh -c 'umask 077 && t=$(mktemp "$1.XXXXXXXX") && { cat >"$t" && mv -fT -- "$t" "$1" || { rm -f -- "$t"; exit 1; }; }' sh "$1" ||
+    fail "cannot write $1 as $USER_NAME. Fix: make $dir a directory owned by $USER_NAME (mode 700), then re-run"
 }
 
-# --- narrowly scoped sudo --------------------------------------------------------------------
-# Only what the tools run as root: albert systemd units, the storage dir, nvidia-smi.
+fix_ssh_modes() {  # DIR FILE CONTENT: modes 700/600, the file rewritten if its owner is wrong
+  as_user chmod 700 -- "$1" || fail "cannot set the mode of $1 as $USER_NAME"
+  if [[ $(stat -c '%U %a' -- "$2") != "$USER_NAME 600" ]]; then write_as_user "$2" "$3"; fi
+}
+
+# --- sudo: none -------------------------------------------------------------------------------
+# Nothing the tools run on a host as the deploy user needs root (provisioning connects as root or
+# an admin), so the user gets no sudo rule. Earlier versions installed rules nothing called:
+# `systemctl status albert-*` (a pager as root, and `*` matched extra arguments), nvidia-smi with
+# any arguments, mkdir/chown of the storage dir. That file is removed; a file of the same name that
+# we did not write is left alone. A rule added later names the exact command line the code runs.
 # (Membership of group docker is root-equivalent anyway: keep the deploy key safe.)
-sudoers_content() {  # sets SUDOERS (read from a here-document: no process)
-  local u=$USER_NAME s=$STORAGE_DIR
-  IFS= read -r -d '' SUDOERS <<EOF || true
-# Managed by Albert Deploy (utils/init_vm.sh): changes are overwritten.
-Cmnd_Alias ALBERT_UNITS = /usr/bin/systemctl start albert-*, /usr/bin/systemctl stop albert-*, \\
-  /usr/bin/systemctl restart albert-*, /usr/bin/systemctl status albert-*, /usr/bin/systemctl daemon-reload
-Cmnd_Alias ALBERT_STORAGE = /usr/bin/mkdir -p $s, /usr/bin/chown $u\\:$u $s
-Cmnd_Alias ALBERT_GPU = /usr/bin/nvidia-smi
-$u ALL=(root) NOPASSWD: ALBERT_UNITS, ALBERT_STORAGE, ALBERT_GPU
-EOF
-}
-
-ensure_sudoers() {
-  local file=$SUDOERS_PREFIX$USER_NAME current= tmp
-  sudoers_content
-  [[ -f $file ]] && { IFS= read -r -d '' current <"$file" || true; }
-  # same text, and the same size (read stops at a NUL byte), owner and mode: nothing to do
-  if [[ $current == "$SUDOERS" && $(stat -c '%U %a %s' "$file") == "root 440 ${#SUDOERS}" ]]; then return 0; fi
-  tmp=$(mktemp)
-  printf '%s' "$SUDOERS" >"$tmp"
-  if ! visudo -cqf "$tmp" >/dev/null; then rm -f "$tmp"; die "the sudoers rules for $USER_NAME do not validate (visudo -cf); nothing installed"; fi
-  act "$file: sudo rules for $USER_NAME (validated)" install -m 0440 -o root -g root "$tmp" "$file"
-  rm -f "$tmp"
+ensure_no_sudoers() {
+  local file=$SUDOERS_PREFIX$USER_NAME first=
+  [[ -e $file || -L $file ]] || return 0
+  IFS= read -r first <"$file" || true
+  if [[ $first == "$SUDOERS_MARK"* ]]; then
+    act "$file removed (sudo rules nothing uses)" rm -f -- "$file"
+  else
+    note "$file: not written by Albert Deploy: left alone"
+  fi
 }
 
 # --- storage ---------------------------------------------------------------------------------
@@ -314,7 +327,7 @@ main() {
   ensure_packages
   ensure_nvidia
   ensure_user
-  ensure_sudoers
+  ensure_no_sudoers
   ensure_storage
   if ((CHANGES == 0)); then say "init_vm: no change"
   elif ((DRY_RUN)); then say "init_vm: $CHANGES change(s) would be made (dry run)"

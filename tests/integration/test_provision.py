@@ -1,8 +1,9 @@
 """``fab provision`` and utils/init_vm.sh on namespace hosts, over real SSH.
 
 apt packages are machine-wide here and already present (scripts/bootstrap); the user, password,
-authorized_keys, sudoers file, storage dir, idempotence and missing-variable paths run for real;
-the NVIDIA branch runs as a dry plan.
+authorized_keys, sudo rules (none), storage dir, idempotence and missing-variable paths run for
+real; the NVIDIA branch runs as a dry plan. The deploy user's home is the attacker's ground:
+symlinks planted there must not lead root's writes, reads or chowns anywhere.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -57,7 +59,7 @@ def test_first_run_converges_then_second_run_changes_nothing(fresh, deploy_key):
     host, config = fresh
     first = fab("provision", "--env", "test", "--config-dir", str(config))
     assert first.returncode == 0, first.stdout + first.stderr
-    assert f"[{host.name}] changed: /etc/sudoers.d/albert-gitlab" in first.stdout
+    assert "sudoers" not in first.stdout
     assert f"[{host.name}] changed: storage dir /data/models created" in first.stdout
     assert f"[{host.name}] changed: /home/gitlab/.ssh/authorized_keys: managed key" in first.stdout
     assert deploy_key not in first.stdout + first.stderr
@@ -67,12 +69,8 @@ def test_first_run_converges_then_second_run_changes_nothing(fresh, deploy_key):
     assert "changed:" not in second.stdout
     assert f"✓ {host.name} no change" in second.stdout
 
-    mode = host.run(["stat", "-c", "%U %a", "/etc/sudoers.d/albert-gitlab"]).stdout.strip()
-    assert mode == "root 440"
-    assert host.run(["visudo", "-cf", "/etc/sudoers.d/albert-gitlab"], check=False).returncode == 0
+    assert host.run(["test", "-e", "/etc/sudoers.d/albert-gitlab"], check=False).returncode == 1
     assert host.run(["stat", "-c", "%U", "/data/models"]).stdout.strip() == "gitlab"
-    # the sudo rules are narrow: the storage dir yes, anything else no
-    assert ssh(host, "gitlab", "sudo -n /usr/bin/mkdir -p /data/models").returncode == 0
     refused = ssh(host, "gitlab", "sudo -n cat /etc/shadow")
     assert refused.returncode != 0 and "password is required" in refused.stderr
     # the test client's key, outside the managed block, is kept
@@ -129,7 +127,7 @@ def test_dry_run_plans_the_gpu_stack_and_changes_nothing(fresh, deploy_key):
     assert "apt install nvidia-driver-535 nvidia-cuda-toolkit nvidia-container-toolkit" in would
     assert "docker nvidia runtime (/etc/docker/daemon.json)" in would
     assert any(w.startswith("apt source for nvidia-container-toolkit") for w in would)
-    assert "/etc/sudoers.d/albert-gitlab: sudo rules for gitlab (validated)" in would
+    assert not any("sudoers" in w for w in would)
     assert "would be made" in out.stdout
     assert host.run(["test", "-e", "/etc/sudoers.d/albert-gitlab"], check=False).returncode == 1
     assert host.run(["test", "-e", "/data/models"], check=False).returncode == 1
@@ -146,8 +144,8 @@ def test_hosts_are_provisioned_in_parallel_with_one_summary_line_each(make_host,
         out = fab("provision", "--env", "test", "--config-dir", str(config))
         assert out.returncode == 0, out.stdout + out.stderr
         for host in (a, b):  # (the password is machine-wide: whichever host runs first sets it)
-            assert f"[{host.name}] changed: /etc/sudoers.d/albert-gitlab" in out.stdout
-            assert re.search(rf"✓ {host.name} [34] change\(s\)", out.stdout)
+            assert f"[{host.name}] changed: storage dir /data/models created" in out.stdout
+            assert re.search(rf"✓ {host.name} [23] change\(s\)", out.stdout)
         # an unreachable host fails alone, by name; the other still reports
         b.down()
         again = fab("provision", "--env", "test", "--config-dir", str(config))
@@ -158,3 +156,124 @@ def test_hosts_are_provisioned_in_parallel_with_one_summary_line_each(make_host,
     finally:
         make_host.release(a)
         make_host.release(b)
+
+
+# --- sudo: only the rules the code uses (none) ------------------------------------------------
+#: what utils/init_vm.sh installed before: rules nothing calls, `status` (a pager as root) and
+#: nvidia-smi with any arguments
+OLD_SUDOERS = """\
+# Managed by Albert Deploy (utils/init_vm.sh): changes are overwritten.
+Cmnd_Alias ALBERT_UNITS = /usr/bin/systemctl start albert-*, /usr/bin/systemctl stop albert-*, \\
+  /usr/bin/systemctl restart albert-*, /usr/bin/systemctl status albert-*, /usr/bin/systemctl daemon-reload
+Cmnd_Alias ALBERT_STORAGE = /usr/bin/mkdir -p /data/models, /usr/bin/chown gitlab\\:gitlab /data/models
+Cmnd_Alias ALBERT_GPU = /usr/bin/nvidia-smi
+gitlab ALL=(root) NOPASSWD: ALBERT_UNITS, ALBERT_STORAGE, ALBERT_GPU
+"""
+UNUSED_AS_ROOT = [
+    "sudo -n /usr/bin/systemctl status albert-x",
+    "sudo -n /usr/bin/systemctl status albert-x --no-pager -o cat",
+    "sudo -n /usr/bin/nvidia-smi -pm 0",
+    "sudo -n /usr/bin/systemctl daemon-reload",
+    "sudo -n /usr/bin/mkdir -p /data/models",
+]
+
+
+@pytest.mark.parametrize("before", ["fresh", "old-rules"])
+def test_the_deploy_user_gets_no_sudo_rule_nothing_uses(fresh, deploy_key, before):
+    host, config = fresh
+    if before == "old-rules":  # a host provisioned by the previous init_vm.sh
+        host.run("umask 337 && cat > /etc/sudoers.d/albert-gitlab", input=OLD_SUDOERS)
+        assert ssh(host, "gitlab", UNUSED_AS_ROOT[0]).stderr.count("password is required") == 0
+
+    out = fab("provision", "--env", "test", "--config-dir", str(config))
+
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert host.run(["test", "-e", "/etc/sudoers.d/albert-gitlab"], check=False).returncode == 1
+    if before == "old-rules":
+        assert (f"[{host.name}] changed: /etc/sudoers.d/albert-gitlab removed (sudo rules nothing "
+                "uses)") in out.stdout
+    for command in UNUSED_AS_ROOT:
+        refused = ssh(host, "gitlab", command)
+        assert refused.returncode != 0 and "password is required" in refused.stderr, command
+    again = fab("provision", "--env", "test", "--config-dir", str(config))
+    assert "changed:" not in again.stdout
+
+
+def test_a_sudoers_file_albert_did_not_write_is_left_alone(fresh):
+    host, _ = fresh
+    own = "# the admins' own rule\ngitlab ALL=(root) NOPASSWD: /usr/bin/true\n"
+    host.run("umask 337 && cat > /etc/sudoers.d/albert-gitlab", input=own)
+    out = run_init_vm(host, KEY_A)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert host.run(["cat", "/etc/sudoers.d/albert-gitlab"]).stdout == own
+    assert "note: /etc/sudoers.d/albert-gitlab: not written by Albert Deploy: left alone" in out.stdout
+
+
+# --- symlinks planted in the deploy user's home ------------------------------------------------
+KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlbertTestKeyAAAAAAAAAAAAAAAAAAAAAAAAAAAA first"
+KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlbertTestKeyBBBBBBBBBBBBBBBBBBBBBBBBBBBB second"
+SECRET = "root only: not for the deploy user\n"
+
+
+def run_init_vm(host, key: str) -> subprocess.CompletedProcess:
+    """init_vm.sh as root on the host, secrets in a 0600 env file (the host's private /tmp)."""
+    host.run("umask 077 && cat > /tmp/init-vm.env", input=f"GITLAB_PASSWORD=pw-symlink-test\n"
+                                                         f"GITLAB_SSH_PUBLIC_KEY={key}\n")
+    return host.run(["bash", str(INIT_VM), "--env-file", "/tmp/init-vm.env", "--skip-packages",
+                     "--no-gpu", "--user", "gitlab", "--storage-dir", "/data/models"], check=False)
+
+
+def as_gitlab(host, command: str) -> None:
+    """What the deploy user (or whoever holds its account) can do: no root."""
+    host.run(["setpriv", "--reuid=gitlab", "--regid=gitlab", "--init-groups", "sh", "-c", command])
+
+
+@pytest.fixture
+def provisioned(make_host):
+    host = make_host(docker=False)
+    first = run_init_vm(host, KEY_A)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # root's files the deploy user must never reach
+    host.run(f"install -d -m 0700 /data/root-dir && umask 077 && printf %s {shlex.quote(SECRET)} "
+             "> /data/root-file && cp /data/root-file /data/root-dir/authorized_keys")
+    yield host
+    make_host.release(host)
+
+
+def root_files_untouched(host) -> None:
+    assert host.run(["cat", "/data/root-file"]).stdout == SECRET
+    assert host.run(["cat", "/data/root-dir/authorized_keys"]).stdout == SECRET
+    assert host.run(["stat", "-c", "%U:%G %a", "/data/root-file", "/data/root-dir",
+                     "/data/root-dir/authorized_keys"]).stdout.split("\n")[:3] == [
+        "root:root 600", "root:root 700", "root:root 600"]
+
+
+@pytest.mark.parametrize("plant", [
+    "ln -s /data/root-file .ssh/authorized_keys.tmp",
+    "ln -sfn /data/root-file .ssh/authorized_keys",
+    "ln -sfn /data/root-dir/authorized_keys .ssh/authorized_keys",
+], ids=["tmp-file-link", "keys-file-link", "keys-file-link-into-root-dir"])
+def test_a_link_planted_in_ssh_dir_redirects_no_write_read_or_chown(provisioned, plant):
+    host = provisioned
+    as_gitlab(host, "cd /home/gitlab && " + plant)
+
+    out = run_init_vm(host, KEY_B)  # a new key: authorized_keys is rewritten
+
+    assert out.returncode == 0, out.stdout + out.stderr
+    root_files_untouched(host)
+    keys = host.run(["cat", "/home/gitlab/.ssh/authorized_keys"]).stdout
+    assert KEY_B in keys and KEY_A not in keys and "root only" not in keys  # nothing leaked
+    assert host.run(["stat", "-c", "%U:%G %a %F", "/home/gitlab/.ssh/authorized_keys"]).stdout.strip() \
+        == "gitlab:gitlab 600 regular file"
+    assert run_init_vm(host, KEY_B).stdout.strip().endswith("init_vm: no change")
+
+
+def test_a_linked_ssh_dir_is_not_followed_as_root(provisioned):
+    host = provisioned
+    as_gitlab(host, "cd /home/gitlab && rm -rf .ssh && ln -s /data/root-dir .ssh")
+
+    out = run_init_vm(host, KEY_B)
+
+    assert out.returncode != 0
+    assert "/home/gitlab/.ssh" in out.stderr and "gitlab" in out.stderr
+    root_files_untouched(host)
