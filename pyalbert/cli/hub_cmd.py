@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8090, help="port (default: 8090; 0 picks a free one)")
     serve.add_argument("--token-env", metavar="VAR", default=None,
                        help="require 'Authorization: Bearer $VAR' (clients set HF_TOKEN to the same value)")
+    serve.add_argument("--max-connections", type=int, default=None, metavar="N",
+                       help="connections served at once, one thread each; more get 503 + Retry-After "
+                            "(default: 64)")
     serve.add_argument("--quiet", action="store_true", help="no access log")
     serve.set_defaults(func=serve_cmd)
 
@@ -50,7 +53,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
     if mirror.cache.save_error:
         _say(f"warning: cannot write the digest cache ({mirror.cache.save_error}); the next start rehashes")
     try:
-        server = mirror.make_server(args.host, args.port)
+        limits = {} if args.max_connections is None else {"max_connections": args.max_connections}
+        server = mirror.make_server(args.host, args.port, **limits)
     except OSError as exc:
         raise AlbertError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}). Fix: pick "
                           "another --port, or stop what uses it.") from None

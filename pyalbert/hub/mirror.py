@@ -508,7 +508,9 @@ class MirrorServer(ThreadingHTTPServer):
     def __init__(self, address, handler, *, max_connections: int = MAX_CONNECTIONS,
                  request_timeout_s: float = REQUEST_TIMEOUT_S, io_timeout_s: float = IO_TIMEOUT_S) -> None:
         if max_connections < 1 or request_timeout_s <= 0 or io_timeout_s <= 0:
-            raise MirrorError("the mirror needs max_connections >= 1 and positive timeouts")
+            raise MirrorError(f"the mirror cannot serve with max_connections={max_connections}, "
+                              f"request_timeout_s={request_timeout_s}, io_timeout_s={io_timeout_s}. "
+                              "Fix: --max-connections 1 or more (default 64); timeouts above 0.")
         self.max_connections = max_connections
         self.request_timeout_s = request_timeout_s
         self.io_timeout_s = io_timeout_s

@@ -268,3 +268,13 @@ def test_a_busy_mirror_makes_the_hub_client_retry_not_fail(root, serve, tmp_path
         assert 0.5 < time.monotonic() - started < 15  # waited for the slot, then got it
     finally:
         held.close()
+
+
+def test_cli_max_connections_must_be_positive(root, capsys):
+    from pyalbert.cli import main
+    from pyalbert.hub.mirror import MirrorError
+
+    assert main(["hub", "serve", "--root", str(root), "--port", "0", "--max-connections", "0"]) \
+        == MirrorError.exit_code
+    err = capsys.readouterr().err
+    assert "max_connections=0" in err and "Fix: --max-connections 1 or more" in err
