@@ -412,13 +412,6 @@ def _render(region: str, offset: int, wl: Whitelist, mode: Mode, spans: list[_Sp
         out.append((offset + last, offset + stop, region[last:stop], True))
 
 
-def _apply(region: str, offset: int, wl: Whitelist, mode: Mode, found: list[Finding]) -> str:
-    """Flag or redact the disallowed spans of one region; append them to ``found``."""
-    segments: list[Segment] = []
-    _render(region, offset, wl, mode, _spans(region, 0), 0, len(region), found, segments)
-    return "".join(s[2] for s in segments)
-
-
 class StreamFilter:
     """Post-process a streamed answer chunk by chunk.
 
