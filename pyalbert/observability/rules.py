@@ -63,7 +63,7 @@ def alerts(a: AlertsSpec) -> list[Alert]:
               f"{{{{ $labels.host }}}} over {a.kv_cache_usage:.0%} full",
               "Requests will queue or be preempted: add replicas or lower max_model_len."),
         Alert("AlbertRequestsPiling",
-              f"{q.WAITING} > {a.waiting_requests} and deriv({q.WAITING}[{a.waiting_for}]) > 0",
+              f"{q.WAITING} > {a.waiting_requests} and deriv({q.WAITING}[{a.rate_window}]) > 0",
               a.waiting_for, "warning",
               f"model {{{{ $labels.model }}}}: over {a.waiting_requests} requests waiting, and growing",
               "Waiting requests keep growing: the model cannot keep up with its traffic."),
@@ -135,135 +135,141 @@ def _quiet(alert: Alert, at: str) -> dict:
 
 def rule_tests(a: AlertsSpec, rule_file: str = RULES_FILE) -> dict:
     """A ``promtool test rules`` document: each alert fires on a bad series, stays quiet on a
-    good one, and waits its ``for:`` window."""
+    good one, and waits its ``for:`` window. Samples come every ``step`` seconds, at least four
+    per rate window, so the tests hold for any thresholds and windows of the settings."""
     by = {al.name: al for al in alerts(a)}
-    down = _seconds(a.model_down_for) // 60 + 1  # minutes after which "down" must have fired
-    win = _seconds(a.rate_window) // 60
-    bad_ratio = min(a.error_ratio * 2, 1.0)
-    # 60 requests a minute, a share of them 5xx; a healthy model: none
-    errors_per_min = round(60 * bad_ratio)
-    long = max(_seconds(x) for x in (a.error_ratio_for, a.ttft_for, a.kv_cache_for,
-                                     a.waiting_for, a.rejections_for)) // 60 + win + 5
+    rate_s = _seconds(a.rate_window)
+    step = max(1, min(60, rate_s // 4))
+    down_s = _seconds(a.model_down_for)
+    grace_s = _seconds(a.gpu_lease_grace)
+    long_s = max(_seconds(x) for x in (a.error_ratio_for, a.ttft_for, a.kv_cache_for,
+                                       a.waiting_for, a.rejections_for)) + rate_s + 5 * step
+    n = -(-long_s // step)  # samples after the first
+    at_end = f"{n * step}s"
+    bad_ratio = min(a.error_ratio * 2, 1.0)  # a model whose 5xx share is twice the threshold
     ttft_bad = a.ttft_p95_s * 2
-    grace = _seconds(a.gpu_lease_grace) // 60
+    # evaluations happen every step: times are multiples of it (promtool checks alerts there)
+    fired_down = step * (-(-down_s // step) + 2)  # down from the 2nd sample, then for: elapsed
+    n_down = fired_down // step + 2
+    n_lease = (grace_s + 2 * step) // step + 2
+
+    def per_step(per_second: float) -> str:
+        return f"{per_second * step:g}"
+
+    model_down = [_fires(by["AlbertModelDown"], f"{fired_down}s", {"model": "m1"})]
+    if down_s > 0:  # down, but not for long enough yet
+        model_down.insert(0, _quiet(by["AlbertModelDown"], f"{step}s"))
     tests = [
         {   # model down: m1 has no replica up (its one target answers no more), m2 still serves
-            "interval": "1m",
             "input_series": [
-                {"series": _vllm("up", "m1"), "values": f"1 0x{down + 2}"},
-                {"series": _vllm("up", "m2", host="gpu-2"), "values": f"1x{down + 2}"},
+                {"series": _vllm("up", "m1"), "values": f"1 0x{n_down}"},
+                {"series": _vllm("up", "m2", host="gpu-2"), "values": f"1x{n_down}"},
             ],
             "alert_rule_test": [
-                _quiet(by["AlbertModelDown"], "1m"),  # down, but not for long enough yet
-                _fires(by["AlbertModelDown"], f"{down + 1}m", {"model": "m1"}),
-                _fires(by["AlbertReplicaDown"], f"{down + 1}m", {
+                *model_down,
+                _fires(by["AlbertReplicaDown"], f"{fired_down}s", {
                     "model": "m1", "job": "vllm", "host": "gpu-1", "replica": "0",
                     "instance": "gpu-1:8000"}),
             ],
         },
         {   # the gateway ejected every replica of m1 although vLLM answers /metrics
-            "interval": "1m",
             "input_series": [
-                {"series": _vllm("up", "m1"), "values": f"1x{down + 2}"},
+                {"series": _vllm("up", "m1"), "values": f"1x{n_down}"},
                 {"series": f'{q.API_REPLICA_HEALTHY}{{job="api",model="m1",replica="http://a:8000"}}',
-                 "values": f"0x{down + 2}"},
+                 "values": f"0x{n_down}"},
                 {"series": f'{q.API_REPLICA_HEALTHY}{{job="api",model="m1",replica="http://b:8000"}}',
-                 "values": f"1 0x{down + 1}"},
+                 "values": f"1 0x{n_down}"},
             ],
             "alert_rule_test": [
-                _fires(by["AlbertModelDown"], f"{down + 1}m", {"model": "m1"}),
-                _quiet(by["AlbertReplicaDown"], f"{down + 1}m"),
+                _fires(by["AlbertModelDown"], f"{fired_down}s", {"model": "m1"}),
+                _quiet(by["AlbertReplicaDown"], f"{fired_down}s"),
             ],
         },
-        {   # 5xx ratio over the threshold for m1, none for m2
-            "interval": "1m",
+        {   # 5xx ratio over the threshold for m1, none for m2 (1 request a second each)
             "input_series": [
                 {"series": f'{q.API_REQUESTS}{{job="api",route="chat",model="m1",status="200"}}',
-                 "values": f"0+{60 - errors_per_min}x{long}"},
+                 "values": f"0+{per_step(1 - bad_ratio)}x{n}"},
                 {"series": f'{q.API_REQUESTS}{{job="api",route="chat",model="m1",status="502"}}',
-                 "values": f"0+{errors_per_min}x{long}"},
+                 "values": f"0+{per_step(bad_ratio)}x{n}"},
                 {"series": f'{q.API_REQUESTS}{{job="api",route="chat",model="m2",status="200"}}',
-                 "values": f"0+60x{long}"},
+                 "values": f"0+{per_step(1)}x{n}"},
                 # local routes never count: a flood of 404s on /other
                 {"series": f'{q.API_REQUESTS}{{job="api",route="other",model="",status="404"}}',
-                 "values": f"0+600x{long}"},
+                 "values": f"0+{per_step(10)}x{n}"},
             ],
             "alert_rule_test": [
-                _fires(by["AlbertHighErrorRatio"], f"{long}m", {"model": "m1"}),
+                _fires(by["AlbertHighErrorRatio"], at_end, {"model": "m1"}),
             ],
         },
         {   # TTFT: m1's first tokens all take ttft_bad seconds, m2's 0.1 s
-            "interval": "1m",
             "input_series": [
-                *_histogram(q.VLLM_TTFT, "m1", ttft_bad, long),
-                *_histogram(q.VLLM_TTFT, "m2", 0.1, long, host="gpu-2"),
+                *_histogram(q.VLLM_TTFT, "m1", ttft_bad, n, step),
+                *_histogram(q.VLLM_TTFT, "m2", 0.1, n, step, host="gpu-2"),
             ],
             "alert_rule_test": [
-                _fires(by["AlbertSlowFirstToken"], f"{long}m", {"model": "m1"}),
+                _fires(by["AlbertSlowFirstToken"], at_end, {"model": "m1"}),
             ],
         },
         {   # KV cache: replica 0 of m1 full, replica 1 at the threshold exactly (not over)
-            "interval": "1m",
             "input_series": [
                 {"series": _vllm(q.VLLM_KV_CACHE, "m1"),
-                 "values": f"{min(a.kv_cache_usage + 0.05, 1.0):g}x{long}"},
+                 "values": f"{min(a.kv_cache_usage + 0.05, 1.0):g}x{n}"},
                 {"series": _vllm(q.VLLM_KV_CACHE, "m1", replica="1", host="gpu-2"),
-                 "values": f"{a.kv_cache_usage:g}x{long}"},
+                 "values": f"{a.kv_cache_usage:g}x{n}"},
             ],
             "alert_rule_test": [
-                _fires(by["AlbertKvCacheFull"], f"{long}m", {
+                _fires(by["AlbertKvCacheFull"], at_end, {
                     "model": "m1", "job": "vllm", "host": "gpu-1", "replica": "0",
                     "instance": "gpu-1:8000"}),
             ],
         },
-        {   # waiting requests: m1 grows by 1 a minute past the threshold, m2 high but flat
-            "interval": "1m",
+        {   # waiting requests: m1 grows by 1 a step past the threshold, m2 high but flat
             "input_series": [
-                {"series": _vllm(q.VLLM_WAITING, "m1"),
-                 "values": f"{a.waiting_requests + 1}+1x{long}"},
+                {"series": _vllm(q.VLLM_WAITING, "m1"), "values": f"{a.waiting_requests + 1}+1x{n}"},
                 {"series": _vllm(q.VLLM_WAITING, "m2", host="gpu-2"),
-                 "values": f"{a.waiting_requests + 50}x{long}"},
+                 "values": f"{a.waiting_requests + 50}x{n}"},
             ],
             "alert_rule_test": [
-                _fires(by["AlbertRequestsPiling"], f"{long}m", {"model": "m1"}),
+                _fires(by["AlbertRequestsPiling"], at_end, {"model": "m1"}),
             ],
         },
-        {   # a GPU lease that expired at t=0 (epoch 0 in promtool's clock), one that expires later
-            "interval": "1m",
+        {   # a GPU lease that expired at t=0 (promtool's clock starts at the epoch), one far off
             "input_series": [
                 {"series": f'{q.GPU_LEASE_EXPIRY}{{env="staging",pipeline="41",who="ci"}}',
-                 "values": f"0x{grace + 2}"},
+                 "values": f"0x{n_lease}"},
                 {"series": f'{q.GPU_LEASE_EXPIRY}{{env="other",pipeline="42",who="ci"}}',
-                 "values": f"{(grace + 60) * 60}x{grace + 2}"},
+                 "values": f"{2 * grace_s + 3600}x{n_lease}"},
             ],
             "alert_rule_test": [
-                _quiet(by["AlbertGpuLeaseOverdue"], f"{max(grace - 1, 0)}m"),
-                _fires(by["AlbertGpuLeaseOverdue"], f"{grace + 1}m",
+                _quiet(by["AlbertGpuLeaseOverdue"], f"{step * (grace_s // step)}s"),
+                _fires(by["AlbertGpuLeaseOverdue"], f"{step * (grace_s // step + 1)}s",
                        {"env": "staging", "pipeline": "41", "who": "ci"}),
             ],
         },
-        {   # key "noisy" rejected twice the allowed rate, key "calm" rarely
-            "interval": "1m",
+        {   # key "noisy" rejected at twice the allowed rate, key "calm" at a tenth of it
             "input_series": [
                 {"series": f'{q.API_REJECTIONS}{{job="api",key="noisy",status="429",reason="rate_limit_exceeded"}}',
-                 "values": f"0+{int(a.rejections_per_s * 120)}x{long}"},
+                 "values": f"0+{per_step(a.rejections_per_s * 2)}x{n}"},
                 {"series": f'{q.API_REJECTIONS}{{job="api",key="calm",status="429",reason="rate_limit_exceeded"}}',
-                 "values": f"0+1x{long}"},
+                 "values": f"0+{per_step(a.rejections_per_s / 10)}x{n}"},
             ],
             "alert_rule_test": [
-                _fires(by["AlbertKeyRateLimited"], f"{long}m", {"key": "noisy"}),
+                _fires(by["AlbertKeyRateLimited"], at_end, {"key": "noisy"}),
             ],
         },
     ]
-    return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
+    for test in tests:
+        test["interval"] = f"{step}s"
+    return {"rule_files": [rule_file], "evaluation_interval": f"{step}s", "tests": tests}
 
 
-def _histogram(name: str, model: str, seconds: float, minutes: int, host: str = "gpu-1") -> list[dict]:
-    """60 observations a minute, all of ``seconds``, in vLLM's TTFT buckets."""
+def _histogram(name: str, model: str, seconds: float, samples: int, step: int,
+               host: str = "gpu-1") -> list[dict]:
+    """One observation a second, all of ``seconds``, in vLLM's TTFT buckets."""
     bounds = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
     out = []
     for le in (*[f"{b:g}" for b in bounds], "+Inf"):
         inside = le == "+Inf" or seconds <= float(le)
         out.append({"series": _vllm(f"{name}_bucket", model, host=host)[:-1] + f',le="{le}"}}',
-                    "values": f"0+{60 if inside else 0}x{minutes}"})
+                    "values": f"0+{step if inside else 0}x{samples}"})
     return out

@@ -29,15 +29,15 @@ class AlertsSpec(_Spec):
     #: no replica of a model answers /metrics (or the gateway ejected them all) for this long
     model_down_for: str = "2m"
     #: share of the gateway's answers per model that are 5xx
-    error_ratio: float = Field(0.05, gt=0, le=1)
+    error_ratio: float = Field(0.05, gt=0, lt=1)
     error_ratio_for: str = "5m"
     #: time to first token, 95th percentile per model (seconds)
     ttft_p95_s: float = Field(5.0, gt=0)
     ttft_for: str = "5m"
     #: vLLM's KV-cache usage of one replica (0-1)
-    kv_cache_usage: float = Field(0.9, gt=0, le=1)
+    kv_cache_usage: float = Field(0.9, gt=0, lt=1)
     kv_cache_for: str = "5m"
-    #: waiting requests of a model: above this many and still growing
+    #: waiting requests of a model: above this many and growing (over rate_window) for waiting_for
     waiting_requests: int = Field(5, ge=0)
     waiting_for: str = "10m"
     #: a GPU lease still held this long after its expiry
@@ -45,7 +45,7 @@ class AlertsSpec(_Spec):
     #: 429 rejections per second for one API key
     rejections_per_s: float = Field(0.5, gt=0)
     rejections_for: str = "5m"
-    #: window of rate() in recording rules
+    #: window of rate() and deriv() in the rules (at least 4 scrape intervals)
     rate_window: str = "5m"
 
     @field_validator("model_down_for", "error_ratio_for", "ttft_for", "kv_cache_for",

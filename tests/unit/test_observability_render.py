@@ -128,7 +128,9 @@ def test_metrics_spec_refuses_unknown_keys_and_bad_webhook():
     with pytest.raises(ValidationError, match="http"):
         MetricsSpec(alertmanager={"webhook_url": "chat.example/hook"})
     with pytest.raises(ValidationError, match="kv_cache_usage"):
-        AlertsSpec(kv_cache_usage=1.5)
+        AlertsSpec(kv_cache_usage=1.0)  # a cache is never more than full: the alert could not fire
+    with pytest.raises(ValidationError, match="error_ratio"):
+        AlertsSpec(error_ratio=1.0)
 
 
 def test_every_issue_alert_is_there():
@@ -163,7 +165,10 @@ def test_annotations_render_like_prometheus():
     AlertsSpec(),
     AlertsSpec(ttft_p95_s=1.5, kv_cache_usage=0.8, error_ratio=0.2, model_down_for="5m",
                waiting_requests=0, gpu_lease_grace="30m", rejections_per_s=2, rate_window="2m"),
-], ids=["defaults", "custom-thresholds"])
+    AlertsSpec(model_down_for="5s", rate_window="30s"),  # the live test's: a step under a minute
+    AlertsSpec(model_down_for="0s", gpu_lease_grace="0s", rate_window="8s", waiting_for="8s",
+               error_ratio=0.99, kv_cache_usage=0.99),
+], ids=["defaults", "custom-thresholds", "short-windows", "zero-and-edges"])
 def test_promtool_accepts_config_and_rules_and_the_rule_tests_pass(plan, tmp_path, alerts):
     files = render_all(plan, MetricsSpec(scrape_key_file=str(tmp_path / "key"), alerts=alerts))
     (tmp_path / "key").write_text("k\n")
@@ -262,3 +267,25 @@ def test_gpu_lease_textfile_is_valid_exposition_with_the_expiry():
     assert cmd.stdin_text == oc.lease_textfile(lease)
     assert oc.remove_lease_textfile("/var/lib/node-exporter").display() == \
         "rm -f /var/lib/node-exporter/albert-gpu-lease.prom"
+
+
+@needs_promtool
+def test_rule_tests_hold_for_any_settings(tmp_path):
+    """Seeded sweep over thresholds and windows: the generated rule tests pass for each."""
+    import random
+
+    rng = random.Random(18)
+    durations = ["0s", "1s", "5s", "15s", "30s", "1m", "2m", "5m"]
+    for i in range(12):
+        a = AlertsSpec(
+            model_down_for=rng.choice(durations), error_ratio=rng.choice([0.01, 0.05, 0.3, 0.9]),
+            error_ratio_for=rng.choice(durations), ttft_p95_s=rng.choice([0.2, 1, 5, 30]),
+            ttft_for=rng.choice(durations), kv_cache_usage=rng.choice([0.5, 0.9, 0.95]),
+            kv_cache_for=rng.choice(durations), waiting_requests=rng.choice([0, 5, 100]),
+            waiting_for=rng.choice(durations), gpu_lease_grace=rng.choice(durations),
+            rejections_per_s=rng.choice([0.01, 0.5, 10]), rejections_for=rng.choice(durations),
+            rate_window=rng.choice(["8s", "30s", "1m", "5m", "10m"]))
+        folder = write({r.RULES_FILE: r.dump(r.rules(a)), RULE_TESTS_FILE: r.dump(r.rule_tests(a))},
+                       tmp_path / str(i))
+        done = promtool("test", "rules", RULE_TESTS_FILE, cwd=folder)
+        assert done.returncode == 0, f"{a}\n{done.stdout}{done.stderr}"
