@@ -498,10 +498,14 @@ class StreamFilter:
 
     def _close(self, region: str, offset: int, out: list[Segment]) -> None:
         """A region ended: everything in it is decided."""
-        segments: list[Segment] = []
-        _render(region, offset, self.wl, self.mode, _spans(region, self._fixed), self._fixed,
-                len(region), self.findings, segments)
-        if self.mode == "redact":
+        spans = _spans(region, self._fixed)
+        if self.mode == "flag":
+            if spans:
+                _render(region, offset, self.wl, self.mode, spans, 0, 0, self.findings, [])
+        else:
+            segments: list[Segment] = []
+            _render(region, offset, self.wl, self.mode, spans, self._fixed, len(region),
+                    self.findings, segments)
             self._emit(segments, out)
         self._fixed = self._done = 0
 
