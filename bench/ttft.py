@@ -183,12 +183,12 @@ def report(table: dict[int, dict[str, dict]], requests: dict[int, int], max_toke
     ok = True
     for c, rows in table.items():
         print(f"\n== streamed chat, c={c}, {requests[c]} requests per round, max_tokens {max_tokens} ==")
-        print(f"{'target':<14}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'ITL p50 ms':>12}"
+        print(f"{'target':<18}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'ITL p50 ms':>12}"
               f"{'chunks/answer':>15}{'tokens/s':>10}")
         for name in rows:
             r = rows.get(name)
             if r:
-                print(f"{name:<14}{r['ttft_p50']:>12.3f}{r['ttft_p99']:>12.3f}{r['itl_p50'] * 1000:>12.1f}"
+                print(f"{name:<18}{r['ttft_p50']:>12.3f}{r['ttft_p99']:>12.3f}{r['itl_p50'] * 1000:>12.1f}"
                       f"{r['chunks']:>15.1f}{r['tokens_s']:>10.1f}")
         off, flag, redact = rows.get("off"), rows.get("flag"), rows.get("redact")
         checks = []
