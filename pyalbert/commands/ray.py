@@ -343,8 +343,15 @@ def _none(lines: list[str]) -> list[str]:
     return [ln for ln in lines if not (ln.startswith("(") and ln.endswith(")"))]
 
 
-def parse_status(stdout: str) -> ClusterStatus:
-    """The typed cluster of ``ray status [-v]`` output (per-node resources only with ``-v``)."""
+#: what ``ray status`` prints (exit 0) while the head's services start: no status yet
+NO_STATUS_YET = "No cluster status."
+
+
+def parse_status(stdout: str) -> ClusterStatus | None:
+    """The typed cluster of ``ray status [-v]`` output (per-node resources only with ``-v``);
+    None while the head has no status to give yet (it starts: ask again)."""
+    if stdout.strip().startswith(NO_STATUS_YET):
+        return None
     if "Node status" not in stdout or "Total Usage:" not in stdout:
         raise RayStatusError("not the output of `ray status`: " + stdout.strip()[:200])
     sections = _sections(stdout)

@@ -244,3 +244,7 @@ def test_unknown_node_line_is_an_error_not_a_silent_miss():
         " 1 node_8681d1e2dc8fb6f8d54ce3ed1e4599c2fcb09e3698d8224ba6c7d922", " 1 gpu-worker-type")
     with pytest.raises(ray.RayStatusError, match="gpu-worker-type"):
         ray.parse_status(text)
+
+
+def test_a_head_still_starting_has_no_status_yet_rather_than_an_error():
+    assert ray.parse_status(fixture("status-2.60-starting.txt")) is None
