@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -178,14 +179,11 @@ def test_prometheus_scrapes_the_plan_answers_every_query_and_fires_model_down(st
     assert {k: vllm_target["labels"][k] for k in ("model", "host", "replica")} == {
         "model": MODEL, "host": "local", "replica": "0"}
 
-    # traffic with the openai client: answers for team-a, 429s for the limited key
+    # traffic with the openai client: answers for team-a, 429s for the limited key; team-a
+    # keeps a trickle going until the kill, so ratios and percentiles have requests in their window
     from openai import OpenAI, RateLimitError
 
     client = OpenAI(base_url=f"{stack['api']}/v1", api_key=CLIENT_KEY, max_retries=0)
-    for _ in range(5):
-        answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                                max_tokens=8)
-        assert answer.choices[0].message.content
     limited = OpenAI(base_url=f"{stack['api']}/v1", api_key=LIMITED_KEY, max_retries=0)
     rejected = 0
     for _ in range(3):
@@ -194,6 +192,19 @@ def test_prometheus_scrapes_the_plan_answers_every_query_and_fires_model_down(st
         except RateLimitError:
             rejected += 1
     assert rejected == 2
+    stop, failures = threading.Event(), []
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                answer = client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+                assert answer.choices[0].message.content
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+            stop.wait(0.3)
+    traffic = threading.Thread(target=trickle, daemon=True)
+    traffic.start()
 
     # every series carries model, host, replica (vLLM) / host (gateway)
     series = query(prom, '{job="vllm"}')
@@ -247,6 +258,9 @@ def test_prometheus_scrapes_the_plan_answers_every_query_and_fires_model_down(st
     assert exprs_loaded["AlbertSlowFirstToken"] == f"{q.TTFT_P95} > 7.5"
 
     # kill the model server: "model down" fires once its for: window has passed
+    stop.set()
+    traffic.join(10)
+    assert failures == []
     killed_at = time.time()
     stack["replay"].stop(signal.SIGKILL)
     with pytest.raises(Exception):  # noqa: B017 - the gateway answers 5xx now, any client error
