@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from pyalbert.config import load_spec
-from pyalbert.deployer import (
+from pyalbert.engine.operations import (
     deploy_env,
     down_env,
     list_releases,
@@ -189,12 +189,10 @@ def test_missing_model_and_low_disk(env, monkeypatch):
     (STORAGE / "m-gone").mkdir(parents=True, exist_ok=True)
     (STORAGE / "m-gone").rmdir()
     env.write({"m-a": {"model": "org/a", "port": 18151}}, api_port=18194)
-    import pyalbert.plans as plans
-
-    monkeypatch.setattr(plans, "MIN_FREE_MIB", 10**9)
+    monkeypatch.setenv("ALBERT_MIN_FREE_MIB", str(10**9))
     with pytest.raises(AlbertError, match="not enough disk"):
         deploy_env(env.spec(), service="vllm", quiet=True)
-    monkeypatch.setattr(plans, "MIN_FREE_MIB", 1)
+    monkeypatch.setenv("ALBERT_MIN_FREE_MIB", "1")
     spec = env.spec()
     (STORAGE / "m-a").rmdir()
     with pytest.raises(AlbertError, match="fab setup"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pyalbert.deployer import deploy_env, down_env
+from pyalbert.engine.operations import deploy_env, down_env
 from tests.integration.test_deploy import Env
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pyalbert.deployer import deploy_env, down_env, link_gpu_env, unlink_gpu_env
+from pyalbert.engine.gpu_lease import link_gpu_env, unlink_gpu_env
+from pyalbert.engine.operations import deploy_env, down_env
 from pyalbert.errors import AlbertError
 from tests.integration.test_deploy import Env
 

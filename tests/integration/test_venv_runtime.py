@@ -19,11 +19,11 @@ import httpx
 import pytest
 
 from pyalbert.config import load_spec
-from pyalbert.deployer import deploy_env, down_env, list_releases, rollback_env, status_env
+from pyalbert.engine.operations import deploy_env, down_env, list_releases, rollback_env, status_env
+from pyalbert.engine.setup import setup_env
 from pyalbert.errors import AlbertError
-from pyalbert.plans import runtime_for
 from pyalbert.remote import SSHRunner
-from pyalbert.setup_stage import setup_env
+from pyalbert.runtimes import runtime_for
 from tests.support.hosts import environment_toml, ssh_environ
 from tests.support.traffic import chat_load
 

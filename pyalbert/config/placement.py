@@ -1,6 +1,6 @@
-"""The resolved plan: which model replica runs on which host, port and GPUs.
+"""The placement: which model replica runs on which host, port and GPUs.
 
-Pure: a :class:`DeploymentSpec` in, a :class:`Plan` out, or a :class:`ConfigError` naming every
+Pure: a :class:`DeploymentSpec` in, a :class:`Placement` out, or a :class:`ConfigError` naming every
 clash (ports on one host, GPU over-subscription, tensor parallelism wider than a host).
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pyalbert.config.environment import HostSpec
-from pyalbert.config.loader import DeploymentSpec, _display
 from pyalbert.config.routing import ModelSpec
+from pyalbert.config.spec import DeploymentSpec, display_path
 from pyalbert.errors import ConfigError, Problem
 
 
@@ -62,7 +62,7 @@ class ApiInstance:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Placement:
     spec: DeploymentSpec
     vllm: tuple[VllmInstance, ...]
     api: tuple[ApiInstance, ...]
@@ -88,7 +88,7 @@ class Plan:
 
 def _place(spec: DeploymentSpec) -> tuple[list[VllmInstance], list[Problem]]:
     env, problems = spec.env, []
-    env_file, routing_file = _display(spec.env_file), _display(spec.routing_file)
+    env_file, routing_file = display_path(spec.env_file), display_path(spec.routing_file)
     vllm_hosts = env.hosts_for("vllm")
     usage: dict[str, list[float]] = {h.name: [0.0] * h.gpus for h in vllm_hosts}
     owners: dict[tuple[str, int], list[str]] = defaultdict(list)
@@ -166,7 +166,7 @@ def _fit(host: HostSpec, model: ModelSpec, used: list[float]) -> tuple[tuple[int
 
 def _port_clashes(spec: DeploymentSpec, vllm: list[VllmInstance]) -> list[Problem]:
     env, problems = spec.env, []
-    routing_file = _display(spec.routing_file)
+    routing_file = display_path(spec.routing_file)
     for host in env.hosts:
         taken: dict[int, str] = {}
         if "api" in host.services:
@@ -184,14 +184,14 @@ def _port_clashes(spec: DeploymentSpec, vllm: list[VllmInstance]) -> list[Proble
     return problems
 
 
-def resolve_plan(spec: DeploymentSpec) -> Plan:
+def resolve_placement(spec: DeploymentSpec) -> Placement:
     vllm, problems = _place(spec)
     problems += _port_clashes(spec, vllm)
     api_hosts = spec.env.hosts_for("api")
     if not api_hosts:
-        problems.append(Problem(_display(spec.env_file), "hosts",
+        problems.append(Problem(display_path(spec.env_file), "hosts",
                                 "no host runs the 'api' service", "add 'api' to a host's services"))
     if problems:
         raise ConfigError(problems)
     api = tuple(ApiInstance(spec.env.name, h, spec.env.api.port) for h in api_hosts)
-    return Plan(spec=spec, vllm=tuple(vllm), api=api)
+    return Placement(spec=spec, vllm=tuple(vllm), api=api)
