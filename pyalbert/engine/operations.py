@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from pyalbert.commands import gpu, health, lock, release
+from pyalbert.commands.base import Cmd
 from pyalbert.config.deployment import resolved
 from pyalbert.engine.context import RunContext
 from pyalbert.engine.fanout import (
@@ -108,7 +109,7 @@ def deploy_env(spec, *, service: str = "all", model: str | None = None, dry_run:
                           config_files=config_files(deployment), service=service, model=model)
     host_plans = deploy_plans(deployment.placement, inputs, min_free_mib=ctx.min_free_mib)
     if dry_run:
-        print_dry_run(host_plans, dry_run_commands(host_plans, ctx, message))
+        print_dry_run(host_plans, dry_run_transcript(host_plans, ctx, message))
         return []
     out = Printer(quiet)
     factory = runners or ssh_runners(deployment)
@@ -117,25 +118,47 @@ def deploy_env(spec, *, service: str = "all", model: str | None = None, dry_run:
                           message)
 
 
-def dry_run_commands(host_plans: Sequence[HostPlan], ctx: RunContext,
-                     message: str = "") -> dict[str, list]:
-    """host -> the commands the real deploy sends to an empty host (recorded, nothing run)."""
-    recorders = {hp.host.name: DryRunner(hp.host.name) for hp in host_plans}
-    run_host_plans(host_plans, "deploy", lambda host: recorders[host.name], Printer(quiet=True),
+class _Transcript(Printer):
+    """What the engine says during a dry-run, kept in order with the commands it sends."""
+
+    def __init__(self, entries: dict[str, list]):
+        super().__init__(quiet=True)
+        self.entries = entries
+
+    def __call__(self, host: str, text: str, style: str = "") -> None:
+        self.entries[host].append(text)
+
+
+def dry_run_transcript(host_plans: Sequence[HostPlan], ctx: RunContext,
+                       message: str = "") -> dict[str, list[Cmd | str]]:
+    """host -> what the real deploy sends to an empty host (commands) and says (text), in order;
+    recorded, nothing run."""
+    entries: dict[str, list] = {hp.host.name: [] for hp in host_plans}
+    recorders = {name: DryRunner(name, log) for name, log in entries.items()}
+    run_host_plans(host_plans, "deploy", lambda host: recorders[host.name], _Transcript(entries),
                    ctx, message)
-    return {name: r.commands for name, r in recorders.items()}
+    return entries
 
 
-def print_dry_run(host_plans: Sequence[HostPlan], commands: dict[str, list]) -> None:
-    console.print("[bold]dry run[/]: nothing is connected to; the commands a deploy sends to a host "
-                  "where nothing runs yet (secrets masked; on a real host, probes skip what is "
-                  "unchanged)")
+def dry_run_commands(host_plans: Sequence[HostPlan], ctx: RunContext,
+                     message: str = "") -> dict[str, list[Cmd]]:
+    """host -> the commands the real deploy sends to an empty host (recorded, nothing run)."""
+    return {host: [e for e in entries if isinstance(e, Cmd)]
+            for host, entries in dry_run_transcript(host_plans, ctx, message).items()}
+
+
+def print_dry_run(host_plans: Sequence[HostPlan], transcript: dict[str, list[Cmd | str]]) -> None:
+    console.print("[bold]dry run[/]: nothing is connected to; what a deploy sends to a host where "
+                  "nothing runs yet (secrets masked; on a real host, probes skip what is unchanged)")
     for hp in host_plans:
         console.print(f"\n[bold cyan]{hp.host.name}[/] ({hp.host.user}@{hp.host.address}), "
                       f"release {hp.release_id}")
-        for i, cmd in enumerate(commands[hp.host.name], 1):
-            console.print(f"  {i:3}. $ {cmd.display()}", highlight=False, markup=False,
-                          soft_wrap=True)
+        for entry in transcript[hp.host.name]:
+            if isinstance(entry, Cmd):
+                console.print(f"      $ {entry.display()}", highlight=False, markup=False,
+                              soft_wrap=True)
+            else:
+                console.print(f"  # {entry}", highlight=False, markup=False, soft_wrap=True)
 
 
 def list_releases(spec, runners: RunnerFactory | None = None) -> dict[str, tuple[str, list[dict]]]:
