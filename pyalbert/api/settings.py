@@ -104,9 +104,9 @@ def settings_from_spec(spec: Any, backends: dict[str, tuple[str, ...]] | None = 
     """Settings of environment ``spec`` (a DeploymentSpec); CLI flags in ``overrides``."""
     api = spec.env.api
     if backends is None:
-        from pyalbert.config import resolve_placement
+        from pyalbert.config import resolve_plan
 
-        backends = {m: tuple(urls) for m, urls in resolve_placement(spec).backends.items()}
+        backends = {m: tuple(urls) for m, urls in resolve_plan(spec).backends.items()}
     keys_path = None
     ref = spec.env.secrets.get("api_keys")
     if ref is not None and os.environ.get(ref.env):
