@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyalbert.config import load_spec  # noqa: E402
-from pyalbert.deployer import deploy_env, down_env  # noqa: E402
+from pyalbert.engine.operations import deploy_env, down_env  # noqa: E402
 from tests.support.fake_vllm.image import ensure_fake_vllm_image  # noqa: E402
 from tests.support.hosts import HostFactory, environment_toml, ssh_environ  # noqa: E402
 

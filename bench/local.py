@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pyalbert.commands.vllm import server_args  # noqa: E402
-from pyalbert.localenv import LocalEnv  # noqa: E402
+from pyalbert.devtools.localenv import LocalEnv  # noqa: E402
 
 PORT = 18301
 

@@ -27,14 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
 from pyalbert.config import load_spec  # noqa: E402
-from pyalbert.provisioner import provision_hosts  # noqa: E402
-from pyalbert.testhosts import (  # noqa: E402
+from pyalbert.devtools.testhosts import (  # noqa: E402
     DEFAULT_ROOT,
     NamespaceHost,
     claim_index,
     cleanup_stale,
     ensure_client_key,
 )
+from pyalbert.engine.provision import provision_hosts  # noqa: E402
 from tests.support.hosts import DEFAULT_ROUTING, environment_toml  # noqa: E402
 
 
@@ -80,20 +80,17 @@ def timed_inprocess(config: Path, env: str, environ: dict) -> float:
 def timed_ssh_floor(config: Path, env: str) -> float:
     """Connect as root and run ``true`` on every host at once, as provision_hosts does."""
     from pyalbert.commands.base import Cmd
-    from pyalbert.fleet import on_hosts
+    from pyalbert.engine.fanout import fan_out
     from pyalbert.remote import SSHRunner
 
     spec = load_spec(env, config)
 
-    def work(host):
-        runner = SSHRunner(host.model_copy(update={"user": "root"}), spec.env.ssh)
-        try:
-            return runner.run(Cmd.of("true")).exit_code
-        finally:
-            runner.close()
+    def work(runner, host, cancel):
+        return runner.run(Cmd.of("true")).exit_code
 
     start = time.perf_counter()
-    outcomes = on_hosts(spec.env.hosts, work)
+    outcomes = fan_out(spec.env.hosts, work,
+                       lambda host: SSHRunner(host.model_copy(update={"user": "root"}), spec.env.ssh))
     took = time.perf_counter() - start
     if any(o.error for o in outcomes):
         raise SystemExit(f"ssh failed: {outcomes}")

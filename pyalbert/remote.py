@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import io
 import os
+import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pyalbert.commands.base import Cmd
+from pyalbert.commands.base import Cmd, Raw
 from pyalbert.config.environment import HostSpec, SshSpec
 from pyalbert.errors import AlbertError, RemoteError
 
@@ -27,6 +28,8 @@ class Result:
     exit_code: int
     stdout: str
     stderr: str
+    #: False when nothing ran (the dry-run's recording runner): the outcome is unknown
+    known: bool = True
 
     @property
     def ok(self) -> bool:
@@ -75,19 +78,45 @@ class LocalRunner:
 
 @dataclass
 class DryRunner:
-    """Connects nowhere: records what would run. Probes answer 'not there' (exit 1)."""
+    """Connects nowhere: records what would run. Every command "succeeds" with no output and an
+    unknown outcome (``Result.known`` is False): probes find nothing, checks are not judged, so the
+    engine run against it sends exactly what a real run on an empty host would."""
 
     label: str
     commands: list[Cmd] = field(default_factory=list)
 
     def run(self, cmd: Cmd, *, check: bool = True, timeout: float | None = None) -> Result:
         self.commands.append(cmd)
-        return Result(cmd, 0, "", "")
+        return Result(cmd, 0, "", "", known=False)
+
+    def put(self, local: str, remote: str) -> None:
+        self.commands.append(Cmd((Raw(f"# upload {shlex.quote(local)} to {shlex.quote(remote)}"),)))
+
+    def close(self) -> None:
+        pass
 
 
-def _known_hosts_file(ssh: SshSpec) -> str:
-    """known_hosts from ``$SSH_KNOWN_HOSTS`` (content or path), else ``~/.ssh/known_hosts``."""
-    value = os.environ.get(ssh.known_hosts_env, "")
+@dataclass(frozen=True)
+class SshMaterial:
+    """The SSH key and known hosts a runner uses, each a path or the content itself; passed in by
+    the entry point (``from_environ`` reads the variables the ``[ssh]`` section names)."""
+
+    key: str = ""
+    known_hosts: str = ""
+    #: where they came from, for messages (``$SSH_PRIVATE_KEY``)
+    key_source: str = "SSH_PRIVATE_KEY"
+    known_hosts_source: str = "SSH_KNOWN_HOSTS"
+
+    @classmethod
+    def from_environ(cls, ssh: SshSpec, environ=None) -> SshMaterial:
+        env = os.environ if environ is None else environ
+        return cls(env.get(ssh.key_env, ""), env.get(ssh.known_hosts_env, ""), ssh.key_env,
+                   ssh.known_hosts_env)
+
+
+def _known_hosts_file(material: SshMaterial) -> str:
+    """known_hosts from the material (content or path), else ``~/.ssh/known_hosts``."""
+    value = material.known_hosts
     if value and os.path.isfile(value):
         return value
     if value:
@@ -103,14 +132,14 @@ def _known_hosts_from_content(value: str) -> str:
     return tmp.name
 
 
-def _private_key(ssh: SshSpec) -> dict:
-    """connect_kwargs for the key in ``$SSH_PRIVATE_KEY`` (path or content), else the agent."""
-    value = os.environ.get(ssh.key_env, "")
+def _private_key(material: SshMaterial) -> dict:
+    """connect_kwargs for the key (path or content), else the agent."""
+    value = material.key
     if not value:
         return {}
     if os.path.isfile(value):
         return {"key_filename": value, "look_for_keys": False, "allow_agent": False}
-    return dict(_key_from_content(value, ssh.key_env))  # a copy: Connection may add to it
+    return dict(_key_from_content(value, material.key_source))  # a copy: Connection may add to it
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,7 +166,13 @@ class SSHRunner:
 
     host: HostSpec
     ssh: SshSpec = field(default_factory=SshSpec)
+    #: key and known hosts (default: read now from the variables ``ssh`` names)
+    material: SshMaterial | None = None
     _conn: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.material is None:
+            self.material = SshMaterial.from_environ(self.ssh)
 
     @property
     def label(self) -> str:
@@ -153,11 +188,11 @@ class SSHRunner:
                 user=self.host.user,
                 port=self.host.port,
                 connect_timeout=self.ssh.connect_timeout_s,
-                connect_kwargs=_private_key(self.ssh),
+                connect_kwargs=_private_key(self.material),
             )
             # Fabric trusts unknown hosts by default; we never do.
             conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-            known = _known_hosts_file(self.ssh)
+            known = _known_hosts_file(self.material)
             if os.path.isfile(known):
                 conn.client.load_host_keys(known)
             self._open(conn, known)

@@ -1,7 +1,7 @@
 """Deploy tasks: thin wrappers (parse args -> load spec -> plan -> deployer -> report).
 
 Every task takes ``--env``; ``deploy`` also takes ``--dry-run`` (the full command plan, no
-connection, secrets masked). The logic is in ``pyalbert.plans`` and ``pyalbert.deployer``.
+connection, secrets masked). The logic is in the engine (``pyalbert.engine``).
 """
 
 from __future__ import annotations
@@ -23,22 +23,32 @@ def _spec(env: str, config_dir: str | None = None):
 
 
 def _errors(fn):
-    """An AlbertError becomes one paragraph and an exit code, no traceback."""
+    """The entry points' one error/exit wrapper (:func:`pyalbert.entry.exit_code`) for a task."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pyalbert.errors import AlbertError
-        from pyalbert.ui import console_err
+        from pyalbert.entry import exit_code
 
-        try:
-            return fn(*args, **kwargs)
-        except AlbertError as exc:
-            console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise Exit(code=exc.exit_code) from None
-        except KeyboardInterrupt:
-            raise Exit("interrupted", code=130) from None
+        code = exit_code(lambda: fn(*args, **kwargs))
+        if code:
+            raise Exit(code=code)
 
     return wrapper
+
+
+def _ctx():
+    """Who runs, the pipeline, poll and disk settings: read here, at the entry point."""
+    from pyalbert.engine.context import RunContext
+
+    return RunContext.from_environ()
+
+
+def _runners(spec):
+    """SSH runners with the key and known hosts of this process's environment (read here)."""
+    from pyalbert.engine.fanout import ssh_runners
+    from pyalbert.remote import SshMaterial
+
+    return ssh_runners(spec, SshMaterial.from_environ(spec.env.ssh))
 
 
 _ENV = {"env": "environment name (config/environments/NAME.toml)",
@@ -53,12 +63,13 @@ _ENV = {"env": "environment name (config/environments/NAME.toml)",
 def deploy(c, env, service="all", model=None, dry_run=False, message="", config_dir=None,
            check=False):
     """Deploy the routing table's vLLM servers and the api; unchanged units are not restarted."""
-    from pyalbert.deployer import deploy_env
+    from pyalbert.engine.operations import deploy_env
 
     if service not in ("vllm", "api", "all"):
         raise Exit(f"--service must be vllm, api or all (got {service!r})", code=2)
-    deploy_env(_spec(env, config_dir), service=service, model=model, dry_run=dry_run,
-               message=message, check=check)
+    spec = _spec(env, config_dir)
+    deploy_env(spec, service=service, model=model, dry_run=dry_run, message=message, check=check,
+               ctx=_ctx(), runners=None if dry_run else _runners(spec))
 
 
 @task(help=_ENV)
@@ -67,12 +78,13 @@ def status(c, env, config_dir=None):
     """A table per host: containers, image, release, ports, state, health, GPU memory."""
     from rich.table import Table
 
-    from pyalbert.deployer import status_env
+    from pyalbert.engine.operations import status_env
     from pyalbert.errors import AlbertError
     from pyalbert.ui import console
 
     failed = []
-    for host, value in status_env(_spec(env, config_dir)).items():
+    spec = _spec(env, config_dir)
+    for host, value in status_env(spec, _runners(spec)).items():
         if isinstance(value, AlbertError):
             console.print(f"[bold]{host}[/]: [red]{value}[/]", highlight=False)
             failed.append(host)
@@ -97,31 +109,10 @@ def status(c, env, config_dir=None):
 @_errors
 def logs(c, env, service="vllm", model=None, n=100, follow=False, config_dir=None):
     """Last lines of a service's container logs on every host running it."""
-    from pyalbert.config import resolve_plan
-    from pyalbert.deployer import on_hosts, raise_errors
-    from pyalbert.plans import runtime_for
-    from pyalbert.ui import console
+    from pyalbert.engine.operations import logs_env
 
     spec = _spec(env, config_dir)
-    plan = resolve_plan(spec)
-    rt = runtime_for(spec.env)
-
-    def one(r, host):
-        rows = rt.parse_units(r.run(rt.list_units(spec.env.name)).stdout)
-        names = [row["name"] for row in rows if row["service"] == service
-                 and (model is None or row["model"] == model) and row["state"] == "running"]
-        for name in names:
-            if follow and hasattr(r, "stream"):
-                r.stream(rt.logs(name, int(n), follow=True), prefix=f"[{host.name} {name}] ")
-            else:
-                text = r.run(rt.logs(name, int(n))).stdout
-                console.print(f"[bold cyan]== {host.name} {name}[/]")
-                console.print(text, markup=False, highlight=False, end="")
-        return names
-
-    hosts = [h for h in spec.env.hosts if plan.vllm_on(h.name) or plan.api_on(h.name)]
-    found = on_hosts(spec, one, hosts=hosts)
-    raise_errors(found, "logs")
+    found, hosts = logs_env(spec, service, model, int(n), follow, _runners(spec))
     if not any(found.values()):
         what = f"{service} {model}" if model else service
         raise Exit(f"no running {what} container of {env} on {', '.join(h.name for h in hosts)}. "
@@ -132,19 +123,21 @@ def logs(c, env, service="vllm", model=None, n=100, follow=False, config_dir=Non
 @_errors
 def rollback(c, env, to=None, config_dir=None):
     """Go back to a kept release (restarts only what differs)."""
-    from pyalbert.deployer import rollback_env
+    from pyalbert.engine.operations import rollback_env
 
-    rollback_env(_spec(env, config_dir), to=to)
+    spec = _spec(env, config_dir)
+    rollback_env(spec, to=to, runners=_runners(spec), ctx=_ctx())
 
 
 @task(help=_ENV)
 @_errors
 def releases(c, env, config_dir=None):
     """Releases kept on each host, the current one marked."""
-    from pyalbert.deployer import list_releases
+    from pyalbert.engine.operations import list_releases
     from pyalbert.ui import console
 
-    for host, (current, items) in list_releases(_spec(env, config_dir)).items():
+    spec = _spec(env, config_dir)
+    for host, (current, items) in list_releases(spec, _runners(spec)).items():
         console.print(f"[bold]{host}[/]")
         for item in items:
             mark = "*" if item["id"] == current else " "
@@ -158,9 +151,10 @@ def releases(c, env, config_dir=None):
 @_errors
 def lock(c, env, message="", config_dir=None):
     """Take the deploy lock on every host of the environment."""
-    from pyalbert.deployer import lock_env
+    from pyalbert.engine.operations import lock_env
 
-    lock_env(_spec(env, config_dir), message)
+    spec = _spec(env, config_dir)
+    lock_env(spec, message, _runners(spec), ctx=_ctx())
     print(f"locked {env}")
 
 
@@ -168,9 +162,10 @@ def lock(c, env, message="", config_dir=None):
 @_errors
 def unlock(c, env, config_dir=None):
     """Release the deploy lock on every host (idempotent)."""
-    from pyalbert.deployer import unlock_env
+    from pyalbert.engine.operations import unlock_env
 
-    for host, state in unlock_env(_spec(env, config_dir)).items():
+    spec = _spec(env, config_dir)
+    for host, state in unlock_env(spec, _runners(spec)).items():
         print(f"{host}: {state}")
 
 
@@ -178,9 +173,10 @@ def unlock(c, env, config_dir=None):
 @_errors
 def link_gpu(c, env, config_dir=None):
     """Take this pipeline's lease on the shared GPU host (refuses while another holds it)."""
-    from pyalbert.deployer import link_gpu_env as link
+    from pyalbert.engine.gpu_lease import link_gpu_env as link
 
-    for host, state in link(_spec(env, config_dir)).items():
+    spec = _spec(env, config_dir)
+    for host, state in link(spec, _runners(spec), ctx=_ctx()).items():
         print(f"{host}: {state}")
 
 
@@ -188,9 +184,10 @@ def link_gpu(c, env, config_dir=None):
 @_errors
 def unlink_gpu(c, env, config_dir=None):
     """Stop this env's vLLM containers and release the GPU lease (idempotent)."""
-    from pyalbert.deployer import unlink_gpu_env as unlink
+    from pyalbert.engine.gpu_lease import unlink_gpu_env as unlink
 
-    for host, state in unlink(_spec(env, config_dir)).items():
+    spec = _spec(env, config_dir)
+    for host, state in unlink(spec, _runners(spec), ctx=_ctx()).items():
         print(f"{host}: {state}")
 
 
@@ -210,9 +207,10 @@ def smoke(c, env, config_dir=None):
 @_errors
 def down(c, env, config_dir=None):
     """Stop and remove every container of the environment."""
-    from pyalbert.deployer import down_env
+    from pyalbert.engine.operations import down_env
 
-    for host, names in down_env(_spec(env, config_dir)).items():
+    spec = _spec(env, config_dir)
+    for host, names in down_env(spec, _runners(spec)).items():
         print(f"{host}: removed {len(names)} container(s)")
 
 

@@ -29,16 +29,22 @@ def provision(c, env, admin_user="root", dry_run=False, gpu="auto", user="gitlab
     from pathlib import Path
 
     from pyalbert.config import load_spec
-    from pyalbert.errors import AlbertError
-    from pyalbert.fleet import print_summary
-    from pyalbert.provisioner import provision_hosts
+    from pyalbert.engine.fanout import ssh_runners
+    from pyalbert.engine.provision import provision_hosts
+    from pyalbert.engine.report import print_summary
+    from pyalbert.entry import exit_code
+    from pyalbert.errors import RemoteError
+    from pyalbert.remote import SshMaterial
 
-    try:
+    def run() -> None:
         spec = load_spec(env, Path(config_dir) if config_dir else None)
-        outcomes = provision_hosts(spec, admin_user=admin_user, dry_run=dry_run, gpu=gpu,
-                                   user=user, environ=os.environ)
-    except AlbertError as exc:
-        raise Exit(f"error: {exc}", code=exc.exit_code) from None
-    failed = print_summary(outcomes, "provision")
-    if failed:
-        raise Exit(f"provision failed on {failed} of {len(outcomes)} host(s)", code=3)
+        outcomes = provision_hosts(
+            spec, admin_user=admin_user, dry_run=dry_run, gpu=gpu, user=user, environ=os.environ,
+            runners=ssh_runners(spec, SshMaterial.from_environ(spec.env.ssh)))
+        failed = print_summary(outcomes, "provision")
+        if failed:
+            raise RemoteError(f"provision failed on {failed} of {len(outcomes)} host(s)")
+
+    code = exit_code(run)
+    if code:
+        raise Exit(code=code)

@@ -1,5 +1,5 @@
 """``fab setup --env ENV [--service vllm|api|all]``: download models and build the whitelist on
-the hosts, with the tools of this repo installed there (:mod:`pyalbert.setup_stage`).
+the hosts, with the tools of this repo installed there (:mod:`pyalbert.engine.setup`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,21 @@ def setup(c, env, service="all", dry_run=False, config_dir=None):
     from pathlib import Path
 
     from pyalbert.config import load_spec
-    from pyalbert.errors import AlbertError
-    from pyalbert.fleet import print_summary
-    from pyalbert.setup_stage import setup_env
+    from pyalbert.engine.fanout import ssh_runners
+    from pyalbert.engine.report import print_summary
+    from pyalbert.engine.setup import setup_env
+    from pyalbert.entry import exit_code
+    from pyalbert.errors import RemoteError
+    from pyalbert.remote import SshMaterial
 
-    try:
+    def run() -> None:
         spec = load_spec(env, Path(config_dir) if config_dir else None)
-        outcomes = setup_env(spec, service=service, dry_run=dry_run)
-    except AlbertError as exc:
-        raise Exit(f"error: {exc}", code=exc.exit_code) from None
-    failed = print_summary(outcomes, "setup")
-    if failed:
-        raise Exit(f"setup failed on {failed} of {len(spec.env.hosts)} host(s)", code=3)
+        outcomes = setup_env(spec, service=service, dry_run=dry_run,
+                             runners=ssh_runners(spec, SshMaterial.from_environ(spec.env.ssh)))
+        failed = print_summary(outcomes, "setup")
+        if failed:
+            raise RemoteError(f"setup failed on {failed} of {len(spec.env.hosts)} host(s)")
+
+    code = exit_code(run)
+    if code:
+        raise Exit(code=code)

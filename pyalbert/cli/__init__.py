@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from pyalbert import __version__
-from pyalbert.errors import AlbertError
-from pyalbert.ui import console_err
+from pyalbert.entry import exit_code
 
 #: modules under pyalbert.cli, each with ``register(subparsers)``
 COMMAND_MODULES = (
@@ -59,14 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except AlbertError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        console_err.print("[yellow]interrupted[/]")
-        return 130
+    return exit_code(lambda: int(args.func(args) or 0))
 
 
 def run() -> None:

@@ -7,8 +7,8 @@ import json
 
 from rich.table import Table
 
-from pyalbert.config import load_spec, resolve_plan
-from pyalbert.config.plan import Plan
+from pyalbert.config import load_spec, resolve_placement
+from pyalbert.config.placement import Placement
 from pyalbert.errors import ConfigError, Problem
 from pyalbert.ui import console, console_err
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.set_defaults(func=check_command)
 
 
-def plan_table(plan: Plan) -> Table:
+def plan_table(plan: Placement) -> Table:
     env = plan.spec.env
     table = Table(title=f"environment {env.name} ({env.tier}, runtime {env.runtime})")
     for col in ("host", "service", "name", "model", "port", "GPUs", "gpu_mem_use", "TP"):
@@ -43,7 +43,7 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
-def plan_json(plan: Plan) -> dict:
+def plan_json(plan: Placement) -> dict:
     return {
         "environment": plan.spec.env.name,
         "runtime": plan.spec.env.runtime,
@@ -57,7 +57,7 @@ def plan_json(plan: Plan) -> dict:
     }
 
 
-def preflight_problems(plan: Plan) -> tuple[list[Problem], list[str]]:
+def preflight_problems(plan: Placement) -> tuple[list[Problem], list[str]]:
     """"Will it fit" for each GPU-served model whose weights' metadata is on this machine."""
     from pyalbert.image.build import preflight_model
 
@@ -77,7 +77,7 @@ def preflight_problems(plan: Plan) -> tuple[list[Problem], list[str]]:
 
 def check_command(args: argparse.Namespace) -> int:
     spec = load_spec(args.env, args.config_dir)
-    plan = resolve_plan(spec)
+    plan = resolve_placement(spec)
     for note in spec.notes:
         console_err.print(f"[yellow]warning:[/] {note}")
     problems, notes = preflight_problems(plan)

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyalbert.localenv import LocalEnv
+    from pyalbert.devtools.localenv import LocalEnv
     from pyalbert.ui import console
 
     if os.geteuid() != 0:

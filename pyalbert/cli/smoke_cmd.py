@@ -45,13 +45,13 @@ def _positive(value: str) -> float:
 
 
 def target_for(args: argparse.Namespace):
-    from pyalbert.config import load_spec, resolve_plan
+    from pyalbert.config import load_spec, resolve_placement
     from pyalbert.errors import AlbertError
     from pyalbert.smoke import SmokeTarget
 
     spec = load_spec(args.env, args.config_dir)
     env = spec.env
-    url = args.url or env.url or resolve_plan(spec).api[0].url
+    url = args.url or env.url or resolve_placement(spec).api[0].url
     ref = env.secrets["api_key"]
     key = ref.resolve()
     if key is None:

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _host(args: argparse.Namespace):
-    from pyalbert.testhosts import DEFAULT_ROOT, NamespaceHost, load_host
+    from pyalbert.devtools.testhosts import DEFAULT_ROOT, NamespaceHost, load_host
 
     root = args.state_root or DEFAULT_ROOT
     known = load_host(Path(root) / f"h{args.index}")

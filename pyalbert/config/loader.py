@@ -11,15 +11,17 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pyalbert.config.deployment import Deployment
 from pyalbert.config.environment import EnvironmentSpec
+from pyalbert.config.placement import resolve_placement
 from pyalbert.config.routing import LegacyKeyWarning, ModelSpec, RoutingTable
+from pyalbert.config.spec import DeploymentSpec, display_path
 from pyalbert.errors import ConfigError, Problem
 
 if sys.version_info >= (3, 11):
@@ -44,16 +46,9 @@ def find_config_dir(start: Path | None = None) -> Path:
     return here / "config"
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def read_document(path: Path) -> Any:
     """Parse a JSON, TOML or YAML file; syntax errors name line and column."""
-    name = _display(path)
+    name = display_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -154,28 +149,12 @@ def environment_path(config_dir: Path, env: str) -> Path:
     known = sorted({p.stem for p in folder.glob("*") if p.suffix in ENV_SUFFIXES})
     raise ConfigError(
         Problem(
-            _display(folder),
+            display_path(folder),
             "",
             f"no environment named {env!r}",
             f"use one of: {', '.join(known)}" if known else "create environments/<name>.toml",
         )
     )
-
-
-@dataclass(frozen=True)
-class DeploymentSpec:
-    """A validated environment with its routing table: the input of every plan."""
-
-    env: EnvironmentSpec
-    models: RoutingTable
-    config_dir: Path
-    env_file: Path
-    routing_file: Path
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def name(self) -> str:
-        return self.env.name
 
 
 #: environment variables that override a key of the environment file (the pipeline sets the
@@ -195,18 +174,19 @@ def apply_overrides(data: dict, environ: dict[str, str] | None = None) -> dict:
 
 def load_routing_table(path: Path) -> tuple[RoutingTable, list[str]]:
     data = read_document(path)
-    return validate_document(RoutingTable, data, _display(path))
+    return validate_document(RoutingTable, data, display_path(path))
 
 
-def load_spec(env: str, config_dir: Path | None = None) -> DeploymentSpec:
-    """Load ``environments/<env>`` and its routing table, validate both, then the plan."""
+def load_spec(env: str, config_dir: Path | None = None) -> Deployment:
+    """Load ``environments/<env>`` and its routing table, validate both, then place the models:
+    one resolved :class:`Deployment` (spec + placement), resolved once."""
     config_dir = config_dir or find_config_dir()
     env_file = environment_path(config_dir, env)
     data = read_document(env_file)
     if isinstance(data, dict):
         data.setdefault("name", env)
         data = apply_overrides(data)
-    environment, notes = validate_document(EnvironmentSpec, data, _display(env_file))
+    environment, notes = validate_document(EnvironmentSpec, data, display_path(env_file))
     routing_file = (config_dir / environment.routing_table).resolve()
     models, more = load_routing_table(routing_file)
     spec = DeploymentSpec(
@@ -217,7 +197,4 @@ def load_spec(env: str, config_dir: Path | None = None) -> DeploymentSpec:
         routing_file=routing_file,
         notes=tuple(notes + more),
     )
-    from pyalbert.config.plan import resolve_plan
-
-    resolve_plan(spec)  # raises ConfigError on clashes and over-subscription
-    return spec
+    return Deployment.of(spec, resolve_placement(spec))  # ConfigError on clashes, over-subscription

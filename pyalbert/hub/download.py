@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from pyalbert import __version__
-from pyalbert.config.loader import DeploymentSpec
 from pyalbert.config.routing import ModelSpec
+from pyalbert.config.spec import DeploymentSpec
 from pyalbert.hub import layout, remote
 from pyalbert.hub.errors import (
     ChecksumMismatch,

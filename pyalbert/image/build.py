@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pyalbert.commands.base import Cmd, Secret
-from pyalbert.config.loader import DeploymentSpec
+from pyalbert.config.spec import DeploymentSpec
 from pyalbert.errors import AlbertError
 from pyalbert.image import commands
 from pyalbert.image.preflight import Estimate, estimate, load_metadata

@@ -12,7 +12,7 @@ import math
 
 import yaml
 
-from pyalbert.config.plan import slug
+from pyalbert.config.placement import slug
 from pyalbert.image.preflight import Estimate, GiB
 from pyalbert.image.recipe import HEALTH_PATH, PORT, ImageRecipe
 

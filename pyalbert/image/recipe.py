@@ -17,9 +17,9 @@ from pathlib import Path
 import jinja2
 
 from pyalbert.commands.vllm import server_args
-from pyalbert.config.loader import DeploymentSpec, _display
-from pyalbert.config.plan import slug
+from pyalbert.config.placement import slug
 from pyalbert.config.routing import ModelSpec
+from pyalbert.config.spec import DeploymentSpec, display_path
 from pyalbert.errors import ConfigError, Problem
 
 #: what managed nodes expect, and what ``albert node spec`` announces
@@ -143,7 +143,7 @@ def model_of(spec: DeploymentSpec, model_id: str) -> ModelSpec:
         return spec.models[model_id]
     except KeyError:
         raise ConfigError(Problem(
-            _display(spec.routing_file), model_id, "no such model in the routing table",
+            display_path(spec.routing_file), model_id, "no such model in the routing table",
             f"use one of: {', '.join(spec.models.ids())}",
         )) from None
 
@@ -169,7 +169,7 @@ def recipe(
         source = weights_dir or model_dir(spec, model_id)
         if not (source / "config.json").is_file():
             raise ConfigError(Problem(
-                _display(spec.env_file), "storage_dir",
+                display_path(spec.env_file), "storage_dir",
                 f"--bake-weights needs the model's files in {source}, which has no config.json",
                 f"download it first (albert models download --env {env.name}), or point "
                 "--weights-dir at a model directory",

@@ -6,6 +6,7 @@ from tests.support.hosts import (  # noqa: F401 (fixtures)
     make_host,
     one_host,
 )
+from tests.support.runtimes import env, runtime_host  # noqa: F401 (fixtures: both runtimes)
 
 
 def pytest_collection_modifyitems(items):

@@ -1,151 +1,112 @@
-"""fab deploy on real namespace hosts (sshd + dockerd each) with the fake vLLM image.
+"""fab deploy on real namespace hosts, one scenario list run on both runtimes.
 
-One module-scoped host with the image loaded; each test deploys its own environment name so the
-containers, ports and releases of one test never meet another's, and ``down`` cleans up.
+Each scenario runs twice: on a host with its own dockerd and the fake vLLM image (``docker``), and
+on a host without Docker where ``albert supervise`` keeps the fake vLLM processes alive from a venv
+(``venv``) (:mod:`tests.support.runtimes`). One module-scoped host per runtime; each test deploys
+its own environment name, so the units, ports and releases of one test never meet another's, and
+``down`` cleans up. What only one runtime has lives in test_venv_runtime.py (the supervisor) and
+at the end of this file (docker).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from pyalbert.config import load_spec
-from pyalbert.deployer import (
+from pyalbert.engine.operations import (
     deploy_env,
     down_env,
     list_releases,
     lock_env,
     rollback_env,
+    status_env,
     unlock_env,
 )
 from pyalbert.errors import AlbertError
-from tests.support.hosts import environment_toml, ssh_environ
+from pyalbert.remote import SSHRunner
+from pyalbert.runtimes import runtime_for
+from tests.support.runtimes import STORAGE
 from tests.support.traffic import chat_load
 
-REPO = Path(__file__).resolve().parents[2]
-STORAGE = Path("/var/tmp/albert-deploy-tests/models")
 
-
-@pytest.fixture(scope="module")
-def host(fake_vllm_host):
-    return fake_vllm_host
-
-
-class Env:
-    """One test environment on the shared host: write config, deploy, look, clean up."""
-
-    def __init__(self, host, image, root: Path, monkeypatch, name: str):
-        self.host, self.image, self.root, self.name = host, image, root, name
-        (root / "environments").mkdir(parents=True, exist_ok=True)
-        for key, value in ssh_environ([host], root).items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("ALBERT_READY_POLL_S", "0.2")
-
-    def write(self, models: dict, *, api_port: int, timeout: float = 20, extra: str = "") -> None:
-        for model_id in models:
-            (STORAGE / model_id).mkdir(parents=True, exist_ok=True)
-        (self.root / "llm_routing_table.json").write_text(json.dumps(models))
-        text = environment_toml([self.host], f"""
-storage_dir = "{STORAGE}"
-[images]
-vllm = "{self.image}"
-api = "{self.image}"
-[api]
-port = {api_port}
-[deploy]
-ready_timeout_s = {timeout}
-keep_releases = 3
-base_dir = "/home/gitlab/albert-{self.name}"
-{extra}""")
-        (self.root / "environments" / f"{self.name}.toml").write_text(text)
-
-    def spec(self):
-        return load_spec(self.name, self.root)
-
-    def get(self, port: int, path: str) -> httpx.Response:
-        return httpx.get(f"http://{self.host.address}:{port}{path}", timeout=5)
-
-    def containers(self) -> dict[str, str]:
-        out = self.host.run(["docker", "ps", "--filter", f"label=albert.env={self.name}",
-                             "--format", '{{.Names}} {{.Label "albert.config-hash"}}']).stdout
-        return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
-
-
-@pytest.fixture
-def env(host, tmp_path, monkeypatch, request):
-    h, image = host
-    name = "d" + request.node.name.replace("test_", "").replace("_", "")[:20].lower()
-    e = Env(h, image, tmp_path / "config", monkeypatch, name)
-    yield e
-    with contextlib.suppress(Exception):  # the host is torn down at the end anyway
-        down_env(e.spec())
-
-
-def chat(e: Env, port: int, model: str) -> str:
-    r = httpx.post(f"http://{e.host.address}:{port}/v1/chat/completions", timeout=10,
-                   json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
-    r.raise_for_status()
-    return r.json()["choices"][0]["message"]["content"]
-
-
-def test_deploy_then_noop_then_change_then_rollback(env):
-    env.write({"m-a": {"model": "org/a", "port": 18101},
-               "m-b": {"model": "org/b", "port": 18102, "env": {"FAKE_VLLM_START_DELAY": "1"}}},
-              api_port=18180)
+def test_deploy_noop_change_status_logs_rollback_down(env):
+    models = {"m-a": {"model": "org/a", "port": 18101},
+              "m-b": {"model": "org/b", "port": 18102, "env": {"FAKE_VLLM_START_DELAY": "1"}}}
+    env.write(models, api_port=18180)
     results = deploy_env(env.spec(), quiet=True)
     assert [r.status for r in results] == ["deployed"]
-    assert chat(env, 18101, "m-a") == "echo: hi"
+    assert env.chat(18101, "m-a") == "echo: hi"
     assert [m["id"] for m in env.get(18102, "/v1/models").json()["data"]] == ["m-b"]
-    assert set(env.get(18180, "/v1/models").json()["data"][0].values()) >= {"m-a"}
-    first = env.containers()
-    assert set(first) == {f"albert-{env.name}-vllm-m-a", f"albert-{env.name}-vllm-m-b",
-                          f"albert-{env.name}-api", f"albert-{env.name}-api-blue"}
-    env_file = env.host.run(f"stat -c %a /home/gitlab/albert-{env.name}/releases/*/"
-                            f"albert-{env.name}-vllm-m-a.env").stdout.strip()
-    assert env_file == "600"
+    assert {m["id"] for m in env.get(18180, "/v1/models").json()["data"]} == {"m-a", "m-b"}
+    assert env.chat(18180, "m-b") == "echo: hi"  # through the edge and the api
+    first = env.running()
+    n = env.name
+    assert set(first) == {f"albert-{n}-vllm-m-a", f"albert-{n}-vllm-m-b", f"albert-{n}-api",
+                          f"albert-{n}-api-blue"}
+    mode = env.host.run(f"stat -c %a {env.base}/releases/*/albert-{n}-vllm-m-a.env").stdout.strip()
+    assert mode == "600"
 
+    # no-op: nothing restarts and it says so
     t0 = time.monotonic()
     again = deploy_env(env.spec(), quiet=True)
     assert [r.status for r in again] == ["unchanged"] and time.monotonic() - t0 < 5
-    assert env.containers() == first
+    assert env.running() == first
 
-    env.write({"m-a": {"model": "org/a", "port": 18101, "env": {"X": "2"}},
-               "m-b": {"model": "org/b", "port": 18102, "env": {"FAKE_VLLM_START_DELAY": "1"}}},
-              api_port=18180)
+    # a config change restarts only that model (and the api, whose config folder holds the table)
+    models["m-a"]["env"] = {"X": "2"}
+    env.write(models, api_port=18180)
     changed = deploy_env(env.spec(), quiet=True)[0]
-    # m-a's env changed; the api's config folder holds the routing table, so it moves too (lossless)
-    assert changed.changed == [f"albert-{env.name}-vllm-m-a", f"albert-{env.name}-api"]
-    now = env.containers()
-    assert now[f"albert-{env.name}-vllm-m-b"] == first[f"albert-{env.name}-vllm-m-b"]
-    assert now[f"albert-{env.name}-vllm-m-a"] != first[f"albert-{env.name}-vllm-m-a"]
+    assert changed.changed == [f"albert-{n}-vllm-m-a", f"albert-{n}-api"]
+    now = env.running()
+    assert now[f"albert-{n}-vllm-m-b"] == first[f"albert-{n}-vllm-m-b"]
+    assert now[f"albert-{n}-vllm-m-a"] != first[f"albert-{n}-vllm-m-a"]
+    assert set(now) == {f"albert-{n}-vllm-m-a", f"albert-{n}-vllm-m-b", f"albert-{n}-api",
+                        f"albert-{n}-api-green"}
 
-    (current, items), = list_releases(env.spec()).values()
+    # status and logs show the units
+    spec = env.spec()
+    by_name = {r["name"]: r for r in status_env(spec)[env.host.name]["rows"]}
+    assert set(by_name) == set(now)  # the stopped blue colour is gone
+    assert by_name[f"albert-{n}-vllm-m-a"]["health"] == "ok"
+    assert by_name[f"albert-{n}-api"]["health"] == "ok"
+    with contextlib.closing(SSHRunner(spec.env.hosts[0], spec.env.ssh)) as r:
+        log = r.run(runtime_for(spec.env).logs(f"albert-{n}-vllm-m-b", 20)).stdout
+    assert "fake vllm: model" in log
+
+    # rollback to the first release: m-a goes back to its first config
+    (current, items), = list_releases(spec).values()
     assert len(items) == 2 and current == items[-1]["id"]
-    back = rollback_env(env.spec(), quiet=True)
+    back = rollback_env(spec, quiet=True)
     assert back[0].status == "rolled back to" and back[0].release == items[0]["id"]
-    now = env.containers()
-    assert now[f"albert-{env.name}-vllm-m-a"] == first[f"albert-{env.name}-vllm-m-a"]
-    assert chat(env, 18101, "m-a") == "echo: hi"
+    assert env.running()[f"albert-{n}-vllm-m-a"] == first[f"albert-{n}-vllm-m-a"]
+    assert env.chat(18101, "m-a") == "echo: hi"
+
+    # down stops everything; status then lists nothing
+    serving = set(env.running())
+    assert len(serving) == 4
+    assert set(down_env(spec)[env.host.name]) == serving
+    assert env.running() == {}
+    assert status_env(spec)[env.host.name]["rows"] == []
+    with pytest.raises(httpx.ConnectError):
+        env.get(18101, "/health")
 
 
 def test_readiness_timeout_rolls_back_and_previous_release_serves(env):
     env.write({"m-a": {"model": "org/a", "port": 18111}}, api_port=18190, timeout=3)
     deploy_env(env.spec(), service="vllm", quiet=True)
-    before = env.containers()
+    before = env.running()
     env.write({"m-a": {"model": "org/a", "port": 18111, "env": {"FAKE_VLLM_FAIL": "never-ready"}}},
               api_port=18190, timeout=3)
     with pytest.raises(AlbertError, match="failed on 1 of 1 host"):
         deploy_env(env.spec(), service="vllm", quiet=True)
-    assert env.containers() == before
+    assert env.running() == before
     assert env.get(18111, "/health").status_code == 200
-    assert env.host.run(f"test -e /home/gitlab/albert-{env.name}/deploy.lock", check=False).returncode
+    assert env.host.run(f"test -e {env.base}/deploy.lock", check=False).returncode
 
 
 def test_crashing_server_fails_fast_with_its_log_lines(env, capsys):
@@ -156,6 +117,7 @@ def test_crashing_server_fails_fast_with_its_log_lines(env, capsys):
         deploy_env(env.spec(), service="vllm")
     assert time.monotonic() - t0 < 30
     assert "failed to load the model" in capsys.readouterr().out
+    assert env.running() == {}
 
 
 def test_lock_held_fails_at_once_naming_the_holder(env):
@@ -164,7 +126,7 @@ def test_lock_held_fails_at_once_naming_the_holder(env):
     try:
         with pytest.raises(AlbertError, match="db migration"):
             deploy_env(env.spec(), quiet=True)
-        assert env.containers() == {}
+        assert env.running() == {}
     finally:
         unlock_env(env.spec())
     assert [r.status for r in deploy_env(env.spec(), service="vllm", quiet=True)] == ["deployed"]
@@ -186,15 +148,10 @@ def test_port_taken_by_another_process(env):
 
 def test_missing_model_and_low_disk(env, monkeypatch):
     env.write({"m-a": {"model": "org/a", "port": 18151}}, api_port=18194)
-    (STORAGE / "m-gone").mkdir(parents=True, exist_ok=True)
-    (STORAGE / "m-gone").rmdir()
-    env.write({"m-a": {"model": "org/a", "port": 18151}}, api_port=18194)
-    import pyalbert.plans as plans
-
-    monkeypatch.setattr(plans, "MIN_FREE_MIB", 10**9)
+    monkeypatch.setenv("ALBERT_MIN_FREE_MIB", str(10**9))
     with pytest.raises(AlbertError, match="not enough disk"):
         deploy_env(env.spec(), service="vllm", quiet=True)
-    monkeypatch.setattr(plans, "MIN_FREE_MIB", 1)
+    monkeypatch.setenv("ALBERT_MIN_FREE_MIB", "1")
     spec = env.spec()
     (STORAGE / "m-a").rmdir()
     with pytest.raises(AlbertError, match="fab setup"):
@@ -209,23 +166,35 @@ def test_ssh_faults_are_one_paragraph(env, monkeypatch, tmp_path):
         deploy_env(env.spec(), quiet=True)
 
 
-def test_docker_missing_says_run_provision(env):
+def test_api_redeploy_loses_no_request(env):
+    env.write({"m-a": {"model": "org/a", "port": 18201}}, api_port=18280)
+    deploy_env(env.spec(), quiet=True)
+    with chat_load(f"http://{env.host.address}:18280", "m-a", clients=3) as load:
+        for version in ("2", "3"):
+            env.write({"m-a": {"model": "org/a", "port": 18201}}, api_port=18280,
+                      vllm_env={"FAKE_API_VERSION": version})
+            res = deploy_env(env.spec(), service="api", quiet=True)
+            assert res[0].status == "deployed"
+    assert load.ok > 20 and load.errors == []
+
+
+def test_check_runs_the_preflight_and_changes_nothing(env):
     env.write({"m-a": {"model": "org/a", "port": 18171}}, api_port=18196)
+    (result,) = deploy_env(env.spec(), check=True, quiet=True)
+    assert result.status == "ready" and result.ok
+    assert env.running() == {}
+    assert env.host.run(f"test -e {env.base}/releases", check=False).returncode  # nothing written
+
+
+# --- docker only ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime_host", ["docker"], indirect=True)
+def test_docker_missing_says_run_provision(env):
+    env.write({"m-a": {"model": "org/a", "port": 18172}}, api_port=18197)
     text = (env.root / "environments" / f"{env.name}.toml").read_text()
     # a host user outside the docker group cannot talk to dockerd: same symptom as no docker
     (env.root / "environments" / f"{env.name}.toml").write_text(text.replace('user = "gitlab"',
                                                                               'user = "nobody"'))
     with pytest.raises(AlbertError):
         deploy_env(env.spec(), quiet=True)
-
-
-def test_api_redeploy_loses_no_request(env):
-    env.write({"m-a": {"model": "org/a", "port": 18201}}, api_port=18280)
-    deploy_env(env.spec(), quiet=True)
-    with chat_load(f"http://{env.host.address}:18280", "m-a", clients=4) as load:
-        for version in ("2", "3"):
-            env.write({"m-a": {"model": "org/a", "port": 18201}}, api_port=18280,
-                      extra=f'[vllm]\nenv = {{FAKE_API_VERSION = "{version}"}}')
-            res = deploy_env(env.spec(), service="api", quiet=True)
-            assert res[0].status == "deployed"
-    assert load.ok > 20 and load.errors == []

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pyalbert.deployer import deploy_env, down_env
-from tests.integration.test_deploy import Env
+from pyalbert.engine.operations import deploy_env, down_env
+from tests.support.runtimes import Env, RuntimeHost
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = REPO / ".venv" / "bin" / "fab"
@@ -33,7 +33,7 @@ def host(fake_vllm_host):
 @pytest.fixture
 def env(host, tmp_path, monkeypatch):
     h, image = host
-    e = Env(h, image, tmp_path / "config", monkeypatch, "dinterrupt")
+    e = Env(RuntimeHost("docker", h, image), tmp_path / "config", monkeypatch, "dinterrupt")
     yield e
     with contextlib.suppress(Exception):
         down_env(e.spec())
@@ -76,7 +76,7 @@ def test_ctrl_c_while_waiting_for_readiness_restores_the_previous_release(env):
     env.write({"m-a": model}, api_port=18380, timeout=120)
     deploy_env(env.spec(), service="vllm", quiet=True)
     name = f"albert-{env.name}-vllm-m-a"
-    before = env.containers()
+    before = env.running()
     assert set(before) == {name}
 
     env.write({"m-a": {**model, "env": {"FAKE_VLLM_START_DELAY": "300"}}}, api_port=18380,
@@ -94,7 +94,7 @@ def test_ctrl_c_while_waiting_for_readiness_restores_the_previous_release(env):
             time.sleep(0.2)
         else:
             pytest.fail("the slow new release never answered 503\n" + "".join(seen))
-        assert env.containers()[name] != before[name]
+        assert env.running()[name] != before[name]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
@@ -114,7 +114,7 @@ def test_ctrl_c_while_waiting_for_readiness_restores_the_previous_release(env):
     assert elapsed < 30, output
     assert env.host.run(f"test -e /home/gitlab/albert-{env.name}/deploy.lock",
                         check=False).returncode != 0, "the deploy lock was left behind"
-    assert env.containers() == before, "a container of the interrupted release is left"
+    assert env.running() == before, "a container of the interrupted release is left"
     models = env.get(18301, "/v1/models")
     assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["m-a"]
     # nothing from the interrupted release blocks the next deploy

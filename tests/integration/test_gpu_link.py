@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pyalbert.deployer import deploy_env, down_env, link_gpu_env, unlink_gpu_env
+from pyalbert.engine.gpu_lease import link_gpu_env, unlink_gpu_env
+from pyalbert.engine.operations import deploy_env, down_env
 from pyalbert.errors import AlbertError
-from tests.integration.test_deploy import Env
+from tests.support.runtimes import Env, RuntimeHost
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "/home/gitlab/gpu-hooks.log"
@@ -40,7 +41,7 @@ def host(fake_vllm_host):
 def env(host, tmp_path, monkeypatch, request):
     h, image = host
     name = "g" + request.node.name.replace("test_", "").replace("_", "")[:16].lower()
-    e = Env(h, image, tmp_path / "config", monkeypatch, name)
+    e = Env(RuntimeHost("docker", h, image), tmp_path / "config", monkeypatch, name)
     monkeypatch.setenv("GITLAB_USER_LOGIN", "alice")
     monkeypatch.setenv("CI_PIPELINE_ID", "101")
     h.run(f"rm -f {MARKER} /home/gitlab/bin/nvidia-smi")
@@ -59,7 +60,7 @@ def marker(e: Env) -> list[str]:
 
 
 def vllm_containers(e: Env) -> list[str]:
-    return [n for n in e.containers() if "-vllm-" in n]
+    return [n for n in e.running() if "-vllm-" in n]
 
 
 def test_link_takes_renews_refuses_another_pipeline_and_takes_over_an_expired_lease(
@@ -118,7 +119,7 @@ def test_unlink_stops_vllm_releases_our_lease_runs_the_detach_hook_and_is_idempo
     (host_name, said), = unlink_gpu_env(env.spec()).items()
     assert said == "stopped 1 vLLM server(s); lease released; detach hook run"
     assert lease_on(env) is None and vllm_containers(env) == []
-    assert f"albert-{env.name}-api" in env.containers()  # only the GPU side goes
+    assert f"albert-{env.name}-api" in env.running()  # only the GPU side goes
     assert marker(env) == [f"attach 101 {host_name}", f"detach 101 {host_name}"]
 
     (again,) = unlink_gpu_env(env.spec()).values()

@@ -14,9 +14,7 @@ import pytest
 from pyalbert.cli import main
 from pyalbert.commands.base import Cmd
 from pyalbert.config import load_spec
-from pyalbert.errors import AlbertError
-from pyalbert.remote import SSHRunner
-from pyalbert.testhosts import (
+from pyalbert.devtools.testhosts import (
     DEFAULT_ROOT,
     NamespaceHost,
     claim_index,
@@ -28,6 +26,8 @@ from pyalbert.testhosts import (
     setup_script,
     veth_create_cmds,
 )
+from pyalbert.errors import AlbertError
+from pyalbert.remote import SSHRunner
 from tests.support.hosts import busybox_image, environment_toml
 
 # --- pure builders (no root needed) ----------------------------------------------------------

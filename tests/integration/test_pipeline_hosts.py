@@ -120,7 +120,7 @@ def ensure_streaming_fake_vllm() -> str:
 def ensure_api_image(wheel: Path, digest: str) -> str:
     """The real gateway: deploy/docker/api.Dockerfile on the test python image, from this
     repo's wheel and the wheelhouse ``fab setup`` uses for python 3.11 hosts (no network)."""
-    from pyalbert.setup_stage import wheelhouse
+    from pyalbert.engine.setup import wheelhouse
 
     dockerfile = (REPO / "deploy" / "docker" / "api.Dockerfile").read_bytes()
     # KNOWN BUG, worked around here: the image runs as uid 10001 but the deploy writes the
@@ -238,7 +238,7 @@ def copy_project(work: Path) -> None:
 def stage(make_host, tmp_path_factory):
     if not shutil.which("gitlab-ci-local") or not shutil.which("rsync"):
         pytest.fail("gitlab-ci-local (npm) and rsync are needed: run ./scripts/bootstrap")
-    from pyalbert.setup_stage import build_wheel
+    from pyalbert.engine.setup import build_wheel
 
     root = tmp_path_factory.mktemp("pipeline-hosts")
     wheel, digest = build_wheel()

@@ -31,7 +31,7 @@ def fab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def deploy_key(monkeypatch):
     """The deploy user's secrets; the public key is the test client's, so SSH as the user works."""
-    from pyalbert.testhosts import ensure_client_key
+    from pyalbert.devtools.testhosts import ensure_client_key
 
     pub = ensure_client_key().with_suffix(".pub").read_text().strip()
     password = "pw-" + secrets.token_hex(8) + " with 'quotes' $HOME"

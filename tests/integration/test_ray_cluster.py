@@ -26,7 +26,7 @@ import pytest
 
 from pyalbert.commands import ray, vllm
 from pyalbert.config.routing import ModelSpec
-from pyalbert.testhosts import DAEMON_PATH, NamespaceHost, nsenter_argv
+from pyalbert.devtools.testhosts import DAEMON_PATH, NamespaceHost, nsenter_argv
 from tests.support.vllm_image import VLLM_VENV, ensure_tiny_model
 
 RAY_VENV = Path(os.environ.get("ALBERT_RAY_VENV", "/opt/albert/ray-venv"))

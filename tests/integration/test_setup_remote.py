@@ -51,7 +51,7 @@ def fab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tools_wheel(tmp_path_factory) -> Path:
     """One wheel for the session: the shared checkout changes while tests run."""
-    from pyalbert.setup_stage import build_wheel
+    from pyalbert.engine.setup import build_wheel
 
     wheel, _ = build_wheel()
     kept = tmp_path_factory.mktemp("wheel") / wheel.name

@@ -1,4 +1,4 @@
-"""Pytest fixtures: namespace test hosts (``pyalbert.testhosts``) and environments pointing at them.
+"""Pytest fixtures: namespace test hosts (``pyalbert.devtools.testhosts``) and environments pointing at them.
 
 Import the fixtures in a conftest (``from tests.support.hosts import *``, as
 tests/integration/conftest.py does)::
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from pyalbert.testhosts import DEFAULT_ROOT, NamespaceHost, claim_index, cleanup_stale
+from pyalbert.devtools.testhosts import DEFAULT_ROOT, NamespaceHost, claim_index, cleanup_stale
 
 BUSYBOX_IMAGE = "albert-busybox:test"
 #: a one-model routing table written when the test gives none

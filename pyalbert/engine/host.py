@@ -1,0 +1,255 @@
+"""The per-host state machine of a deploy and a rollback (runs in a fan-out worker).
+
+Deploy: preflight, the deploy lock, probe what runs, start only what changed (config hash), wait
+until ready, record the release; on any failure (timeout, error, Ctrl-C) the units already
+replaced go back to the previous release and the lock is released. Rollback converges to a
+recorded release the same way. ``check`` runs the preflight only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from pyalbert.commands import release
+from pyalbert.engine.fanout import Interrupted
+from pyalbert.engine.host_plans import manifest, orphans, units_from_manifest
+from pyalbert.engine.report import HostResult
+from pyalbert.engine.session import HostSession
+from pyalbert.errors import AlbertError
+from pyalbert.runtimes import facts
+from pyalbert.runtimes.base import ApiSwap, Unit
+
+
+class HostDeploy(HostSession):
+    """Everything one host does in one deploy or rollback."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.undo: list[Callable[[], None]] = []
+        self.prev_id: str | None = None  # known once the lock is held
+        self.previous: dict[str, Unit | ApiSwap] = {}
+
+    def check(self) -> HostResult:
+        """Preflight only (``fab deploy --check``): every check runs, nothing changes."""
+        t0 = time.monotonic()
+        try:
+            self.preflight()
+            self.result.status = "ready"
+            self.say("preflight passed: docker/python, disk, models, ports", "green")
+        except AlbertError as exc:
+            self.result.status, self.result.error = "failed", str(exc)
+        self.result.seconds = time.monotonic() - t0
+        return self.result
+
+    # -- the deploy
+    def deploy(self) -> HostResult:
+        t0 = time.monotonic()
+        try:
+            with self.locked():
+                try:
+                    self._deploy_locked()
+                except BaseException as exc:
+                    self._roll_back(exc)
+                    raise
+        except Interrupted as exc:
+            self.result.status, self.result.error = "interrupted", str(exc)
+        except AlbertError as exc:
+            self.result.status = "failed" if self.result.status == "pending" else self.result.status
+            self.result.error = str(exc)
+        if not self.result.ok:  # the summary shows what serves now, not the release that failed
+            self.result.release = (f"{self.prev_id} (previous)" if self.prev_id else
+                                   "-" if self.prev_id is None else "(none)")
+        self.result.seconds = time.monotonic() - t0
+        return self.result
+
+    def _read_previous(self) -> tuple[str, dict]:
+        link = self.r.run(release.current(self.hp.base_dir), check=False).stdout
+        prev = release.parse_current(link)
+        if not prev:
+            return "", {}
+        res = self.r.run(release.read_manifest(self.hp.base_dir, prev), check=False)
+        try:
+            return prev, json.loads(res.stdout) if res.ok else {}
+        except ValueError:
+            return prev, {}
+
+    def _deploy_locked(self) -> None:
+        hp = self.hp
+        prev_id, prev_manifest = self._read_previous()
+        self.prev_id = prev_id
+        self.previous = {u.name if isinstance(u, Unit) else u.edge.name + "/api": u
+                         for u in units_from_manifest(prev_manifest, self.rt)} if prev_manifest else {}
+        started, todo = self._unchanged_and_todo(prev_id)
+        gone = orphans(facts.units(self.r, self.rt, hp.env, check=False), hp)
+        if not todo and not gone:
+            self.say(f"nothing changed: {len(hp.units)} unit(s) already run this config; "
+                     "restarted nothing", "green")
+            self.result.status, self.result.release = "unchanged", prev_id
+            return
+        self.say(f"release {hp.release_id}: {len(todo)} unit(s) to start"
+                 + (f", {len(gone)} to remove" if gone else ""))
+        self.r.run(release.ensure_dir(hp.release_dir))
+        for f in hp.files:
+            self.r.run(f.cmd())
+        for u in todo:
+            self.check_cancel()
+            if isinstance(u, ApiSwap):
+                started.update(self._swap_api(u))
+            else:
+                self._replace(u)
+                started[u.name] = hp.release_id
+            self.result.changed.append(u.name if isinstance(u, Unit) else u.edge.name)
+        for name in gone:
+            self.say(f"removing {name} (no longer in the plan)")
+            self.r.run(self.rt.stop(name))
+        self._record(started, prev_id)
+
+    def _unchanged_and_todo(self, prev_id: str) -> tuple[dict[str, str], list[Unit | ApiSwap]]:
+        """Units already running this config (name -> their release), and the others."""
+        started: dict[str, str] = {}
+        todo: list[Unit | ApiSwap] = []
+        for u in self.hp.units:
+            if isinstance(u, Unit):
+                now = self.state(u)
+                if now.running and now.config_hash == u.config_hash:
+                    started[u.name] = now.release or prev_id
+                    continue
+            else:
+                same = self._api_unchanged(u)
+                if same:
+                    started.update(same)
+                    continue
+            todo.append(u)
+        return started, todo
+
+    def _record(self, started: dict[str, str], prev_id: str) -> None:
+        """Write the manifest, point ``current`` at the release, prune old releases."""
+        hp = self.hp
+        doc = manifest(hp, started, who=self.ctx.who, when=self.ctx.now_iso(),
+                       previous=prev_id or None)
+        self.r.run(release.put(f"{hp.release_dir}/{release.MANIFEST}", json.dumps(doc, indent=2)))
+        self.r.run(release.set_current(hp.base_dir, hp.release_id))
+        self.undo.clear()
+        ids = release.parse_ids(self.r.run(release.list_ids(hp.base_dir)).stdout)
+        protect = {*started.values(), prev_id, hp.release_id}
+        pruned = release.to_prune(ids, hp.keep_releases, sorted(protect))
+        if pruned:
+            self.r.run(release.prune(hp.base_dir, pruned))
+        self.result.status = "deployed"
+        self.say(f"release {hp.release_id} serves" + (f" (pruned {len(pruned)} old)" if pruned else ""),
+                 "green")
+
+    def _api_unchanged(self, swap: ApiSwap) -> dict[str, str] | None:
+        edge = self.state(swap.edge)
+        if not (edge.running and edge.config_hash == swap.edge.config_hash):
+            return None
+        for colour in swap.colours.values():
+            now = self.state(colour)
+            if now.running and now.config_hash == swap.config_hash:
+                up = self.r.run(swap.read_upstream, check=False).stdout.strip()
+                if up == str(colour.port):
+                    return {swap.edge.name: edge.release, colour.name: now.release}
+        return None
+
+    def _replace(self, u: Unit) -> None:
+        """Fixed port: stop the old server, start the new one, wait until ready."""
+        self.say(f"starting {u.name} (config {u.config_hash})")
+        old = self.previous.get(u.name)
+
+        def undo() -> None:
+            self.r.run(u.stop, check=False)
+            if isinstance(old, Unit) and old.config_hash != u.config_hash:
+                self.say(f"rolling back {u.name} to its previous release")
+                self.r.run(old.start, check=False)
+                self.wait_ready(old, quiet=True)
+
+        self.undo.append(undo)
+        self.r.run(u.stop)
+        for f in u.files:
+            self.r.run(f.cmd())
+        self.r.run(u.start)
+        self.wait_ready(u)
+
+    def _swap_api(self, swap: ApiSwap) -> dict[str, str]:
+        """Edge first (when its own config changed), then the idle colour, switch, stop old."""
+        edge = self.state(swap.edge)
+        current = self.r.run(swap.read_upstream, check=False).stdout.strip()
+        live = next((k for k, c in swap.colours.items() if str(c.port) == current), None)
+        target = "green" if live == "blue" else "blue"
+        new = swap.colours[target]
+        self.say(f"starting {new.name} on 127.0.0.1:{new.port} (config {new.config_hash})")
+        self.undo.append(lambda: self.r.run(new.stop, check=False))
+        self.r.run(new.stop)
+        self.r.run(new.start)
+        self.wait_ready(new)
+        started = {swap.edge.name: self._switch_edge(swap, target, edge)}
+        self.undo.clear()  # the switch is done: the new api serves
+        for k, c in swap.colours.items():
+            if k != target:
+                self.r.run(c.stop, check=False)  # graceful: in-flight requests finish
+        started[new.name] = self.hp.release_id
+        self.say(f"api switched to {target}", "green")
+        return started
+
+    def _switch_edge(self, swap: ApiSwap, target: str, edge: facts.UnitState) -> str:
+        """Point the edge at ``target``, restarting the edge when its own config changed;
+        returns the release the edge now runs from."""
+        if edge.running and edge.config_hash == swap.edge.config_hash:
+            self.r.run(swap.switch(target))
+            return edge.release
+        self.say(f"starting the edge {swap.edge.name} on port {swap.edge.port}")
+        self.r.run(release.ensure_dir(swap.upstream_file.rsplit("/", 1)[0]))
+        for f in swap.edge.files:
+            self.r.run(f.cmd())
+        self.r.run(swap.switch(target))
+        self.r.run(swap.edge.stop)
+        self.r.run(swap.edge.start)
+        self.wait_port(swap.edge)
+        return self.hp.release_id
+
+    def _roll_back(self, exc: BaseException) -> None:
+        if not self.undo:
+            return
+        why = "interrupted (Ctrl-C)" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+        self.say(f"{why}; rolling back {len(self.undo)} unit(s) to the previous release", "yellow")
+        for step in reversed(self.undo):
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - keep undoing the others
+                self.say(f"rollback step failed: {err}", "red")
+        self.undo.clear()
+        self.result.status = "rolled back"
+
+    # -- rollback --to
+    def rollback(self) -> HostResult:
+        """Converge to the recorded release ``hp.release_id`` (files are already there)."""
+        t0 = time.monotonic()
+        try:
+            with self.locked():
+                changed = sum(self._converge(u) for u in self.hp.units)
+                self.r.run(release.set_current(self.hp.base_dir, self.hp.release_id))
+                self.result.status = "rolled back to"
+                self.say(f"release {self.hp.release_id} serves ({changed} unit(s) restarted)", "green")
+        except AlbertError as exc:
+            self.result.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+            self.result.error = str(exc)
+        self.result.seconds = time.monotonic() - t0
+        return self.result
+
+    def _converge(self, u: Unit | ApiSwap) -> int:
+        """Restart ``u`` unless it already runs its recorded config; 1 when it was restarted."""
+        self.check_cancel()
+        if isinstance(u, ApiSwap):
+            if self._api_unchanged(u) is not None:
+                return 0
+            self._swap_api(u)
+            return 1
+        now = self.state(u)
+        if now.running and now.config_hash == u.config_hash:
+            return 0
+        self.r.run(u.stop)
+        self.r.run(u.start)
+        self.wait_ready(u)
+        return 1

@@ -1,0 +1,173 @@
+"""What a deploy does on each host, as data: a pure function of the placement and inputs.
+
+``deploy_plans(placement, inputs)`` returns one :class:`HostPlan` per host: the preflight checks,
+the files of the new release, and the units (:mod:`pyalbert.runtimes.base`) in start order. The
+engine (:mod:`pyalbert.engine.host`) runs them; a manifest records a release for ``rollback``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pyalbert.commands import api as api_cmd
+from pyalbert.commands import health, release
+from pyalbert.commands.base import Cmd, Raw
+from pyalbert.config.environment import HostSpec
+from pyalbert.config.placement import Placement
+from pyalbert.errors import AlbertError
+from pyalbert.runtimes import DockerRuntime, Runtime, runtime_for
+from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Unit, config_hash
+from pyalbert.runtimes.checks import Check, DiskFree, ModelPresent, PortFree
+
+#: free space a host needs under base_dir and the docker data root (MiB), unless told otherwise
+MIN_FREE_MIB = 1024
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: HostSpec
+    env: str
+    base_dir: str
+    release_id: str
+    checks: tuple[Check, ...]
+    files: tuple[FileSpec, ...]
+    units: tuple[Unit | ApiSwap, ...]
+    ready_timeout_s: float
+    keep_releases: int
+    runtime: Runtime
+    #: remove units of this env that the plan does not name (only for a full deploy)
+    remove_orphans: bool = True
+
+    @property
+    def release_dir(self) -> str:
+        return release.release_dir(self.base_dir, self.release_id)
+
+    def names(self) -> set[str]:
+        out: set[str] = set()
+        for u in self.units:
+            if isinstance(u, ApiSwap):
+                out |= {u.edge.name, *(c.name for c in u.colours.values())}
+            else:
+                out.add(u.name)
+        return out
+
+
+def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | None = None,
+                 *, min_free_mib: int = MIN_FREE_MIB) -> list[HostPlan]:
+    """One :class:`HostPlan` per host that has something to run (vLLM first, then the api)."""
+    _refuse_bad_inputs(placement, inputs)
+    env = placement.spec.env
+    runtime = runtime or runtime_for(env)
+    rel_dir = release.release_dir(env.deploy.base_dir, inputs.release_id)
+    out = []
+    for host in env.hosts:
+        units: list[Unit | ApiSwap] = []
+        files: list[FileSpec] = []
+        checks: list[Check] = [*runtime.checks(), DiskFree(env.deploy.base_dir, min_free_mib)]
+        if inputs.service in ("vllm", "all"):
+            for inst in placement.vllm_on(host.name):
+                if inputs.model and inst.model_id != inputs.model:
+                    continue
+                unit, unit_files = runtime.vllm_unit(inst, placement, inputs, rel_dir)
+                units.append(unit)
+                files += unit_files
+                checks += [ModelPresent(inst.model_id, f"{env.storage_dir}/{inst.model_id}"),
+                           PortFree(inst.port, inst.name)]
+        if inputs.service in ("api", "all") and not inputs.model and placement.api_on(host.name):
+            swap, api_files = runtime.api_swap(placement, host, inputs, rel_dir)
+            units.append(swap)
+            files += api_files
+            checks.append(PortFree(env.api.port, swap.edge.name))
+        if units:
+            out.append(HostPlan(
+                host=host, env=env.name, base_dir=env.deploy.base_dir,
+                release_id=inputs.release_id, checks=tuple(checks), files=tuple(files),
+                units=tuple(units), ready_timeout_s=env.deploy.ready_timeout_s,
+                keep_releases=env.deploy.keep_releases, runtime=runtime,
+                remove_orphans=inputs.service == "all" and not inputs.model))
+    return out
+
+
+def _refuse_bad_inputs(placement: Placement, inputs: DeployInputs) -> None:
+    spec, env = placement.spec, placement.spec.env
+    if inputs.model and inputs.model not in spec.models.root:
+        raise AlbertError(f"--model {inputs.model!r} is not in the routing table "
+                          f"({spec.routing_file.name}). Fix: use one of {', '.join(spec.models.ids())}.")
+    if (inputs.service in ("api", "all") and not inputs.model and "api_keys" not in inputs.secrets
+            and env.tier in ("production", "staging")):
+        ref = env.secrets["api_keys"]
+        raise AlbertError(
+            f"the {env.tier} api needs its keys file and ${ref.env} is not set. Fix: set the CI/CD "
+            f"variable {ref.env} (type File) to a keys file (hashed keys: `albert api hash-key`); "
+            "only development and testing environments may run the api without keys."
+        )
+
+
+def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
+             previous: str | None) -> dict:
+    """The release manifest: enough to restart every unit of this release (``rollback``).
+
+    ``started`` maps a unit name to the release whose files it uses (this one when it was
+    started now, an older one when it was unchanged).
+    """
+    units = []
+    for u in hp.units:
+        if isinstance(u, ApiSwap):
+            units.append({"name": u.edge.name, "service": "edge", "config_hash": u.edge.config_hash,
+                          "start": u.edge.start.render(), "port": u.edge.port,
+                          "release": started.get(u.edge.name, hp.release_id)})
+            colour_release = next((started[c.name] for c in u.colours.values() if c.name in started),
+                                  hp.release_id)
+            units.append({"name": f"albert-{hp.env}-api-*", "service": "api",
+                          "config_hash": u.config_hash, "release": colour_release,
+                          "upstream_file": u.upstream_file,
+                          "colours": {k: {"name": c.name, "start": c.start.render(), "port": c.port}
+                                      for k, c in u.colours.items()}})
+        else:
+            units.append({"name": u.name, "service": u.service, "model": u.model_id,
+                          "config_hash": u.config_hash, "start": u.start.render(), "port": u.port,
+                          "release": started.get(u.name, hp.release_id)})
+    return {"format": 1, "release": hp.release_id, "env": hp.env, "host": hp.host.name,
+            "created": when, "who": who, "previous": previous, "units": units}
+
+
+def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[Unit | ApiSwap]:
+    """Pure: the units of a recorded release, with their recorded start commands (rollback)."""
+    runtime = runtime or DockerRuntime()
+    out: list[Unit | ApiSwap] = []
+    edge: Unit | None = None
+    for u in data.get("units", []):
+        if u["service"] == "edge":
+            edge = _recorded_unit(u, runtime, None)
+            continue
+        if u["service"] == "api":
+            colours = {k: _recorded_unit({**c, "config_hash": u["config_hash"], "service": "api"},
+                                         runtime, health.ReadyCheck(c["port"]))
+                       for k, c in u["colours"].items()}
+            assert edge is not None, "an api entry follows its edge"
+            out.append(ApiSwap(edge=edge, colours=colours, upstream_file=u["upstream_file"],
+                               read_upstream=api_cmd.read_upstream(u["upstream_file"])))
+            continue
+        out.append(_recorded_unit(u, runtime, health.ReadyCheck(u["port"], u.get("model"))))
+    return out
+
+
+def _recorded_unit(u: Mapping, runtime: Runtime, ready: health.ReadyCheck | None) -> Unit:
+    return Unit(name=u["name"], service=u["service"], config_hash=u["config_hash"],
+                start=Cmd((Raw(u["start"]),)), stop=runtime.stop(u["name"]),
+                probe=runtime.probe(u["name"]), logs=runtime.logs(u["name"], 40),
+                ready=ready, model_id=u.get("model"), port=u.get("port"))
+
+
+def orphans(running: Sequence[Mapping[str, str]], hp: HostPlan) -> list[str]:
+    """Pure: containers of this env on the host that the plan no longer names."""
+    if not hp.remove_orphans:
+        return []
+    keep = hp.names()
+    return sorted(r["name"] for r in running if r["name"] not in keep)
+
+
+def release_id(now_utc: str, plans_material: object) -> str:
+    """``YYYYmmdd-HHMMSS-<hash6>`` from a UTC time ``YYYYmmddTHHMMSS`` and the config."""
+    return f"{now_utc.replace('T', '-')}-{config_hash({'m': plans_material})[:6]}"

@@ -1,0 +1,158 @@
+"""The container runtime: ``docker run`` per unit, labels for probes, ``--env-file`` for secrets."""
+
+from __future__ import annotations
+
+import json
+
+from pyalbert.commands import api as api_cmd
+from pyalbert.commands import docker, health
+from pyalbert.commands.base import Cmd
+from pyalbert.commands.render import template_text
+from pyalbert.commands.vllm import server_args
+from pyalbert.config.environment import HostSpec
+from pyalbert.config.placement import Placement, VllmInstance
+from pyalbert.runtimes.base import (
+    ApiSwap,
+    DeployInputs,
+    FileSpec,
+    Unit,
+    api_files,
+    colour_name,
+    config_hash,
+    edge_dir,
+    edge_name,
+    env_file,
+    hashed_environ,
+    labels,
+    vllm_environ,
+)
+from pyalbert.runtimes.checks import Check, DockerAnswers
+
+MODEL_MOUNT = "/models"
+
+
+class DockerRuntime:
+    """Containers: ``docker run`` per unit, labels for probes, ``--env-file`` for secrets."""
+
+    name = "docker"
+
+    def vllm_unit(self, inst: VllmInstance, placement: Placement, inputs: DeployInputs,
+                  release_dir: str) -> tuple[Unit, list[FileSpec]]:
+        env = placement.spec.env
+        args = server_args(inst.model_id, inst.model, model_path=f"{MODEL_MOUNT}/{inst.model_id}",
+                           port=inst.port, extra_args=env.vllm.extra_args)
+        environ = vllm_environ(env, inst, inputs)
+        digest = config_hash({"image": env.images.vllm, "args": args, "port": inst.port,
+                              "gpus": list(inst.gpu_ids), "storage": env.storage_dir,
+                              "env": hashed_environ(environ)})
+        file = env_file(release_dir, inst, inputs, environ)
+        start = docker.run(
+            inst.name, env.images.vllm, args,
+            ports=[f"{inst.port}:{inst.port}"],
+            volumes=[f"{env.storage_dir}/{inst.model_id}:{MODEL_MOUNT}/{inst.model_id}:ro"],
+            env_file=file.path, gpu_ids=inst.gpu_ids, ipc_host=True,
+            labels=labels(env.name, "vllm", inst.model_id, inputs.release_id, digest),
+        )
+        unit = Unit(
+            name=inst.name, service="vllm", config_hash=digest, start=start,
+            stop=docker.stop(inst.name), probe=docker.inspect_state(inst.name),
+            logs=docker.logs(inst.name, 40), ready=health.ReadyCheck(inst.port, inst.model_id),
+            model_id=inst.model_id, port=inst.port,
+        )
+        return unit, [file]
+
+    def api_swap(self, placement: Placement, host: HostSpec, inputs: DeployInputs,
+                 release_dir: str) -> tuple[ApiSwap, list[FileSpec]]:
+        env = placement.spec.env
+        upstream = f"{edge_dir(env)}/upstream"
+        api = api_files(env, placement, inputs, release_dir)
+        serve = api_cmd.serve_args(env.name, env.api.port, keys=api.keys,
+                                   whitelist=env.whitelist.configured, workers=env.api.workers)
+        digest = config_hash({"image": env.images.api, "args": serve, "port": env.api.port,
+                              "files": api.material(release_dir)})
+        into = api_cmd.IN_CONTAINER
+        volumes = [f"{release_dir}/backends.json:{into}/backends.json:ro",
+                   f"{release_dir}/config:{into}/config:ro"]
+        if api.keys:
+            volumes.append(f"{release_dir}/keys.json:{into}/keys.json:ro")
+        if api.whitelist:
+            volumes.append(f"{api.whitelist}:{into}/whitelist.json:ro")
+        colours = {}
+        for colour in api_cmd.COLOURS:
+            name = colour_name(env.name, colour)
+            spare = api_cmd.spare_port(env.api.port, colour)
+            start = docker.run(
+                name, env.images.api, serve[1:], entrypoint=serve[0],
+                ports=[f"127.0.0.1:{spare}:{env.api.port}"], volumes=volumes,
+                user=docker.AS_DEPLOY_USER,
+                labels=labels(env.name, "api", colour, inputs.release_id, digest),
+            )
+            colours[colour] = Unit(
+                name=name, service="api", config_hash=digest, start=start,
+                stop=docker.stop(name), probe=docker.inspect_state(name),
+                logs=docker.logs(name, 40), ready=health.ReadyCheck(spare), port=spare,
+            )
+        swap = ApiSwap(edge=self._edge(env, inputs), colours=colours, upstream_file=upstream,
+                       read_upstream=api_cmd.read_upstream(upstream))
+        return swap, api.files
+
+    def _edge(self, env, inputs: DeployInputs) -> Unit:
+        script = template_text("edge.py")
+        args = api_cmd.edge_args(env.api.port, "/edge/upstream")
+        digest = config_hash({"image": env.images.api, "args": args, "script": script})
+        name = edge_name(env.name)
+        return Unit(
+            name=name, service="edge", config_hash=digest,
+            start=docker.run(name, env.images.api, args[1:], entrypoint=args[0],
+                             network="host", volumes=[f"{edge_dir(env)}:/edge:ro"],
+                             user=docker.AS_DEPLOY_USER,
+                             labels=labels(env.name, "edge", None, inputs.release_id, digest)),
+            stop=docker.stop(name, 5), probe=docker.inspect_state(name),
+            logs=docker.logs(name, 40), ready=None, port=env.api.port,
+            files=(FileSpec(f"{edge_dir(env)}/edge.py", script),),
+        )
+
+    def probe(self, name: str) -> Cmd:
+        return docker.inspect_state(name)
+
+    def list_units(self, env: str) -> Cmd:
+        return docker.ps(env)
+
+    def parse_units(self, stdout: str) -> list[dict[str, str]]:
+        rows = []
+        for line in stdout.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            labels = dict(kv.split("=", 1) for kv in row.get("Labels", "").split(",") if "=" in kv)
+            rows.append({"name": row.get("Names", ""), "image": row.get("Image", ""),
+                         "state": row.get("State", ""), "status": row.get("Status", ""),
+                         "ports": row.get("Ports", ""), "service": labels.get("albert.service", ""),
+                         "model": labels.get("albert.model", ""),
+                         "release": labels.get("albert.release", ""),
+                         "config_hash": labels.get("albert.config-hash", "")})
+        return rows
+
+    def parse_state(self, stdout: str) -> tuple[bool, str, str]:
+        return docker.parse_state(stdout)
+
+    def restarts(self, name: str) -> Cmd:
+        """Probe: how many times docker restarted the container (a crash loop before ready)."""
+        return Cmd.of("docker", "inspect", "--format", "{{.RestartCount}}", name)
+
+    def parse_restarts(self, stdout: str) -> int:
+        text = stdout.strip()
+        return int(text) if text.isdigit() else 0
+
+    def stop(self, name: str) -> Cmd:
+        return docker.stop(name)
+
+    def reload(self, name: str) -> Cmd:
+        return docker.kill_signal(name, "HUP")
+
+    def logs(self, name: str, tail: int, follow: bool = False) -> Cmd:
+        return docker.logs(name, tail, follow=follow)
+
+    def checks(self) -> list[Check]:
+        return [DockerAnswers()]

@@ -1,0 +1,42 @@
+"""Facts: what the engine asks a host, each a command plus its parser returning a typed value.
+
+Call sites ask for the fact (``units(runner, rt, env)``); nothing glues
+``parse(run(list(...)).stdout)`` again.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from pyalbert.remote import Runner
+from pyalbert.runtimes.base import Runtime, Unit
+
+
+class UnitState(NamedTuple):
+    running: bool
+    config_hash: str
+    release: str
+
+
+def units(runner: Runner, rt: Runtime, env: str, *, check: bool = True) -> list[dict[str, str]]:
+    """This env's units on the host (name, service, model, state, release, config hash...).
+
+    ``check=False``: an unreadable listing is no unit at all (probes before a first deploy).
+    """
+    res = runner.run(rt.list_units(env), check=check)
+    return rt.parse_units(res.stdout) if res.ok else []
+
+
+def running_names(runner: Runner, rt: Runtime, env: str) -> set[str]:
+    return {row["name"] for row in units(runner, rt, env, check=False) if row["state"] == "running"}
+
+
+def state(runner: Runner, rt: Runtime, unit: Unit) -> UnitState:
+    """Is ``unit`` running, with which config hash, from which release (absent: not running)."""
+    res = runner.run(unit.probe, check=False)
+    return UnitState(*rt.parse_state(res.stdout)) if res.ok else UnitState(False, "", "")
+
+
+def restarts(runner: Runner, rt: Runtime, name: str) -> int:
+    """How often the unit crashed and was restarted since its start (a crash loop)."""
+    return rt.parse_restarts(runner.run(rt.restarts(name), check=False).stdout)
