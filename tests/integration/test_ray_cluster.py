@@ -118,6 +118,18 @@ class RayNodeProcess:
         return self.proc.wait(timeout=timeout)
 
 
+def stopped(result: subprocess.CompletedProcess) -> None:
+    """``ray stop`` ran inside the node's namespace and stopped its processes.
+
+    Exit 0, or SIGKILL: once the node's processes are gone ``ray start --block`` returns, the
+    namespace's init with it, and the kernel kills what is left in the namespace, ``ray stop``
+    included, sometimes before it exits on its own.
+    """
+    out = result.stdout + result.stderr
+    assert result.returncode in (0, -9), out
+    assert "Stopped all" in out or "Stopped only" not in out and result.returncode == 0, out
+
+
 def processes_in(pid_namespace: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -264,11 +276,11 @@ def test_ray_stop_on_each_host_leaves_no_process(cluster):
     a, address = cluster.a, cluster.address
     namespaces = [cluster.head.pid_namespace(), cluster.worker.pid_namespace()]
     stop = shlex.split(ray.stop(ray=RAY_BIN, force=True).render())
-    assert cluster.worker.run_inside(stop).returncode == 0
+    stopped(cluster.worker.run_inside(stop))
     cluster.worker.wait_stopped(60)
     assert processes_in(namespaces[1]) == []
     assert cluster_status(a, address).nodes  # the head lives on
-    assert cluster.head.run_inside(stop).returncode == 0
+    stopped(cluster.head.run_inside(stop))
     cluster.head.wait_stopped(60)
     assert processes_in(namespaces[0]) == []
     listening = a.run(["ss", "-Htln"]).stdout + cluster.b.run(["ss", "-Htln"]).stdout

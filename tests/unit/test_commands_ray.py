@@ -248,3 +248,30 @@ def test_unknown_node_line_is_an_error_not_a_silent_miss():
 
 def test_a_head_still_starting_has_no_status_yet_rather_than_an_error():
     assert ray.parse_status(fixture("status-2.60-starting.txt")) is None
+
+
+def test_parse_two_node_verbose_status_of_the_integration_test():
+    """Real ``ray status -v`` of tests/integration/test_ray_cluster.py: head 1 CPU, worker 2."""
+    status = ray.parse_status(fixture("status-2.60-two-nodes-verbose.txt"))
+    head, worker = "3d0eeae442fc41b6d4cd6d9a3ee6f2c72ab62a301cc571a366ab6a7b", \
+        "8c2846da83f8935ed8c96d0d04cfb7b7e2aad107915a01a7d4a26e30"
+    assert [(n.node_id, n.state, n.cpus) for n in status.nodes] == [
+        (head, "active", 1.0), (worker, "active", 2.0)]
+    assert status.node(worker).resources == {
+        "CPU": ray.Usage(0.0, 2.0),
+        "memory": ray.Usage(0.0, pytest.approx(15.62 * GiB)),
+        "object_store_memory": ray.Usage(0.0, pytest.approx(6.69 * GiB)),
+    }
+    assert status.cpus == 3.0 and status.node("nope") is None
+    assert status.pending == () and status.failures == () and status.demands == ()
+
+
+def test_a_busy_node_and_a_lost_one():
+    text = fixture("status-2.60-two-nodes-verbose.txt")
+    text = text.replace("  0.0/2.0 CPU", "  2.0/2.0 CPU").replace(
+        " (no failures)", " node_8c2846da: NodeTerminated (ip: 10.211.100.2)").replace(
+        " (no resource demands)", " {'CPU': 1.0}: 1+ pending tasks/actors")
+    status = ray.parse_status(text)
+    assert status.nodes[1].resources["CPU"] == ray.Usage(2.0, 2.0)
+    assert status.failures == ("node_8c2846da: NodeTerminated (ip: 10.211.100.2)",)
+    assert status.demands == ("{'CPU': 1.0}: 1+ pending tasks/actors",)
