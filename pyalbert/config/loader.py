@@ -177,6 +177,17 @@ def load_routing_table(path: Path) -> tuple[RoutingTable, list[str]]:
     return validate_document(RoutingTable, data, display_path(path))
 
 
+def served_models(table: RoutingTable, env: str, routing_file: Path) -> RoutingTable:
+    try:
+        return table.served_in(env)
+    except ValidationError:  # nothing left
+        raise ConfigError(Problem(
+            display_path(routing_file), "environments",
+            f"no model is served in environment {env!r} (every entry names other environments)",
+            f"add {env!r} to the 'environments' (or the guide's 'env') of the models it serves",
+        )) from None
+
+
 def load_spec(env: str, config_dir: Path | None = None) -> Deployment:
     """Load ``environments/<env>`` and its routing table, validate both, then place the models:
     one resolved :class:`Deployment` (spec + placement), resolved once."""
@@ -188,7 +199,8 @@ def load_spec(env: str, config_dir: Path | None = None) -> Deployment:
         data = apply_overrides(data)
     environment, notes = validate_document(EnvironmentSpec, data, display_path(env_file))
     routing_file = (config_dir / environment.routing_table).resolve()
-    models, more = load_routing_table(routing_file)
+    table, more = load_routing_table(routing_file)
+    models = served_models(table, environment.name, routing_file)
     spec = DeploymentSpec(
         env=environment,
         models=models,

@@ -47,6 +47,8 @@ class ModelSpec(BaseModel):
     gpu_mem_use: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization")
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for vLLM")
+    environments: tuple[str, ...] | None = Field(
+        None, description="environments that serve this model (default: every environment)")
     quantization: Quantization | None = None
     max_model_len: int | None = Field(None, ge=16)
     replicas: int = Field(1, ge=1, le=64)
@@ -70,6 +72,20 @@ class ModelSpec(BaseModel):
                 stacklevel=2,
             )
             data["tensor_parallel_size"] = data.pop("tensor_parralel_size")
+        if isinstance(data.get("env"), (str, list)):
+            # the original guide's tables: "env" names where the model is served, not variables
+            if "environments" in data:
+                raise ValueError(
+                    "'env' names environments (the original guide's meaning) and 'environments' "
+                    "is set too: keep only 'environments'")
+            names = data.pop("env")
+            warnings.warn(
+                "'env' as environment name(s) is the original guide's spelling: rename it "
+                "'environments' ('env' is now the server's environment variables)",
+                LegacyKeyWarning,
+                stacklevel=2,
+            )
+            data["environments"] = [names] if isinstance(names, str) else names
         for key in sorted(LEGACY_IGNORED_KEYS & data.keys()):
             warnings.warn(
                 f"'{key}' is ignored (the deploy tool derives it): remove it",
@@ -90,6 +106,13 @@ class ModelSpec(BaseModel):
         for name in value:
             if not ENV_NAME_RE.match(name):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
+
+    @field_validator("environments")
+    @classmethod
+    def _environment_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("'environments' is empty: list at least one, or remove the key")
         return value
 
 
@@ -118,3 +141,8 @@ class RoutingTable(RootModel[dict[str, ModelSpec]]):
 
     def ids(self) -> list[str]:
         return list(self.root)
+
+    def served_in(self, env: str) -> RoutingTable:
+        """The entries an environment serves (those without ``environments`` serve everywhere)."""
+        kept = {i: m for i, m in self.root.items() if m.environments is None or env in m.environments}
+        return self if len(kept) == len(self.root) else RoutingTable(kept)

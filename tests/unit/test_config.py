@@ -56,6 +56,36 @@ def test_both_spellings_of_tensor_parallel_size_is_an_error(simple_config):
     assert "keep only 'tensor_parallel_size'" in error_of(simple_config)
 
 
+def test_the_guides_env_names_where_a_model_is_served(simple_config):
+    """The original guide's tables say "env": "<environment>" (or a list): served there only."""
+    simple_config.routing({
+        "small": {"model": "org/small", "port": 8001, "gpu_mem_use": 0.4, "env": "test"},
+        "other": {"model": "org/other", "port": 8002, "env": ["prod", "staging"]},
+        "both": {"model": "org/both", "port": 8003, "gpu_mem_use": 0.4,
+                 "environments": ["test", "prod"],
+                 "env": {"VLLM_LOGGING_LEVEL": "INFO"}},
+    })
+    spec = check(simple_config)
+    assert spec.models.ids() == ["small", "both"]
+    assert spec.models["small"].env == {} and spec.models["small"].environments == ("test",)
+    assert spec.models["both"].env == {"VLLM_LOGGING_LEVEL": "INFO"}
+    assert [i.model_id for i in resolve_placement(spec).vllm] == ["small", "both"]
+    assert any("'env' as environment name" in n and "'environments'" in n for n in spec.notes)
+
+
+def test_an_environment_that_serves_no_model_says_which_key_to_fix(simple_config):
+    simple_config.routing({"small": {"model": "org/small", "port": 8001, "env": "prod"}})
+    message = error_of(simple_config)
+    assert "llm_routing_table.json" in message and "no model is served in environment 'test'" in message
+    assert "add 'test' to the 'environments'" in message
+
+
+def test_env_names_and_environments_together_is_an_error(simple_config):
+    simple_config.routing({"small": {"model": "o/s", "port": 8001, "env": "test",
+                                     "environments": ["test"]}})
+    assert "keep only 'environments'" in error_of(simple_config)
+
+
 def test_duplicate_ports_on_one_host(simple_config):
     simple_config.routing(
         {
