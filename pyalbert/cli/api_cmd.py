@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--whitelist-mode", choices=("off", "flag", "redact"), default=None,
                         help="default: api.whitelist_mode")
     parser.add_argument("--no-auth", action="store_true", help="accept every caller (tests, laptops)")
-    parser.add_argument("--metrics-auth", action="store_true", help="/metrics needs an API key")
+    parser.add_argument("--no-metrics-auth", action="store_true",
+                        help="/metrics open to all (default: api.metrics_auth, a scrape key)")
     parser.add_argument("--no-access-log", action="store_true", help="no JSON access log lines")
     parser.set_defaults(func=run_api)
     inner = parser.add_subparsers(dest="api_command", metavar="")
@@ -48,7 +49,7 @@ def settings_from_args(args: argparse.Namespace):
         "whitelist_path": str(Path(args.whitelist)) if args.whitelist else None,
         "keys_path": args.keys,
         "open_access": True if args.no_auth else None,
-        "metrics_auth": True if args.metrics_auth else None,
+        "metrics_auth": False if args.no_metrics_auth else None,
         "access_log": False if args.no_access_log else None,
     }
     if args.env:

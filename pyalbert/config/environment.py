@@ -124,6 +124,14 @@ class ApiSpec(_Spec):
     connect_timeout_s: float = Field(5, gt=0)
     first_byte_timeout_s: float = Field(120, gt=0)
     total_timeout_s: float = Field(600, gt=0)
+    #: /metrics needs a scrape key (a keys-file entry with ``scrape: true``); false: open
+    metrics_auth: bool = True
+    #: cap on ``n`` (and ``best_of``); null: no cap
+    max_n_cap: int | None = Field(16, ge=1)
+    #: request line + headers; larger heads get 431
+    max_header_bytes: int = Field(32768, ge=1024)
+    #: a whole request must arrive within this, else 408
+    read_timeout_s: float = Field(30, gt=0)
 
 
 class DeploySpec(_Spec):

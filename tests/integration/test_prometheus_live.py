@@ -110,7 +110,7 @@ def stack(tmp_path: Path):
     procs.append(replay)
     albert = str(Path(sys.executable).with_name("albert"))
     api = Proc([albert, "api", "--backends", json.dumps({MODEL: [f"http://127.0.0.1:{vllm_port}"]}),
-                "--host", "127.0.0.1", "--port", str(api_port), "--keys", str(keys), "--metrics-auth",
+                "--host", "127.0.0.1", "--port", str(api_port), "--keys", str(keys),
                 "--no-access-log"], tmp_path / "api.log", env=env)
     procs.append(api)
     api_url = f"http://127.0.0.1:{api_port}"

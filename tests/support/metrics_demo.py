@@ -135,7 +135,7 @@ def run(out: Path) -> None:
         albert_bin = str(Path(sys.executable).with_name("albert"))
         start([albert_bin, "api", "--backends", json.dumps({MODEL: [f"http://127.0.0.1:{vllm_port}"]}),
                "--host", "127.0.0.1", "--port", str(api_port), "--keys", str(tmp / "keys.yaml"),
-               "--metrics-auth", "--no-access-log"], "api.log")
+               "--no-access-log"], "api.log")
         api = f"http://127.0.0.1:{api_port}"
         prom = f"http://127.0.0.1:{prom_port}"
         wait(f"{api}/ready", 60)
