@@ -23,7 +23,7 @@ from invoke.exceptions import Exit
     }
 )
 def provision(c, env, admin_user="root", dry_run=False, gpu="auto", user="gitlab", config_dir=None):
-    """Provision hosts: packages, NVIDIA stack, deploy user, sudo rules, storage (idempotent)."""
+    """Provision hosts: packages, NVIDIA stack, deploy user (no sudo rights), storage (idempotent)."""
     # Imported here, not at the top: `fab --list` and the other tasks do not pay for them.
     import os
     from pathlib import Path
