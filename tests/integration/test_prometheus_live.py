@@ -175,6 +175,7 @@ def test_prometheus_scrapes_the_plan_answers_every_query_and_fires_model_down(st
         return {t["labels"]["job"]: t["health"] for t in active} == {
             "vllm": "up", "api": "up", "prometheus": "up"} and active
     active = wait_until("every target up", targets_up, 60)
+    assert httpx.get(f"{stack['api']}/metrics", timeout=10).status_code == 401  # the key was needed
     vllm_target = next(t for t in active if t["labels"]["job"] == "vllm")
     assert {k: vllm_target["labels"][k] for k in ("model", "host", "replica")} == {
         "model": MODEL, "host": "local", "replica": "0"}
