@@ -7,6 +7,14 @@ it exits with an error (backoff; gives up after ``--max-restarts`` within a minu
 ``failed``). ``stop`` sends SIGTERM to the supervisor, which stops the child (SIGTERM, then
 SIGKILL after ``--stop-timeout``) and exits. ``status`` prints the state files as JSON.
 
+One supervisor per name: it holds ``DIR/NAME.lock`` (``flock``) for its whole life, so a ``start``
+waits for a supervisor that is still stopping instead of answering "already running" or racing
+its last state write, and a ``stop`` returns only once the lock is free (the supervisor is gone).
+Processes are known by identity, not by pid alone: pid + start time (``/proc/PID/stat`` field 22)
++ boot id are recorded, and nothing is signalled whose identity does not match (a stale state
+file or a reused pid names another process). Restart times are recorded (``restart_times``, epoch
+seconds, the last 100): a crash loop shows as restarts in the last minutes.
+
 The venv runtime's builders (:mod:`pyalbert.commands.process`) call this on the host; systemd
 hosts get units instead. Stdlib only: it runs from the tools venv on the host.
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -36,21 +45,83 @@ def _write_state(state_dir: Path, **state) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int | None) -> bool:
+def parse_proc_stat(text: str) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) from ``/proc/PID/stat``.
+
+    The command (field 2) is in parentheses and may hold spaces and ``)``: fields are counted
+    after its last ``)``; the state is field 3, the start time field 22.
+    """
+    try:
+        fields = text.rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def identity(pid: int | None) -> int | None:
+    """The start time of a live (not zombie) ``pid``; None when there is no such process."""
+    if not pid:
+        return None
+    try:
+        stat = parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
+        return None
+    if stat is None or stat[0] in ("Z", "X"):
+        return None
+    return stat[1]
+
+
+def _is(pid: int | None, start: int | None, boot: str | None) -> bool:
+    """Is ``pid`` still the process that was recorded (same boot, same start time)?
+
+    A state file written before identities were recorded (no start time) falls back to "a
+    process with this pid lives"."""
     if not pid:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if boot and boot != boot_id():
         return False
-    except PermissionError:
-        return True
-    # a zombie is not alive
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+    now = identity(pid)
+    if now is None:
+        return False
+    return start is None or now == start
+
+
+def _alive(pid: int | None) -> bool:
+    return identity(pid) is not None
+
+
+class NameLock:
+    """``DIR/NAME.lock``: held by the one supervisor of NAME for its whole life (flock: the kernel
+    releases it when the holder dies, whatever killed it)."""
+
+    def __init__(self, state_dir: Path, name: str):
+        self.fd = os.open(state_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def try_acquire(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             return False
-    return True
+        return True
+
+    def acquire(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def read_env_file(path: str | None) -> dict[str, str]:
@@ -114,13 +185,15 @@ def supervise(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    restarts, recent = 0, []
+    restarts, recent, restart_times = 0, [], []
     started = time.time()
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    me = {"supervisor_start": identity(os.getpid()), "boot_id": boot_id(),
+          "token": getattr(args, "token", "")}
 
     def record(**state) -> None:
         _write_state(state_dir, name=name, labels=labels, cmd=args.cmd, started=started,
-                     restarts=restarts, **state)
+                     restarts=restarts, restart_times=restart_times, **me, **state)
 
     code = 0
     while not stopping:
@@ -131,7 +204,8 @@ def supervise(args: argparse.Namespace) -> int:
                                  start_new_session=True)
         if stopping:  # SIGTERM came while it was being spawned
             child.terminate()
-        record(supervisor_pid=os.getpid(), pid=child.pid, state="running")
+        record(supervisor_pid=os.getpid(), pid=child.pid, pid_start=identity(child.pid),
+               state="running")
         pump = threading.Thread(target=_pump, args=(child, log), daemon=True)
         pump.start()
         code = _wait(child, lambda: stopping, args.stop_timeout)
@@ -147,6 +221,7 @@ def supervise(args: argparse.Namespace) -> int:
             record(supervisor_pid=None, pid=None, state=state, exit_code=code)
             return 0 if code == 0 else 1
         restarts += 1
+        restart_times = [*restart_times, round(time.time(), 3)][-100:]
         record(supervisor_pid=os.getpid(), pid=None, state="restarting", exit_code=code)
         backoff_until = time.monotonic() + min(2 ** len(recent) * 0.25, 10)
         while not stopping and time.monotonic() < backoff_until:
@@ -187,16 +262,33 @@ def _kill_group(pgid: int | None) -> None:
 def start(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    lock = NameLock(state_dir, args.name)
+    if not lock.try_acquire():
+        current = status_of(state_dir, args.name)
+        if current.get("running") and current.get("cmd") == args.cmd:
+            print(f"{args.name}: already running (pid {current['pid']})")
+            return 0
+        # a supervisor still holds the name: it is stopping (or runs another command): wait
+        if not lock.acquire(args.stop_timeout + 5):
+            print(f"{args.name}: another supervisor still runs it (pid "
+                  f"{current.get('supervisor_pid')}, {current.get('state')}) with another command; "
+                  f"stop it first: albert supervise stop {args.name}", file=sys.stderr)
+            return 1
     current = status_of(state_dir, args.name)
-    if current.get("running"):
+    if current.get("running"):  # a supervisor from before the name lock: the same check as then
         print(f"{args.name}: already running (pid {current['pid']})")
         return 0
-    if os.fork():  # parent: wait until the child wrote its state
+    args.token = os.urandom(8).hex()
+    if os.fork():  # parent: wait until the child wrote its state (the lock is the child's now)
+        lock.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if status_of(state_dir, args.name).get("running"):
-                print(f"{args.name}: started")
-                return 0
+            now = status_of(state_dir, args.name)
+            if now.get("token") == args.token:
+                if now.get("running"):
+                    print(f"{args.name}: started")
+                    return 0
+                break
             time.sleep(0.05)
         print(f"{args.name}: did not start, see {state_dir / (args.name + '.log')}", file=sys.stderr)
         return 1
@@ -222,34 +314,58 @@ def status_of(state_dir: Path, name: str) -> dict:
     if not path.exists():
         return {"name": name, "state": "absent", "running": False}
     state = json.loads(path.read_text())
-    state["running"] = _alive(state.get("supervisor_pid")) and state.get("state") in {"running", "restarting"}
-    if not _alive(state.get("supervisor_pid")) and state.get("state") in {"running", "restarting"}:
+    live = _is(state.get("supervisor_pid"), state.get("supervisor_start"), state.get("boot_id"))
+    state["running"] = live and state.get("state") in {"running", "restarting"}
+    if not live and state.get("state") in {"running", "restarting"}:
         state["state"] = "dead"
     return state
 
 
+def _child_is_recorded(state: dict) -> bool:
+    """Is the recorded child still that process? (Only then may its group be killed.)"""
+    return "pid_start" in state and _is(state.get("pid"), state["pid_start"], state.get("boot_id"))
+
+
 def stop(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
-    state = status_of(state_dir, args.name)
-    if not state["running"]:
-        if state["state"] in ("absent", "stopped"):
-            print(f"{args.name}: not running")
-            return 0
-        if state["state"] == "dead":  # its supervisor was killed: the child may still serve
-            _kill_group(state.get("pid"))
-        _mark_stopped(state_dir, state)  # like `docker rm`: no longer listed
-        print(f"{args.name}: not running (was {state['state']}); removed")
+    if not _state_path(state_dir, args.name).exists():
+        print(f"{args.name}: not running")
         return 0
-    os.kill(state["supervisor_pid"], signal.SIGTERM)
-    deadline = time.monotonic() + args.stop_timeout + 5
-    while time.monotonic() < deadline and _alive(state["supervisor_pid"]):
-        time.sleep(0.05)
-    if _alive(state["supervisor_pid"]):  # a stuck supervisor: kill it and the child's group
-        _kill_group(state.get("pid"))
-        if _alive(state["supervisor_pid"]):
-            os.kill(state["supervisor_pid"], signal.SIGKILL)
-        _mark_stopped(state_dir, state)
-    print(f"{args.name}: stopped")
+    lock = NameLock(state_dir, args.name)
+    try:
+        return _stop(state_dir, args, lock)
+    finally:
+        lock.close()
+
+
+def _stop(state_dir: Path, args: argparse.Namespace, lock: NameLock) -> int:
+    state = status_of(state_dir, args.name)
+    was_running = state["running"]
+    if was_running:
+        sup, sup_start, boot = state["supervisor_pid"], state.get("supervisor_start"), state.get("boot_id")
+        with contextlib.suppress(ProcessLookupError):  # it may have just given up
+            os.kill(sup, signal.SIGTERM)
+        deadline = time.monotonic() + args.stop_timeout + 5
+        while time.monotonic() < deadline and _is(sup, sup_start, boot):
+            time.sleep(0.05)
+        if _is(sup, sup_start, boot):  # a stuck supervisor: kill the child's group, then it
+            if _child_is_recorded(state):
+                _kill_group(state.get("pid"))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sup, signal.SIGKILL)
+    # the supervisor is gone once its lock is free; holding it, no start can begin meanwhile
+    if not lock.acquire(args.stop_timeout + 5):
+        print(f"{args.name}: its supervisor did not exit", file=sys.stderr)
+        return 1
+    state = status_of(state_dir, args.name)
+    if state["state"] in ("absent", "stopped"):
+        print(f"{args.name}: stopped" if was_running else f"{args.name}: not running")
+        return 0
+    if state["state"] == "dead" and _child_is_recorded(state):
+        _kill_group(state.get("pid"))  # its supervisor was killed: the child may still serve
+    was = state["state"]
+    _mark_stopped(state_dir, state)  # like `docker rm`: no longer listed
+    print(f"{args.name}: stopped" if was_running else f"{args.name}: not running (was {was}); removed")
     return 0
 
 
@@ -261,7 +377,7 @@ def _mark_stopped(state_dir: Path, state: dict) -> None:
 def send_signal(args: argparse.Namespace) -> int:
     """Forward a signal to NAME's process (``HUP``: the api reloads its keys and whitelist)."""
     state = status_of(Path(args.state_dir), args.name)
-    if not state["running"] or not _alive(state.get("pid")):
+    if not state["running"] or not _is(state.get("pid"), state.get("pid_start"), state.get("boot_id")):
         print(f"{args.name}: not running, nothing to signal")
         return 0
     signum = getattr(signal, f"SIG{args.signal.upper().removeprefix('SIG')}")

@@ -148,3 +148,100 @@ def test_signal_is_forwarded_to_the_process(state_dir):
     wait_for(lambda: "reloaded" in log.read_text())
     assert state(state_dir, "api")["pid"] == pid  # reloaded in place, not restarted
     assert "not running" in albert("signal", "nothing", "HUP", "--state-dir", str(state_dir)).stdout
+
+
+# -- identity: pid + start time (+ boot id), one supervisor per name (issue 15) ---------------
+
+# captured from this machine: a command with spaces and a ')' in it (field 2), then field 3...
+PROC_STAT = ("18787 (we ird) name) S 18782 18782 13940 0 -1 4194304 97 0 0 0 0 0 0 0 20 0 1 0 "
+             "494788 3133440 379 18446744073709551615 94852176547840 94852176567721 0 0 0 0 0")
+
+
+def test_proc_stat_parser_reads_state_and_start_time_after_the_last_parenthesis():
+    from pyalbert.supervisor import parse_proc_stat
+
+    assert parse_proc_stat(PROC_STAT) == ("S", 494788)
+    assert parse_proc_stat("garbage") is None
+
+
+def _bystander(tmp_path: Path) -> subprocess.Popen:
+    """An unrelated process in its own group: what a reused pid points at."""
+    return subprocess.Popen([PY, "-c", "import time; time.sleep(60)"], start_new_session=True)
+
+
+def _plant(state_dir: Path, name: str, **fields) -> None:
+    doc = {"name": name, "cmd": ["old"], "labels": {}, "restarts": 0, "started": 0, **fields}
+    (state_dir / f"{name}.json").write_text(json.dumps(doc))
+
+
+def test_stale_state_naming_a_reused_pid_is_neither_signalled_nor_running(state_dir, tmp_path):
+    from pyalbert.supervisor import boot_id, identity
+
+    other = _bystander(tmp_path)
+    try:
+        wait_for(lambda: identity(other.pid))
+        # the pid lives, but it is not the process that was recorded (another start time)
+        _plant(state_dir, "svc", state="running", supervisor_pid=other.pid, pid=other.pid,
+               supervisor_start=identity(other.pid) - 1, pid_start=identity(other.pid) - 1,
+               boot_id=boot_id())
+        assert state(state_dir, "svc")["state"] == "dead"
+        out = albert("stop", "svc", "--state-dir", str(state_dir))
+        assert out.returncode == 0 and other.poll() is None  # not SIGTERMed nor group-SIGKILLed
+        _plant(state_dir, "svc", state="running", supervisor_pid=other.pid, pid=other.pid,
+               supervisor_start=identity(other.pid) + 1, boot_id=boot_id())
+        started = albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", SERVER)
+        assert "started" in started.stdout, started.stdout + started.stderr
+        assert state(state_dir, "svc")["supervisor_pid"] != other.pid
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_state_file_from_another_boot_is_dead(state_dir, tmp_path):
+    from pyalbert.supervisor import identity
+
+    other = _bystander(tmp_path)
+    try:
+        wait_for(lambda: identity(other.pid))
+        _plant(state_dir, "svc", state="running", supervisor_pid=other.pid, pid=other.pid,
+               supervisor_start=identity(other.pid), pid_start=identity(other.pid),
+               boot_id="another-boot")
+        assert state(state_dir, "svc")["state"] == "dead"
+        albert("stop", "svc", "--state-dir", str(state_dir))
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_start_waits_for_a_supervisor_still_stopping_and_runs_the_new_command(state_dir):
+    """The rollback race: the failing unit's supervisor is still on its way out (its child
+    ignores SIGTERM) when the previous release starts under the same name."""
+    albert("start", "svc", "--state-dir", str(state_dir), "--stop-timeout", "1", "--",
+           PY, "-c", STUBBORN)
+    wait_for(lambda: "up" in (state_dir / "svc.log").read_text())
+    old = state(state_dir, "svc")
+    os.kill(old["supervisor_pid"], signal.SIGTERM)  # stopping: takes ~1 s (SIGKILL after)
+    new = albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", SERVER)
+    assert new.returncode == 0 and "started" in new.stdout, new.stdout + new.stderr
+    now = state(state_dir, "svc")
+    assert now["running"] and now["cmd"][-1] == SERVER and now["supervisor_pid"] != old["supervisor_pid"]
+    time.sleep(0.5)  # the old supervisor wrote nothing after the new one took over
+    assert state(state_dir, "svc")["supervisor_pid"] == now["supervisor_pid"]
+
+
+def test_start_of_another_command_while_one_runs_is_refused(state_dir):
+    albert("start", "svc", "--state-dir", str(state_dir), "--stop-timeout", "0.5", "--",
+           PY, "-c", SERVER)
+    out = albert("start", "svc", "--state-dir", str(state_dir), "--stop-timeout", "0.5", "--",
+                 PY, "-c", "print(1)")
+    assert out.returncode == 1 and "stop it first" in out.stderr
+    assert state(state_dir, "svc")["cmd"][-1] == SERVER
+
+
+def test_restart_times_are_recorded(state_dir):
+    albert("start", "bad", "--state-dir", str(state_dir), "--max-restarts", "2", "--",
+           PY, "-c", "import sys; sys.exit(3)")
+    final = wait_for(lambda: (s := state(state_dir, "bad"))["state"] == "failed" and s, timeout=20)
+    assert len(final["restart_times"]) == final["restarts"] == 2
+    assert all(abs(t - time.time()) < 60 for t in final["restart_times"])
