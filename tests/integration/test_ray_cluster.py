@@ -119,15 +119,14 @@ class RayNodeProcess:
 
 
 def stopped(result: subprocess.CompletedProcess) -> None:
-    """``ray stop`` ran inside the node's namespace and stopped its processes.
+    """``ray stop`` ran inside the node's namespace without failing.
 
-    Exit 0, or SIGKILL: once the node's processes are gone ``ray start --block`` returns, the
-    namespace's init with it, and the kernel kills what is left in the namespace, ``ray stop``
-    included, sometimes before it exits on its own.
+    Exit 0, or SIGKILL: once ``ray stop`` has killed a Ray process ``ray start --block`` returns,
+    the namespace's init with it, and the kernel kills what is left in the namespace, ``ray stop``
+    included, sometimes before it has printed anything. Whether the node is gone is asserted by
+    the caller (no process left in the namespace, nothing listening).
     """
-    out = result.stdout + result.stderr
-    assert result.returncode in (0, -9), out
-    assert "Stopped all" in out or "Stopped only" not in out and result.returncode == 0, out
+    assert result.returncode in (0, -9), result.stdout + result.stderr
 
 
 def processes_in(pid_namespace: str) -> list[int]:
