@@ -328,7 +328,7 @@ class VllmSmokeTarget:
 
 
 def vllm_servers(plan) -> tuple[VllmServer, ...]:
-    """Every vLLM server of a resolved plan (:func:`pyalbert.config.resolve_plan`), in plan order."""
+    """Every vLLM server of a resolved plan (``load_spec(...).placement``), in plan order."""
     return tuple(VllmServer(host=i.host.name, address=i.host.address, port=i.port, model=i.model_id)
                  for i in plan.vllm)
 

@@ -3,7 +3,7 @@
 ``albert api --env ENV`` serves, per gateway process:
 
 - ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``: routed by ``model`` to
-  the replicas of the routing table (``resolve_plan(spec).backends`` or ``--backends``) with
+  the replicas of the routing table (``load_spec(env).placement.backends`` or ``--backends``) with
   least-outstanding-requests balancing, passive health (:mod:`pyalbert.api.routing`) and one
   retry on another replica for a connect failure or a 503 while nothing was sent to the client.
   Streams (SSE) are relayed as they arrive; an upstream failure mid-stream ends the stream with

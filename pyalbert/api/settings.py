@@ -30,6 +30,8 @@ class GatewaySettings:
     whitelist_mode: str = "off"
     whitelist_path: str | None = None
     keys_path: str | None = None
+    #: a file holding the model servers' key (vLLM ``--api-key``), sent as their Bearer token
+    upstream_key_path: str | None = None
     #: no keys at all: anyone may call (``--no-auth``, tests and laptops)
     open_access: bool = False
     #: /metrics needs a scrape key (a key with ``scrape: true`` in the keys file); off: open
@@ -113,9 +115,9 @@ def settings_from_spec(spec: Any, backends: dict[str, tuple[str, ...]] | None = 
     """Settings of environment ``spec`` (a DeploymentSpec); CLI flags in ``overrides``."""
     api = spec.env.api
     if backends is None:
-        from pyalbert.config import resolve_plan
+        from pyalbert.config import resolved
 
-        backends = {m: tuple(urls) for m, urls in resolve_plan(spec).backends.items()}
+        backends = {m: tuple(urls) for m, urls in resolved(spec).placement.backends.items()}
     keys_path = None
     ref = spec.env.secrets.get("api_keys")
     if ref is not None and os.environ.get(ref.env):

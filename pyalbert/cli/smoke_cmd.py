@@ -66,7 +66,7 @@ def target_for(args: argparse.Namespace):
 
 
 def vllm_target_for(args: argparse.Namespace):
-    from pyalbert.config import load_spec, resolve_plan
+    from pyalbert.config import load_spec
     from pyalbert.errors import AlbertError
     from pyalbert.smoke import VllmSmokeTarget, vllm_servers
 
@@ -74,7 +74,7 @@ def vllm_target_for(args: argparse.Namespace):
         raise AlbertError("--url is the api's address; `albert smoke vllm` asks the servers of the "
                           "plan at their hosts' addresses. Fix: drop --url.")
     spec = load_spec(args.env, args.config_dir)
-    servers = vllm_servers(resolve_plan(spec))
+    servers = vllm_servers(spec.placement)
     if not servers:
         raise AlbertError(f"the plan of {spec.env.name} places no vLLM server on any host: nothing to "
                           f"check. Fix: give a host the vllm service in {spec.env_file.name}.")

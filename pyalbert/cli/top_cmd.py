@@ -96,9 +96,9 @@ class Source:
 
 
 def top_command(args: argparse.Namespace) -> int:
-    from pyalbert.config import load_spec, resolve_plan
+    from pyalbert.config import load_spec
 
-    plan = resolve_plan(load_spec(args.env, args.config_dir))
+    plan = load_spec(args.env, args.config_dir).placement
     source = Source(plan, _prometheus_url(args, plan), args.window)
     try:
         if args.once:

@@ -8,7 +8,6 @@ from pyalbert.config.deployment import Deployment, resolved
 from pyalbert.config.environment import EnvironmentSpec, HostSpec, SecretRef
 from pyalbert.config.loader import find_config_dir, load_routing_table, load_spec
 from pyalbert.config.placement import ApiInstance, Placement, VllmInstance, resolve_placement, slug
-from pyalbert.config.plan import Plan, resolve_plan  # old names, kept for code written against them
 from pyalbert.config.routing import ModelSpec, RoutingTable
 from pyalbert.config.spec import DeploymentSpec
 
@@ -20,7 +19,6 @@ __all__ = [
     "HostSpec",
     "ModelSpec",
     "Placement",
-    "Plan",
     "RoutingTable",
     "SecretRef",
     "VllmInstance",
@@ -28,7 +26,6 @@ __all__ = [
     "load_routing_table",
     "load_spec",
     "resolve_placement",
-    "resolve_plan",
     "resolved",
     "slug",
 ]

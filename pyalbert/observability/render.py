@@ -1,4 +1,4 @@
-"""Pure renderers: a resolved :class:`~pyalbert.config.Plan` and a :class:`MetricsSpec` in, the
+"""Pure renderers: a resolved :class:`~pyalbert.config.Placement` and a :class:`MetricsSpec` in, the
 files of an environment's Prometheus out (``prometheus.yml``, the rule file, its unit tests,
 ``alertmanager.yml``). Nothing here reads a host or a secret: the gateway's scrape key stays in
 the file ``metrics.scrape_key_file`` names on the Prometheus host.
@@ -13,7 +13,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from pyalbert.config.environment import HostSpec
-from pyalbert.config.plan import Plan
+from pyalbert.config.placement import Placement
 from pyalbert.errors import ConfigError, Problem
 from pyalbert.observability import rules as r
 from pyalbert.observability.spec import MetricsSpec
@@ -39,7 +39,7 @@ def hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def targets(plan: Plan) -> tuple[list[Target], list[Target]]:
+def targets(plan: Placement) -> tuple[list[Target], list[Target]]:
     """(vLLM servers, gateways) of the plan, as scrape targets."""
     vllm = [Target(hostport(i.host.address, i.port), i.host.name, i.name, i.model_id, str(i.replica))
             for i in plan.vllm]
@@ -47,7 +47,7 @@ def targets(plan: Plan) -> tuple[list[Target], list[Target]]:
     return vllm, api
 
 
-def prometheus_host(plan: Plan, metrics: MetricsSpec) -> HostSpec:
+def prometheus_host(plan: Placement, metrics: MetricsSpec) -> HostSpec:
     """The host that runs Prometheus: ``metrics.host``, else the first host running the api."""
     env = plan.spec.env
     if metrics.host is None:
@@ -66,7 +66,7 @@ def _jinja() -> Environment:
                        autoescape=False)
 
 
-def prometheus_config(plan: Plan, metrics: MetricsSpec, *, rule_files: tuple[str, ...] = (r.RULES_FILE,),
+def prometheus_config(plan: Placement, metrics: MetricsSpec, *, rule_files: tuple[str, ...] = (r.RULES_FILE,),
                       self_address: str | None = None) -> str:
     """``prometheus.yml``: every vLLM server and gateway of the plan; rule files relative to it."""
     vllm, api = targets(plan)
@@ -95,7 +95,7 @@ def alertmanager_config(env: str, metrics: MetricsSpec) -> str | None:
         env=env, receiver="webhook" if am.webhook_url else "none", webhook_url=am.webhook_url)
 
 
-def render_all(plan: Plan, metrics: MetricsSpec) -> dict[str, str]:
+def render_all(plan: Placement, metrics: MetricsSpec) -> dict[str, str]:
     """File name -> content: what goes into the Prometheus config folder of a release."""
     files = {
         CONFIG_FILE: prometheus_config(plan, metrics),

@@ -26,7 +26,7 @@ import yaml
 
 from pyalbert.api.keys import hash_key
 from pyalbert.cli import main
-from pyalbert.config import load_spec, resolve_plan
+from pyalbert.config import load_spec
 from pyalbert.errors import RemoteError
 from pyalbert.observability import AlertsSpec, MetricsSpec, dashboard, render_all
 from pyalbert.observability import commands as oc
@@ -101,7 +101,7 @@ def stack(tmp_path: Path):
         port = {api_port}
     """)
     config.routing({MODEL: {"model": "HuggingFaceTB/SmolLM2-135M", "port": vllm_port}})
-    plan = resolve_plan(load_spec("test", config.root))
+    plan = load_spec("test", config.root).placement
     metrics = MetricsSpec(port=prom_port, scrape_key_file=str(key_file), **METRICS_KW)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -28,7 +28,7 @@ import yaml
 
 from pyalbert.api.keys import hash_key
 from pyalbert.cli import main as albert
-from pyalbert.config import load_spec, resolve_plan
+from pyalbert.config import load_spec
 from pyalbert.observability import AlertsSpec, MetricsSpec, render_all
 from pyalbert.observability import commands as oc
 from pyalbert.observability.snapshot import snapshot
@@ -121,7 +121,7 @@ def run(out: Path) -> None:
         """))
         (config / "llm_routing_table.json").write_text(json.dumps(
             {MODEL: {"model": "HuggingFaceTB/SmolLM2-135M", "port": vllm_port}}))
-        plan = resolve_plan(load_spec("demo", config))
+        plan = load_spec("demo", config).placement
         metrics = MetricsSpec(port=prom_port, scrape_interval="2s", evaluation_interval="2s",
                               scrape_key_file=str(tmp / "scrape-key"),
                               alerts=AlertsSpec(rate_window="1m"))

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from pyalbert.commands.gpu import Lease
-from pyalbert.config import load_spec, resolve_plan
+from pyalbert.config import load_spec
 from pyalbert.errors import ConfigError, RemoteError
 from pyalbert.observability import MetricsSpec, prometheus_host, render_all
 from pyalbert.observability import commands as oc
@@ -48,7 +48,7 @@ def plan(config_factory):
         "small": {"model": "org/small", "port": 8001, "gpu_mem_use": 0.4, "replicas": 2},
         "other": {"model": "org/other", "port": 8002, "gpu_mem_use": 0.4},
     })
-    return resolve_plan(load_spec("test", config_factory.root))
+    return load_spec("test", config_factory.root).placement
 
 
 def write(files: dict[str, str], folder: Path) -> Path:
