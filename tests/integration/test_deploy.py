@@ -51,10 +51,9 @@ def test_deploy_noop_change_status_logs_rollback_down(env):
     mode = env.host.run(f"stat -c %a {env.base}/releases/*/albert-{n}-vllm-m-a.env").stdout.strip()
     assert mode == "600"
 
-    # no-op: nothing restarts and it says so
-    t0 = time.monotonic()
+    # no-op: nothing restarts and it says so (how fast it is lives in bench/deploy.py)
     again = deploy_env(env.spec(), quiet=True)
-    assert [r.status for r in again] == ["unchanged"] and time.monotonic() - t0 < 5
+    assert [r.status for r in again] == ["unchanged"] and not again[0].changed
     assert env.running() == first
 
     # a config change restarts only that model (and the api, whose config folder holds the table)
