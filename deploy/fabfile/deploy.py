@@ -78,6 +78,7 @@ def status(c, env, config_dir=None):
     """A table per host: containers, image, release, ports, state, health, GPU memory."""
     from rich.table import Table
 
+    from pyalbert.commands.vllm_cache import human_kib
     from pyalbert.engine.operations import status_env
     from pyalbert.errors import AlbertError
     from pyalbert.ui import console
@@ -89,11 +90,13 @@ def status(c, env, config_dir=None):
             console.print(f"[bold]{host}[/]: [red]{value}[/]", highlight=False)
             failed.append(host)
             continue
+        cache = f"vLLM compile cache {human_kib(value['cache_kib'])}"
         if not value["rows"]:
             console.print(f"[bold]{host}[/] {value['gpus']}: no container of {env} "
-                          f"(not deployed yet, or `fab down` ran)", highlight=False)
+                          f"(not deployed yet, or `fab down` ran); {cache}", highlight=False)
             continue
-        table = Table(title=f"{host} {value['gpus']}".strip(), title_justify="left")
+        table = Table(title=f"{host} {value['gpus']}".strip(), title_justify="left", caption=cache,
+                      caption_justify="left")
         for col in ("container", "image", "release", "ports", "state", "health"):
             table.add_column(col)
         for row in value["rows"]:
@@ -203,15 +206,20 @@ def smoke(c, env, config_dir=None):
         raise Exit(code=code)
 
 
-@task(help=_ENV)
+@task(help={**_ENV, "purge_cache": "also empty vLLM's compile cache (the next starts are cold)"})
 @_errors
-def down(c, env, config_dir=None):
-    """Stop and remove every container of the environment."""
-    from pyalbert.engine.operations import down_env
+def down(c, env, config_dir=None, purge_cache=False):
+    """Stop and remove every container of the environment (--purge-cache: and the compile cache)."""
+    from pyalbert.commands.vllm_cache import human_kib
+    from pyalbert.engine.operations import down_env, purge_cache_env
 
     spec = _spec(env, config_dir)
     for host, names in down_env(spec, _runners(spec)).items():
         print(f"{host}: removed {len(names)} container(s)")
+    if purge_cache:
+        for host, (before, after) in purge_cache_env(spec, _runners(spec)).items():
+            print(f"{host}: vLLM compile cache purged ({human_kib(before)} -> {human_kib(after)})"
+                  if before else f"{host}: vLLM compile cache already empty")
 
 
 TASKS = (deploy, status, logs, rollback, releases, lock, unlock, link_gpu, unlink_gpu, smoke, down)

@@ -169,8 +169,20 @@ class HostDeploy(HostSession):
         self.r.run(u.stop)
         for f in u.files:
             self.r.run(f.cmd())
+        self._start(u)
+
+    def _start(self, u: Unit) -> None:
+        """Start ``u`` and wait until ready; a vLLM server says whether its compile cache was warm
+        (probed before the start) and how long it took."""
+        warm = facts.warm(self.r, u)
+        t0 = time.monotonic()
         self.r.run(u.start)
         self.wait_ready(u)
+        if warm is not None:
+            kind, seconds = "warm" if warm else "cold", time.monotonic() - t0
+            self.result.starts[u.name] = (kind, seconds)
+            self.say(f"{u.name}: {kind} start ({'compiled artefacts in' if warm else 'nothing compiled in'}"
+                     f" its compile cache), ready in {seconds:.1f}s")
 
     def _swap_api(self, swap: ApiSwap) -> dict[str, str]:
         """Edge first (when its own config changed), then the idle colour, switch, stop old."""
@@ -250,6 +262,5 @@ class HostDeploy(HostSession):
         if now.running and now.config_hash == u.config_hash:
             return 0
         self.r.run(u.stop)
-        self.r.run(u.start)
-        self.wait_ready(u)
+        self._start(u)
         return 1

@@ -273,6 +273,21 @@ def down_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
     return results
 
 
+def purge_cache_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
+    """Empty vLLM's compile cache on every host: host -> (KiB before, KiB after)."""
+    rt = runtime_for(spec.env)
+    storage = spec.env.storage_dir
+
+    def one(r, host):
+        before = facts.cache_kib(r, storage)
+        r.run(rt.purge_cache(spec.env))
+        return before, facts.cache_kib(r, storage)
+
+    results = on_hosts(spec, one, runners)
+    raise_errors(results, "purge the compile cache")
+    return results
+
+
 def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
     """host -> rows (unit, image, release, ports, state, health) + GPU memory."""
     rt = runtime_for(spec.env)
@@ -296,7 +311,7 @@ def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
         if r.run(gpu.has_nvidia_smi(), check=False).ok:
             mem = gpu.parse_free_memory(r.run(gpu.free_memory(), check=False).stdout)
             gpus = ", ".join(f"GPU{i} {f}/{t} MiB free" for i, (f, t) in sorted(mem.items()))
-        return {"rows": rows, "gpus": gpus}
+        return {"rows": rows, "gpus": gpus, "cache_kib": facts.cache_kib(r, spec.env.storage_dir)}
 
     return on_hosts(spec, one, runners)
 

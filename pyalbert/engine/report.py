@@ -21,6 +21,8 @@ class HostResult:
     changed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str = ""
+    #: vLLM server -> ("warm" | "cold", seconds until ready) of the starts this run made
+    starts: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

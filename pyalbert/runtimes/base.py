@@ -70,6 +70,8 @@ class Unit:
     port: int | None = None
     #: files written (before start) into the unit's own place (not the release dir), e.g. the edge
     files: tuple[FileSpec, ...] = ()
+    #: vLLM: probe before start, does its compile cache hold compiled artefacts (a warm start)
+    warm_probe: Cmd | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class Runtime(Protocol):
     def logs(self, name: str, tail: int, follow: bool = False) -> Cmd: ...
 
     def checks(self) -> list[Check]: ...
+
+    def purge_cache(self, env: EnvironmentSpec) -> Cmd: ...
 
 
 # --- unit material both runtimes build the same way -------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from pyalbert.commands import api as api_cmd
-from pyalbert.commands import docker, health
-from pyalbert.commands.base import Cmd
+from pyalbert.commands import docker, health, vllm_cache
+from pyalbert.commands.base import Cmd, any_of, combine
 from pyalbert.commands.render import template_text
 from pyalbert.commands.vllm import server_args
-from pyalbert.config.environment import HostSpec
+from pyalbert.config.environment import EnvironmentSpec, HostSpec
 from pyalbert.config.placement import Placement, VllmInstance
 from pyalbert.runtimes.base import (
     ApiSwap,
@@ -41,23 +41,25 @@ class DockerRuntime:
         env = placement.spec.env
         args = server_args(inst.model_id, inst.model, model_path=f"{MODEL_MOUNT}/{inst.model_id}",
                            port=inst.port, extra_args=env.vllm.extra_args)
-        environ = vllm_environ(env, inst, inputs)
+        environ = vllm_environ(env, inst, inputs, {"VLLM_CACHE_ROOT": vllm_cache.IN_CONTAINER})
+        cache = vllm_cache.docker_tree(env.storage_dir, env.images.vllm)
         digest = config_hash({"image": env.images.vllm, "args": args, "port": inst.port,
                               "gpus": list(inst.gpu_ids), "storage": env.storage_dir,
-                              "env": hashed_environ(environ)})
+                              "env": hashed_environ(environ), "cache": cache})
         file = env_file(release_dir, inst, inputs, environ)
-        start = docker.run(
+        start = combine(vllm_cache.ensure(cache), docker.run(
             inst.name, env.images.vllm, args,
             ports=[f"{inst.port}:{inst.port}"],
-            volumes=[f"{env.storage_dir}/{inst.model_id}:{MODEL_MOUNT}/{inst.model_id}:ro"],
+            volumes=[f"{env.storage_dir}/{inst.model_id}:{MODEL_MOUNT}/{inst.model_id}:ro",
+                     f"{cache}:{vllm_cache.IN_CONTAINER}"],
             env_file=file.path, gpu_ids=inst.gpu_ids, ipc_host=True,
             labels=labels(env.name, "vllm", inst.model_id, inputs.release_id, digest),
-        )
+        ))
         unit = Unit(
             name=inst.name, service="vllm", config_hash=digest, start=start,
             stop=docker.stop(inst.name), probe=docker.inspect_state(inst.name),
             logs=docker.logs(inst.name, 40), ready=health.ReadyCheck(inst.port, inst.model_id),
-            model_id=inst.model_id, port=inst.port,
+            model_id=inst.model_id, port=inst.port, warm_probe=vllm_cache.has_compiled(cache),
         )
         return unit, [file]
 
@@ -156,3 +158,9 @@ class DockerRuntime:
 
     def checks(self) -> list[Check]:
         return [DockerAnswers()]
+
+    def purge_cache(self, env: EnvironmentSpec) -> Cmd:
+        """Empty vLLM's compile cache (root's files: from a throwaway container of the image)."""
+        storage, image = env.storage_dir, env.images.vllm
+        return any_of(Cmd.of("test", "!", "-e", vllm_cache.root(storage)),
+                      vllm_cache.purge_in_container(storage, image))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from pyalbert.commands import vllm_cache
 from pyalbert.remote import Runner
 from pyalbert.runtimes.base import Runtime, Unit
 
@@ -40,3 +41,15 @@ def state(runner: Runner, rt: Runtime, unit: Unit) -> UnitState:
 def restarts(runner: Runner, rt: Runtime, name: str) -> int:
     """How often the unit crashed and was restarted since its start (a crash loop)."""
     return rt.parse_restarts(runner.run(rt.restarts(name), check=False).stdout)
+
+
+def warm(runner: Runner, unit: Unit) -> bool | None:
+    """Does the unit's compile cache hold compiled artefacts (a warm start)? None: no cache."""
+    if unit.warm_probe is None:
+        return None
+    return vllm_cache.parse_warm(runner.run(unit.warm_probe, check=False).stdout)
+
+
+def cache_kib(runner: Runner, storage_dir: str) -> int:
+    """Size of the host's vLLM compile cache (every tree), KiB; 0 when there is none."""
+    return vllm_cache.parse_size_kib(runner.run(vllm_cache.size(storage_dir), check=False).stdout)

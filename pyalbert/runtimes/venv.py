@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 from pyalbert.commands import api as api_cmd
-from pyalbert.commands import health, process
+from pyalbert.commands import health, process, vllm_cache
 from pyalbert.commands.base import Cmd, combine
 from pyalbert.commands.render import template_text
 from pyalbert.commands.setup import SetupPaths
@@ -82,18 +82,22 @@ class VenvRuntime:
         gpus = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpu_ids))} if inst.gpu_ids else {}
         environ = vllm_environ(env, inst, inputs, gpus)
         argv = [self.vllm_python, "-m", MODULE, *args]
+        cache = vllm_cache.venv_tree(env.storage_dir, self.vllm_python)
         digest = config_hash({"runtime": self.name, "argv": argv, "port": inst.port,
-                              "env": hashed_environ(environ)})
+                              "env": hashed_environ(environ), "cache": cache.text})
         file = env_file(release_dir, inst, inputs, environ)
         start = combine(
             self.ensure_vllm(inst.host),
-            process.start(self.albert, self.state, inst.name, argv, env_file=file.path,
-                          labels=self.labels("vllm", inst.model_id, inputs.release_id, digest)),
+            vllm_cache.ensure(cache),
+            vllm_cache.with_root(cache, process.start(
+                self.albert, self.state, inst.name, argv, env_file=file.path,
+                labels=self.labels("vllm", inst.model_id, inputs.release_id, digest))),
         )
         unit = Unit(name=inst.name, service="vllm", config_hash=digest, start=start,
                     stop=self.stop(inst.name), probe=self.probe(inst.name),
                     logs=self.logs(inst.name, 40), ready=health.ReadyCheck(inst.port, inst.model_id),
-                    model_id=inst.model_id, port=inst.port)
+                    model_id=inst.model_id, port=inst.port,
+                    warm_probe=vllm_cache.has_compiled(cache))
         return unit, [file]
 
     # --- the api behind the edge ---------------------------------------------------------------
@@ -192,6 +196,10 @@ class VenvRuntime:
 
     def logs(self, name: str, tail: int, follow: bool = False) -> Cmd:
         return process.logs(self.state, name, tail, follow)
+
+    def purge_cache(self, env: EnvironmentSpec) -> Cmd:
+        """Empty vLLM's compile cache (every tree: the deploy user's own files)."""
+        return vllm_cache.purge(env.storage_dir)
 
     def checks(self) -> list[Check]:
         # the interpreter that runs vLLM, or the one its managed venv is made from

