@@ -87,7 +87,8 @@ class Gateway:
                  answers: Answers | None = None, log_stream: Any = None):
         self.settings = settings
         self.router = Router(settings.backends, connect_timeout=settings.connect_timeout_s,
-                             probe_interval=settings.probe_interval_s)
+                             probe_interval=settings.probe_interval_s,
+                             api_key=self._upstream_key())
         self.keys = keys if keys is not None else self._load_keys()
         self.answers = answers if answers is not None else self._load_answers()
         self.metrics = Metrics()
@@ -100,6 +101,22 @@ class Gateway:
     def http_limits(self) -> HttpLimits:
         """Read by the server's protocol (:mod:`pyalbert.api.http_guard`) for each connection."""
         return HttpLimits(self.settings.max_header_bytes, self.settings.read_timeout_s)
+
+    def _upstream_key(self) -> str | None:
+        """The model servers' key (``--upstream-key FILE``), sent as their Bearer token."""
+        path = self.settings.upstream_key_path
+        if not path:
+            return None
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise AlbertError(f"the upstream key file {path!r} cannot be read ({exc.strerror}). "
+                              "Fix: redeploy (the deploy writes it 0600 in the release) or pass "
+                              "--upstream-key with a readable file.") from None
+        if not key or any(c in key for c in "\r\n"):
+            raise AlbertError(f"the upstream key file {path!r} must hold one key on one line. "
+                              "Fix: redeploy, or write the key alone in the file.")
+        return key
 
     # -- configuration that can be reloaded ------------------------------------------------
     def _load_keys(self) -> KeyStore:

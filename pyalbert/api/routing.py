@@ -24,10 +24,10 @@ class Replica:
     __slots__ = ("model", "url", "pool", "outstanding", "healthy", "ejected_at", "reason",
                  "card", "served")
 
-    def __init__(self, model: str, url: str, connect_timeout: float):
+    def __init__(self, model: str, url: str, connect_timeout: float, api_key: str | None = None):
         self.model = model
         self.url = url.rstrip("/")
-        self.pool = Pool(self.url, connect_timeout=connect_timeout)
+        self.pool = Pool(self.url, connect_timeout=connect_timeout, api_key=api_key)
         self.outstanding = 0
         self.healthy = False
         self.ejected_at = time.monotonic()
@@ -39,9 +39,10 @@ class Replica:
 
 class Router:
     def __init__(self, backends: Mapping[str, Sequence[str]], *, connect_timeout: float = 5.0,
-                 probe_interval: float = 1.0, probe_timeout: float = 5.0):
+                 probe_interval: float = 1.0, probe_timeout: float = 5.0,
+                 api_key: str | None = None):
         self.models: dict[str, list[Replica]] = {
-            model: [Replica(model, url, connect_timeout) for url in urls]
+            model: [Replica(model, url, connect_timeout, api_key) for url in urls]
             for model, urls in backends.items()
         }
         self.probe_interval = probe_interval

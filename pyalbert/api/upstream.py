@@ -246,7 +246,7 @@ class Connection(asyncio.Protocol):
 class Pool:
     """Keep-alive connections to one replica (``http://host:port``)."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float = 5.0):
+    def __init__(self, base_url: str, *, connect_timeout: float = 5.0, api_key: str | None = None):
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"backend URL {base_url!r} must look like http://host:port")
@@ -254,6 +254,10 @@ class Pool:
         self.port = parts.port or 80
         self.prefix = parts.path.rstrip("/").encode()
         self.host_header = f"{self.host}:{self.port}".encode()
+        #: the replica's own key (vLLM ``--api-key``), sent on every request; never the client's
+        if api_key and ("\r" in api_key or "\n" in api_key):
+            raise ValueError("the upstream api key holds a line break")
+        self.host_header += b"\r\nAuthorization: Bearer " + api_key.encode() if api_key else b""
         self.connect_timeout = connect_timeout
         self.idle: deque[Connection] = deque()
         self.open = 0

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--backends", default=None, metavar="JSON|FILE",
                         help='routing override: {"model id": ["http://host:port", ...]}')
     parser.add_argument("--keys", default=None, metavar="FILE", help="keys file (default: $ALBERT_API_KEYS)")
+    parser.add_argument("--upstream-key", default=None, metavar="FILE",
+                        help="file with the model servers' key (sent to them as a Bearer token)")
     parser.add_argument("--whitelist", default=None, metavar="FILE", help="whitelist JSON file")
     parser.add_argument("--whitelist-mode", choices=("off", "flag", "redact"), default=None,
                         help="default: api.whitelist_mode")
@@ -48,6 +50,7 @@ def settings_from_args(args: argparse.Namespace):
         "whitelist_mode": args.whitelist_mode,
         "whitelist_path": str(Path(args.whitelist)) if args.whitelist else None,
         "keys_path": args.keys,
+        "upstream_key_path": args.upstream_key,
         "open_access": True if args.no_auth else None,
         "metrics_auth": False if args.no_metrics_auth else None,
         "access_log": False if args.no_access_log else None,

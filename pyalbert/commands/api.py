@@ -33,14 +33,16 @@ def other(colour: Colour) -> Colour:
     return "green" if colour == "blue" else "blue"
 
 
-def serve_args(env: str, port: int, *, keys: bool, whitelist: bool, workers: int = 1) -> list[str]:
+def serve_args(env: str, port: int, *, keys: bool, whitelist: bool, workers: int = 1,
+               upstream_key: bool = False, host: str = "0.0.0.0") -> list[str]:
     """``albert api ...`` inside the container (config and files under ``/etc/albert``)."""
     return [
         "albert", "api", "--env", env, "--config-dir", f"{IN_CONTAINER}/config",
         "--backends", f"{IN_CONTAINER}/backends.json",
         *(["--keys", f"{IN_CONTAINER}/keys.json"] if keys else ["--no-auth"]),
+        *(["--upstream-key", f"{IN_CONTAINER}/upstream.key"] if upstream_key else []),
         *(["--whitelist", f"{IN_CONTAINER}/whitelist.json"] if whitelist else []),
-        "--host", "0.0.0.0", "--port", str(port), "--workers", str(workers),
+        "--host", host, "--port", str(port), "--workers", str(workers),
     ]
 
 

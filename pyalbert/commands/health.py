@@ -25,8 +25,11 @@ def parse_status(stdout: str) -> int:
     return int(text) if text.isdigit() else 0
 
 
-def get_json(url: str, timeout_s: float = 3) -> Cmd:
-    return any_of(Cmd.of("curl", "-s", "--max-time", f"{timeout_s:g}", url), Cmd.of("true"))
+def get_json(url: str, timeout_s: float = 3, header_file: str | None = None) -> Cmd:
+    """``curl`` the body of ``url``; ``header_file`` holds headers (``-H @FILE``: a key stays off
+    the command line)."""
+    header = ("-H", f"@{header_file}") if header_file else ()
+    return any_of(Cmd.of("curl", "-s", "--max-time", f"{timeout_s:g}", *header, url), Cmd.of("true"))
 
 
 def models_listed(stdout: str) -> list[str]:
@@ -45,6 +48,8 @@ class ReadyCheck:
     port: int
     model: str | None = None
     host: str = "127.0.0.1"
+    #: a curl header file with the server's key (``/v1/*`` needs it, ``/health`` does not)
+    header_file: str | None = None
 
     @property
     def base(self) -> str:
@@ -54,7 +59,7 @@ class ReadyCheck:
         return http_status(f"{self.base}/health")
 
     def models(self) -> Cmd:
-        return get_json(f"{self.base}/v1/models")
+        return get_json(f"{self.base}/v1/models", header_file=self.header_file)
 
     def display(self) -> str:
         what = f", /v1/models lists {self.model}" if self.model else ""

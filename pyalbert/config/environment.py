@@ -77,6 +77,12 @@ def _default_secrets() -> dict[str, SecretRef]:
             required=False,
             description="a client key the smoke test calls the api with",
         ),
+        "vllm_api_key": SecretRef(
+            env="ALBERT_VLLM_API_KEY",
+            required=False,
+            description="the model servers' own key (only the gateway sends it); unset: derived "
+                        "from the SSH private key and the environment name",
+        ),
     }
 
 
@@ -90,6 +96,14 @@ class HostSpec(_Spec):
     gpus: int = Field(0, ge=0, le=64, description="number of GPUs; 0 serves on CPU")
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU")
     services: tuple[Service, ...] = SERVICES
+    private_address: str | None = Field(
+        None, description="where the gateways of other hosts reach this host's model servers "
+                          "(a private interface); default: address")
+
+    @property
+    def internal_address(self) -> str:
+        """The address model servers listen on when a gateway of another host calls them."""
+        return self.private_address or self.address
 
     @field_validator("name")
     @classmethod

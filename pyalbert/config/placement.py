@@ -7,7 +7,7 @@ clash (ports on one host, GPU over-subscription, tensor parallelism wider than a
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from pyalbert.config.environment import HostSpec
@@ -31,10 +31,17 @@ class VllmInstance:
     host: HostSpec
     replica: int
     gpu_ids: tuple[int, ...]
+    #: where the server listens: 127.0.0.1 when every gateway runs on its host, else the host's
+    #: private address (set by :func:`resolve_placement`; empty: the host's address)
+    listen: str = ""
 
     @property
     def port(self) -> int:
         return self.model.port
+
+    @property
+    def address(self) -> str:
+        return self.listen or self.host.internal_address
 
     @property
     def name(self) -> str:
@@ -43,7 +50,8 @@ class VllmInstance:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host.address}:{self.port}"
+        """What the gateways call (loopback or the private address, never a public one)."""
+        return f"http://{self.address}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -194,4 +202,12 @@ def resolve_placement(spec: DeploymentSpec) -> Placement:
     if problems:
         raise ConfigError(problems)
     api = tuple(ApiInstance(spec.env.name, h, spec.env.api.port) for h in api_hosts)
-    return Placement(spec=spec, vllm=tuple(vllm), api=api)
+    return Placement(spec=spec, vllm=tuple(_listen(vllm, api_hosts)), api=api)
+
+
+def _listen(vllm: list[VllmInstance], api_hosts) -> list[VllmInstance]:
+    """Loopback when every gateway of the environment runs on the server's host, else the
+    host's private address: a model server is never reachable where no gateway needs it."""
+    gateways = {h.name for h in api_hosts}
+    return [replace(i, listen="127.0.0.1" if gateways == {i.host.name} else i.host.internal_address)
+            for i in vllm]

@@ -127,7 +127,11 @@ def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
         else:
             units.append({"name": u.name, "service": u.service, "model": u.model_id,
                           "config_hash": u.config_hash, "start": u.start.render(), "port": u.port,
-                          "release": started.get(u.name, hp.release_id)})
+                          "release": started.get(u.name, hp.release_id),
+                          **({"warm_probe": u.warm_probe.render()} if u.warm_probe else {}),
+                          # where readiness asks (the server's bind) and its key's header file
+                          **({"ready_host": u.ready.host, "ready_header": u.ready.header_file}
+                             if u.ready else {})})
     return {"format": 1, "release": hp.release_id, "env": hp.env, "host": hp.host.name,
             "created": when, "who": who, "previous": previous, "units": units}
 
@@ -149,7 +153,9 @@ def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[U
             out.append(ApiSwap(edge=edge, colours=colours, upstream_file=u["upstream_file"],
                                read_upstream=api_cmd.read_upstream(u["upstream_file"])))
             continue
-        out.append(_recorded_unit(u, runtime, health.ReadyCheck(u["port"], u.get("model"))))
+        out.append(_recorded_unit(u, runtime, health.ReadyCheck(
+            u["port"], u.get("model"), host=u.get("ready_host") or "127.0.0.1",
+            header_file=u.get("ready_header"))))
     return out
 
 
@@ -157,7 +163,8 @@ def _recorded_unit(u: Mapping, runtime: Runtime, ready: health.ReadyCheck | None
     return Unit(name=u["name"], service=u["service"], config_hash=u["config_hash"],
                 start=Cmd((Raw(u["start"]),)), stop=runtime.stop(u["name"]),
                 probe=runtime.probe(u["name"]), logs=runtime.logs(u["name"], 40),
-                ready=ready, model_id=u.get("model"), port=u.get("port"))
+                ready=ready, model_id=u.get("model"), port=u.get("port"),
+                warm_probe=Cmd((Raw(u["warm_probe"]),)) if u.get("warm_probe") else None)
 
 
 def orphans(running: Sequence[Mapping[str, str]], hp: HostPlan) -> list[str]:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pyalbert.commands import gpu, health, lock, release
 from pyalbert.commands.base import Cmd
 from pyalbert.config.deployment import resolved
+from pyalbert.engine import vllm_key
 from pyalbert.engine.context import RunContext
 from pyalbert.engine.fanout import (
     Interrupted,
@@ -52,6 +53,7 @@ def resolve_secrets(spec) -> dict[str, str]:
         value = ref.resolve() if ref else None
         if value is not None:
             out[key] = value.get_secret_value()
+    out["vllm_api_key"] = vllm_key.resolve(spec.env)
     return out
 
 

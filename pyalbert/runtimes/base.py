@@ -177,12 +177,38 @@ def vllm_environ(env: EnvironmentSpec, inst: VllmInstance, inputs: DeployInputs,
     hf = inputs.secrets.get("hf_token")
     if hf:
         environ |= {"HF_TOKEN": hf, "HUGGING_FACE_HUB_TOKEN": hf}
+    key = inputs.secrets.get("vllm_api_key")
+    if key:
+        # vLLM reads its --api-key from $VLLM_API_KEY: the env file (0600), never argv (ps)
+        environ["VLLM_API_KEY"] = key
     return environ
 
 
+SECRET_ENV = ("HF_", "HUGGING", "VLLM_API_KEY")
+
+
 def hashed_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` for a config hash: the token's digest instead of the token."""
-    return {k: (secret_digest(v) if k.startswith(("HF_", "HUGGING")) else v) for k, v in environ.items()}
+    """``environ`` for a config hash: the secrets' digests instead of the secrets."""
+    return {k: (secret_digest(v) if k.startswith(SECRET_ENV) else v) for k, v in environ.items()}
+
+
+def vllm_auth_header(env: EnvironmentSpec) -> str:
+    """Where the host keeps the servers' key as a curl header file (``curl -H @FILE``): readiness
+    and ``albert smoke vllm`` read it there, so the key is on no command line."""
+    return f"{env.deploy.base_dir}/auth-{env.name}/vllm.header"
+
+
+def vllm_auth_files(env: EnvironmentSpec, inputs: DeployInputs) -> tuple[FileSpec, ...]:
+    key = inputs.secrets.get("vllm_api_key")
+    if not key:
+        return ()
+    return (FileSpec(vllm_auth_header(env), f"Authorization: Bearer {key}\n", secret=True),)
+
+
+def vllm_ready(env: EnvironmentSpec, inst: VllmInstance, inputs: DeployInputs) -> health.ReadyCheck:
+    """Readiness of one server, asked where it listens, with its key when it has one."""
+    header = vllm_auth_header(env) if inputs.secrets.get("vllm_api_key") else None
+    return health.ReadyCheck(inst.port, inst.model_id, host=inst.address, header_file=header)
 
 
 def env_file(release_dir: str, inst: VllmInstance, inputs: DeployInputs,
@@ -201,6 +227,8 @@ class ApiFiles:
     keys: bool
     #: where the setup stage builds the whitelist on the host (``create_whitelist --output``)
     whitelist: str | None
+    #: ``upstream.key``: the model servers' key the gateway sends them
+    upstream_key: bool = False
 
     def material(self, release_dir: str) -> dict[str, str]:
         """The files for a config hash (secret ones as digests), independent of the release dir."""
@@ -215,7 +243,10 @@ def api_files(env: EnvironmentSpec, placement: Placement, inputs: DeployInputs,
     keys = inputs.secrets.get("api_keys")
     if keys:
         files.append(FileSpec(f"{release_dir}/keys.json", keys, secret=True))
+    upstream_key = inputs.secrets.get("vllm_api_key")
+    if upstream_key:
+        files.append(FileSpec(f"{release_dir}/upstream.key", upstream_key + "\n", secret=True))
     for rel, text in sorted(inputs.config_files.items()):
         files.append(FileSpec(f"{release_dir}/config/{rel}", text))
     whitelist = SetupPaths(env.deploy.base_dir).whitelist if env.whitelist.configured else None
-    return ApiFiles(files, bool(keys), whitelist)
+    return ApiFiles(files, bool(keys), whitelist, bool(upstream_key))

@@ -24,7 +24,9 @@ from pyalbert.runtimes.base import (
     env_file,
     hashed_environ,
     labels,
+    vllm_auth_files,
     vllm_environ,
+    vllm_ready,
 )
 from pyalbert.runtimes.checks import Check, DockerAnswers
 
@@ -49,7 +51,7 @@ class DockerRuntime:
         file = env_file(release_dir, inst, inputs, environ)
         start = combine(vllm_cache.ensure(cache), docker.run(
             inst.name, env.images.vllm, args,
-            ports=[f"{inst.port}:{inst.port}"],
+            ports=[f"{inst.address}:{inst.port}:{inst.port}"],  # loopback or private: issue 14
             volumes=[f"{env.storage_dir}/{inst.model_id}:{MODEL_MOUNT}/{inst.model_id}:ro",
                      f"{cache}:{vllm_cache.IN_CONTAINER}"],
             env_file=file.path, gpu_ids=inst.gpu_ids, ipc_host=True,
@@ -58,8 +60,9 @@ class DockerRuntime:
         unit = Unit(
             name=inst.name, service="vllm", config_hash=digest, start=start,
             stop=docker.stop(inst.name), probe=docker.inspect_state(inst.name),
-            logs=docker.logs(inst.name, 40), ready=health.ReadyCheck(inst.port, inst.model_id),
-            model_id=inst.model_id, port=inst.port, warm_probe=vllm_cache.has_compiled(cache),
+            logs=docker.logs(inst.name, 40), ready=vllm_ready(env, inst, inputs),
+            model_id=inst.model_id, port=inst.port, files=vllm_auth_files(env, inputs),
+            warm_probe=vllm_cache.has_compiled(cache),
         )
         return unit, [file]
 
@@ -69,23 +72,29 @@ class DockerRuntime:
         upstream = f"{edge_dir(env)}/upstream"
         api = api_files(env, placement, inputs, release_dir)
         serve = api_cmd.serve_args(env.name, env.api.port, keys=api.keys,
-                                   whitelist=env.whitelist.configured, workers=env.api.workers)
+                                   whitelist=env.whitelist.configured, workers=env.api.workers,
+                                   upstream_key=api.upstream_key, host="127.0.0.1")
         digest = config_hash({"image": env.images.api, "args": serve, "port": env.api.port,
-                              "files": api.material(release_dir)})
+                              "network": "host", "files": api.material(release_dir)})
         into = api_cmd.IN_CONTAINER
         volumes = [f"{release_dir}/backends.json:{into}/backends.json:ro",
                    f"{release_dir}/config:{into}/config:ro"]
         if api.keys:
             volumes.append(f"{release_dir}/keys.json:{into}/keys.json:ro")
+        if api.upstream_key:
+            volumes.append(f"{release_dir}/upstream.key:{into}/upstream.key:ro")
         if api.whitelist:
             volumes.append(f"{api.whitelist}:{into}/whitelist.json:ro")
         colours = {}
         for colour in api_cmd.COLOURS:
             name = colour_name(env.name, colour)
             spare = api_cmd.spare_port(env.api.port, colour)
+            # the host's network: the gateway reaches servers bound to the host's loopback
+            args = api_cmd.serve_args(env.name, spare, keys=api.keys,
+                                      whitelist=env.whitelist.configured, workers=env.api.workers,
+                                      upstream_key=api.upstream_key, host="127.0.0.1")
             start = docker.run(
-                name, env.images.api, serve[1:], entrypoint=serve[0],
-                ports=[f"127.0.0.1:{spare}:{env.api.port}"], volumes=volumes,
+                name, env.images.api, args[1:], entrypoint=args[0], network="host", volumes=volumes,
                 user=docker.AS_DEPLOY_USER,
                 labels=labels(env.name, "api", colour, inputs.release_id, digest),
             )

@@ -38,7 +38,9 @@ from pyalbert.runtimes.base import (
     env_file,
     hashed_environ,
     labels,
+    vllm_auth_files,
     vllm_environ,
+    vllm_ready,
 )
 from pyalbert.runtimes.checks import Check, PythonAtLeast, ToolsInstalled
 
@@ -78,7 +80,7 @@ class VenvRuntime:
                   release_dir: str) -> tuple[Unit, list[FileSpec]]:
         env = self.env
         args = server_args(inst.model_id, inst.model, model_path=f"{env.storage_dir}/{inst.model_id}",
-                           port=inst.port, extra_args=env.vllm.extra_args)
+                           port=inst.port, host=inst.address, extra_args=env.vllm.extra_args)
         gpus = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpu_ids))} if inst.gpu_ids else {}
         environ = vllm_environ(env, inst, inputs, gpus)
         argv = [self.vllm_python, "-m", MODULE, *args]
@@ -95,8 +97,8 @@ class VenvRuntime:
         )
         unit = Unit(name=inst.name, service="vllm", config_hash=digest, start=start,
                     stop=self.stop(inst.name), probe=self.probe(inst.name),
-                    logs=self.logs(inst.name, 40), ready=health.ReadyCheck(inst.port, inst.model_id),
-                    model_id=inst.model_id, port=inst.port,
+                    logs=self.logs(inst.name, 40), ready=vllm_ready(env, inst, inputs),
+                    model_id=inst.model_id, port=inst.port, files=vllm_auth_files(env, inputs),
                     warm_probe=vllm_cache.has_compiled(cache))
         return unit, [file]
 
@@ -115,6 +117,7 @@ class VenvRuntime:
             argv = [self.albert, "api", "--env", env.name, "--config-dir", f"{release_dir}/config",
                     "--backends", f"{release_dir}/backends.json",
                     *(["--keys", f"{release_dir}/keys.json"] if api.keys else ["--no-auth"]),
+                    *(["--upstream-key", f"{release_dir}/upstream.key"] if api.upstream_key else []),
                     *(["--whitelist", api.whitelist] if api.whitelist else []),
                     "--host", "127.0.0.1", "--port", str(spare), "--workers", str(env.api.workers)]
             # what runs, not where: the same for both colours and for every release dir

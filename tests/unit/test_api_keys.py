@@ -166,7 +166,7 @@ def test_settings_from_environment(config_factory, monkeypatch, tmp_path):
     monkeypatch.setenv("ALBERT_API_KEYS", str(tmp_path / "keys.json"))
     spec = load_spec("test", config_factory.root)
     s = settings_from_spec(spec)
-    assert s.backends == {"small": ("http://10.0.0.1:8001",)}
+    assert s.backends == {"small": ("http://127.0.0.1:8001",)}
     assert (s.port, s.workers, s.whitelist_mode, s.max_tokens_cap, s.first_byte_timeout_s) == \
         (9001, 3, "redact", 256, 30)
     assert s.keys_path == str(tmp_path / "keys.json")

@@ -33,6 +33,8 @@ def test_staging_secrets_are_protected_and_only_known_hosts_is_not():
         "HF_TOKEN": ("env_var", True, True, False),
         "ALBERT_API_KEYS": ("file", True, False, False),
         "ALBERT_API_KEY": ("env_var", True, True, False),
+        # optional: derived from SSH_PRIVATE_KEY when unset (issue 14)
+        "ALBERT_VLLM_API_KEY": ("env_var", True, True, False),
     }
     assert {v.scope for v in needs("staging")} == {"staging"}
     assert all(v.protected for v in needs("staging") if v.secret)

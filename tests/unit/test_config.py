@@ -24,7 +24,8 @@ def test_valid_config_resolves_hosts_ports_and_gpus(simple_config):
         ("albert-test-vllm-small", "gpu-1", 8001, (0,)),
         ("albert-test-vllm-other", "gpu-1", 8002, (0,)),
     ]
-    assert plan.backends == {"small": ["http://10.0.0.1:8001"], "other": ["http://10.0.0.1:8002"]}
+    # the only gateway runs on the servers' host: they listen on loopback only (issue 14)
+    assert plan.backends == {"small": ["http://127.0.0.1:8001"], "other": ["http://127.0.0.1:8002"]}
     assert [a.name for a in plan.api] == ["albert-test-api"]
 
 
@@ -172,7 +173,8 @@ def test_replicas_spread_over_hosts(config_factory):
     )
     config_factory.routing({"a": {"model": "org/a", "port": 8001, "replicas": 2}})
     plan = resolve_placement(check(config_factory))
-    assert plan.backends == {"a": ["http://10.0.0.1:8001", "http://10.0.0.2:8001"]}
+    # h1 runs the only gateway: its replica on loopback, h2's on its (private) address
+    assert plan.backends == {"a": ["http://127.0.0.1:8001", "http://10.0.0.2:8001"]}
 
 
 def test_more_replicas_than_hosts(simple_config):

@@ -16,7 +16,7 @@ def test_check_prints_plan_and_exits_zero(simple_config, capsys):
 def test_check_json(simple_config, capsys):
     assert main(["config", "check", "--env", "test", "--config-dir", str(simple_config.root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["backends"] == {"small": ["http://10.0.0.1:8001"], "other": ["http://10.0.0.1:8002"]}
+    assert data["backends"] == {"small": ["http://127.0.0.1:8001"], "other": ["http://127.0.0.1:8002"]}
 
 
 def test_bad_input_is_one_paragraph_and_non_zero(simple_config, capsys):

@@ -66,7 +66,7 @@ def test_vllm_unit_container_and_secret_env_file(plan):
     assert big.start.render() == (
         "mkdir -p -m 0700 /data/models/.vllm-cache/docker-vllm-vllm-openai-v0.6.3 && "
         "docker run -d --name albert-test-vllm-big --restart unless-stopped --ipc=host "
-        "-p 8002:8002 -v /data/models/big:/models/big:ro "
+        "-p 10.0.0.1:8002:8002 -v /data/models/big:/models/big:ro "
         "-v /data/models/.vllm-cache/docker-vllm-vllm-openai-v0.6.3:/vllm-cache "
         "--gpus '\"device=0,1\"' "
         "--env-file /srv/albert/releases/20250101-000000-abcdef/albert-test-vllm-big.env "
@@ -99,11 +99,11 @@ def test_api_swap_colours_edge_and_files(plan):
     swap = cpu.units[0]
     blue, green = swap.colours["blue"], swap.colours["green"]
     assert (blue.port, green.port) == (24160, 24161)
-    assert "-p 127.0.0.1:24160:8080" in blue.start.render()
+    assert "--network host" in blue.start.render() and " -p " not in blue.start.render()
     assert "--entrypoint albert" in blue.start.render()
     assert blue.start.render().endswith(
         "api --env test --config-dir /etc/albert/config --backends /etc/albert/backends.json "
-        "--keys /etc/albert/keys.json --host 0.0.0.0 --port 8080 --workers 1")
+        "--keys /etc/albert/keys.json --host 127.0.0.1 --port 24160 --workers 1")
     assert swap.edge.name == "albert-test-api"
     assert "--network host" in swap.edge.start.render()
     assert swap.switch("green").render() == (
@@ -149,6 +149,8 @@ def test_manifest_round_trips_into_units_for_rollback(plan):
             if isinstance(old, Unit):
                 assert new.start.render() == old.start.render() and new.name == old.name
                 assert new.ready == old.ready
+                probes = [u.warm_probe.render() if u.warm_probe else None for u in (new, old)]
+                assert probes[0] == probes[1] and (old.service != "vllm" or probes[0])
             else:
                 assert new.colours["green"].start.render() == old.colours["green"].start.render()
                 assert new.upstream_file == old.upstream_file

@@ -62,7 +62,7 @@ def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
         f"--label albert.config-hash={unit.config_hash} --label albert.env=test "
     )
     assert run.endswith(
-        "-- /srv/albert/venvs/vllm/bin/python -m vllm.entrypoints.openai.api_server --host 0.0.0.0 "
+        "-- /srv/albert/venvs/vllm/bin/python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 "
         "--port 8001 --model /data/models/small --served-model-name small --tensor-parallel-size 2 "
         "--gpu-memory-utilization 0.4 --enforce-eager"
     )

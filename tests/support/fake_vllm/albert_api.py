@@ -1,11 +1,14 @@
-"""Fake ``albert api ...`` for deploy tests: /health, /v1/models from the backends file, chat."""
+"""Fake ``albert api ...`` for deploy tests: /health, /v1/models from the backends file, chat
+relayed to the model's replica with ``--upstream-key`` (the servers' key) as the gateway does."""
 
 import argparse
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 
-from fake_http import Handler, chat_answer, serve
+from fake_http import Handler, serve
 
 
 def main(argv=None):
@@ -17,9 +20,14 @@ def main(argv=None):
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--backends", required=True)
+    parser.add_argument("--upstream-key", default=None)
     args, _ = parser.parse_known_args(argv[1:])
     with open(args.backends) as handle:
         backends = json.load(handle)
+    key = None
+    if args.upstream_key:
+        with open(args.upstream_key) as handle:
+            key = handle.read().strip()
     version = os.environ.get("FAKE_API_VERSION", "")
 
     class ApiHandler(Handler):
@@ -32,8 +40,22 @@ def main(argv=None):
             return self.send_json(404, {"error": "not found"})
 
         def do_POST(self):
+            """Relay to the model's first replica with the servers' key, as the gateway does."""
             body = self.body() or {}
-            return self.send_json(200, chat_answer(body.get("model", "?"), body))
+            urls = backends.get(body.get("model"))
+            if not urls:
+                return self.send_json(404, {"error": f"model {body.get('model')!r} not found"})
+            request = urllib.request.Request(
+                urls[0] + self.path, data=json.dumps(body).encode(), method="POST",
+                headers={"Content-Type": "application/json",
+                         **({"Authorization": f"Bearer {key}"} if key else {})})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return self.send_json(answer.status, json.loads(answer.read()))
+            except urllib.error.HTTPError as exc:
+                return self.send_json(exc.code, json.loads(exc.read() or b"{}"))
+            except OSError as exc:
+                return self.send_json(502, {"error": f"upstream: {exc}"})
 
     serve(ApiHandler, args.host, args.port, "fake albert api")
 

@@ -14,7 +14,11 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", required=True)
     parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--api-key", action="append", default=None)
     args, rest = parser.parse_known_args(argv)
+    # as vLLM (serve/middleware/register.py): --api-key wins over $VLLM_API_KEY; /v1/* needs one
+    # of them as a Bearer token, else 401 {"error": "Unauthorized"}; /health and /metrics are open
+    tokens = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY")]) if k]
     name = args.served_model_name or args.model
     delay = float(os.environ.get("FAKE_VLLM_START_DELAY", "0"))
     fail = os.environ.get("FAKE_VLLM_FAIL", "")
@@ -25,13 +29,32 @@ def main(argv=None):
     if os.environ.get("FAKE_VLLM_REQUIRE_MODEL_DIR") == "1" and not os.path.isdir(args.model):
         print(f"fake vllm: model directory {args.model} does not exist", flush=True)
         sys.exit(1)
+    cache = os.environ.get("VLLM_CACHE_ROOT")
+    if cache:  # as vLLM's torch.compile: artefacts under $VLLM_CACHE_ROOT/torch_compile_cache
+        compiled = os.path.join(cache, "torch_compile_cache", "fake")
+        warm = os.path.isdir(compiled) and bool(os.listdir(compiled))
+        print(f"fake vllm: compile cache {cache} {'warm' if warm else 'cold'}", flush=True)
+        os.makedirs(compiled, exist_ok=True)
+        with open(os.path.join(compiled, f"{name}.graph"), "w") as out:
+            out.write("compiled\n" * 512)
     ready_at = time.monotonic() + delay
 
     class VllmHandler(Handler):
         def ready(self):
             return fail != "never-ready" and time.monotonic() >= ready_at
 
+        def refused(self):
+            if not tokens or not self.path.startswith(("/v1", "/v2", "/inference", "/cohere")):
+                return False
+            scheme, _, param = (self.headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() == "bearer" and param in tokens:
+                return False
+            self.send_json(401, {"error": "Unauthorized"})
+            return True
+
         def do_GET(self):
+            if self.refused():
+                return None
             if not self.ready():
                 return self.send_json(503, {"error": "loading"})
             if self.path == "/health":
@@ -43,6 +66,8 @@ def main(argv=None):
 
         def do_POST(self):
             body = self.body()
+            if self.refused():
+                return None
             if not self.ready():
                 return self.send_json(503, {"error": "loading"})
             if body is None:
