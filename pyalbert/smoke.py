@@ -12,8 +12,11 @@ Checks, each a JUnit test case:
 * ``whitelist header``: answers carry ``X-Albert-Whitelist: <mode>; entries=<n>`` with the
   environment's mode (skipped, and said so, when the mode is ``off``).
 
-``albert smoke vllm`` (the ``test:vllm`` job) asks every vLLM server of the plan directly, no
-gateway in between. Per server, each check a JUnit test case named ``<model> on <host>:<port> …``:
+``albert smoke vllm`` (the ``test:vllm`` job) asks every vLLM server of the plan, no gateway in
+between, *on its host*: servers listen on the host's loopback or private address only and require
+the servers' key (issue 14), so each call is a ``curl`` run over SSH (:class:`HostTransport`,
+:func:`pyalbert.commands.health.http_call`) with the key's header file the deploy left on the host.
+Per server, each check a JUnit test case named ``<model> on <host>:<port> …``:
 
 * ``/health``: answers 200 (waits, up to a deadline shared by all servers, while the server refuses
   connections or answers 503);
@@ -34,6 +37,9 @@ from xml.etree import ElementTree as ET
 
 import httpx
 from rich.table import Table
+
+from pyalbert.commands import health
+from pyalbert.commands.base import Cmd
 
 WHITELIST_HEADER = "X-Albert-Whitelist"
 BAD_KEY = "albert-smoke-invalid-key"
@@ -299,9 +305,11 @@ class VllmServer:
     """One vLLM OpenAI server of the plan: where it listens and the model id it serves."""
 
     host: str  # the host's name in the environment
-    address: str
+    address: str  # where it listens (loopback or the host's private address)
     port: int
     model: str
+    #: on the host: the curl header file with the servers' key (None: no key)
+    header_file: str | None = None
 
     @property
     def url(self) -> str:
@@ -327,10 +335,42 @@ class VllmSmokeTarget:
     max_tokens: int = 16
 
 
-def vllm_servers(plan) -> tuple[VllmServer, ...]:
+def vllm_servers(plan, header_file: str | None = None) -> tuple[VllmServer, ...]:
     """Every vLLM server of a resolved plan (``load_spec(...).placement``), in plan order."""
-    return tuple(VllmServer(host=i.host.name, address=i.host.address, port=i.port, model=i.model_id)
+    return tuple(VllmServer(host=i.host.name, address=i.address, port=i.port, model=i.model_id,
+                            header_file=header_file)
                  for i in plan.vllm)
+
+
+class HostTransport(httpx.BaseTransport):
+    """An httpx transport that makes each call *on the server's host*: ``curl`` over the one
+    executor (``run(host name, Cmd) -> Result``), the key from the host's header file.
+
+    No answer (curl's ``000``: refused, timed out) is an ``httpx.ConnectError`` with curl's
+    message, so the checks wait it out as they do for a direct connection.
+    """
+
+    def __init__(self, servers: tuple[VllmServer, ...], run: Callable[[str, Cmd], object],
+                 timeout_s: float = 60.0):
+        self.by_url = {s.url: s for s in servers}
+        self.run = run
+        self.timeout_s = timeout_s
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        base = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        server = self.by_url.get(base)
+        if server is None:
+            raise httpx.ConnectError(f"{base} is no server of the plan", request=request)
+        body = request.read().decode() if request.method != "GET" else None
+        cmd = health.http_call(request.method, str(request.url), body=body,
+                               header_file=server.header_file, timeout_s=self.timeout_s)
+        result = self.run(server.host, cmd)
+        status, text = health.parse_http_call(result.stdout)
+        if status == 0:
+            why = (result.stderr or "").strip().splitlines()
+            raise httpx.ConnectError(f"on host {server.host}: {why[-1] if why else 'no answer'}",
+                                     request=request)
+        return httpx.Response(status, content=text.encode(), request=request)
 
 
 class VllmSmokeRun(_Checks):

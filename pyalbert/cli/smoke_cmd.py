@@ -1,7 +1,8 @@
 """``albert smoke [api|vllm] --env ENV``: check a deployed environment, one lane at a time.
 
 ``api`` (the default, the ``test:api`` job) goes end to end through the gateway; ``vllm`` (the
-``test:vllm`` job) asks every vLLM server of the plan directly.
+``test:vllm`` job) asks every vLLM server of the plan on its host, over SSH (servers listen on
+loopback or a private address and need the servers' key, which stays on the host).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "smoke", help="check a deployed environment: its api, or its vLLM servers (the pipeline's test jobs)",
         description="api (default): end to end through the gateway (ready, models listed, chat and "
                     "stream per model, bad key refused, whitelist header). vllm: every vLLM server "
-                    "of the plan directly (/health, /v1/models lists the served model, one short "
-                    "completion). Exit status 1 when a check fails.")
+                    "of the plan on its host over SSH (/health, /v1/models lists the served model, "
+                    "one short completion). Exit status 1 when a check fails.")
     smoke.add_argument("service", nargs="?", choices=SERVICES, default="api",
                        help="what to check (default: api)")
     common_env(smoke)
@@ -73,24 +74,47 @@ def vllm_target_for(args: argparse.Namespace):
     if args.url:
         raise AlbertError("--url is the api's address; `albert smoke vllm` asks the servers of the "
                           "plan at their hosts' addresses. Fix: drop --url.")
+    from pyalbert.runtimes.base import vllm_auth_header
+
     spec = load_spec(args.env, args.config_dir)
-    servers = vllm_servers(spec.placement)
+    servers = vllm_servers(spec.placement, vllm_auth_header(spec.env))
     if not servers:
         raise AlbertError(f"the plan of {spec.env.name} places no vLLM server on any host: nothing to "
                           f"check. Fix: give a host the vllm service in {spec.env_file.name}.")
-    return VllmSmokeTarget(env=spec.env.name, servers=servers, timeout_s=args.timeout,
-                           wait_s=args.wait, max_tokens=args.max_tokens)
+    return spec, VllmSmokeTarget(env=spec.env.name, servers=servers, timeout_s=args.timeout,
+                                 wait_s=args.wait, max_tokens=args.max_tokens)
+
+
+def on_hosts_client(spec, target, runners=None):
+    """An httpx client whose calls run on the servers' hosts (curl over the one executor)."""
+    import httpx
+
+    from pyalbert.engine.fanout import ssh_runners
+    from pyalbert.smoke import HostTransport
+
+    factory = runners or ssh_runners(spec)
+    hosts = {h.name: h for h in spec.env.hosts}
+    open_runners: dict = {}
+
+    def run(host: str, cmd):
+        if host not in open_runners:
+            open_runners[host] = factory(hosts[host])
+        return open_runners[host].run(cmd, check=False, timeout=target.timeout_s + 10)
+
+    transport = HostTransport(target.servers, run, timeout_s=target.timeout_s)
+    return httpx.Client(transport=transport, timeout=target.timeout_s + 15)
 
 
 def smoke_command(args: argparse.Namespace) -> int:
     from pyalbert.smoke import run_smoke, run_vllm_smoke, summary_table, write_junit
 
     if args.service == "vllm":
-        target = vllm_target_for(args)
-        console.print(f"smoke test of the vLLM servers of [bold]{target.env}[/]: "
+        spec, target = vllm_target_for(args)
+        console.print(f"smoke test of the vLLM servers of [bold]{target.env}[/] on their hosts: "
                       f"{len(target.servers)} server(s), "
-                      + ", ".join(f"{s.model} at {s.url}" for s in target.servers))
-        results = run_vllm_smoke(target)
+                      + ", ".join(f"{s.model} at {s.host} {s.url}" for s in target.servers))
+        with on_hosts_client(spec, target) as client:
+            results = run_vllm_smoke(target, client)
     else:
         target = target_for(args)
         console.print(f"smoke test of [bold]{target.env}[/] at {target.url}: {len(target.models)} model(s), "

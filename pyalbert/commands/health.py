@@ -32,6 +32,34 @@ def get_json(url: str, timeout_s: float = 3, header_file: str | None = None) -> 
     return any_of(Cmd.of("curl", "-s", "--max-time", f"{timeout_s:g}", *header, url), Cmd.of("true"))
 
 
+#: what :func:`http_call` prints after the body: the status on a line of its own
+STATUS_MARK = "\n@albert-http-status "
+
+
+def http_call(method: str, url: str, *, body: str | None = None, header_file: str | None = None,
+              timeout_s: float = 60) -> Cmd:
+    """One HTTP call made *on the host* (``albert smoke vllm``: servers listen on the host's
+    loopback or private address). Prints the body, then :data:`STATUS_MARK` and the status
+    (``000``: no connection); the key comes from ``header_file`` (``-H @FILE``) and the body on
+    stdin, so neither is on the command line."""
+    return Cmd.of(
+        "curl", "-s", "-S", "--max-time", f"{timeout_s:g}", "-X", method,
+        ("-H", f"@{header_file}") if header_file else None,
+        ("-H", "Content-Type: application/json", "--data-binary", "@-") if body is not None else None,
+        "-w", STATUS_MARK.replace("\n", "\\n") + "%{http_code}", url,
+        stdin=body,
+    )
+
+
+def parse_http_call(stdout: str) -> tuple[int, str]:
+    """``(status, body)`` of :func:`http_call`'s output; status 0 when nothing answered."""
+    body, mark, status = stdout.rpartition(STATUS_MARK)
+    if not mark:
+        return 0, stdout
+    code = status.strip()
+    return (int(code) if code.isdigit() else 0), body
+
+
 def models_listed(stdout: str) -> list[str]:
     """Model ids of an OpenAI ``/v1/models`` answer; [] for anything else."""
     try:

@@ -480,6 +480,22 @@ PLAN_ENV = """
 """
 
 
+@pytest.fixture(autouse=True)
+def hosts_are_this_machine(monkeypatch, tmp_path):
+    """``albert smoke vllm`` runs its calls on the servers' hosts: here, a local runner; the
+    deploy's curl header file is where the CLI's plan says (``deploy.base_dir``)."""
+    from pyalbert.engine import fanout
+    from pyalbert.remote import LocalRunner
+
+    monkeypatch.setattr(fanout, "ssh_runners", lambda spec, material=None: lambda host: LocalRunner())
+    base = tmp_path / "base"
+    (base / "auth-test").mkdir(parents=True)
+    (base / "auth-test" / "vllm.header").write_text("Authorization: Bearer any\n")
+    monkeypatch.setattr(sys.modules[__name__], "PLAN_ENV",
+                        PLAN_ENV + f'\n[deploy]\nbase_dir = "{base}"\n')
+    return base
+
+
 @pytest.fixture
 def vllm_config(config_factory, vllms):
     """A plan whose two vLLM servers are two running fakes: ``small`` and ``other``."""

@@ -280,3 +280,54 @@ def test_unreadable_upstream_key_file_names_the_fix(tmp_path):
                                upstream_key_path=str(tmp_path / "missing"))
     with pytest.raises(AlbertError, match="upstream key file .* redeploy"):
         Gateway(settings)
+
+
+# --- albert smoke vllm: on the servers' hosts, with the key's header file --------------------------
+
+def test_http_call_builder_keeps_key_and_body_off_the_command_line():
+    from pyalbert.commands.health import http_call, parse_http_call
+
+    cmd = http_call("POST", "http://127.0.0.1:8001/v1/chat/completions", body='{"model": "m"}',
+                    header_file="/srv/albert/auth-test/vllm.header", timeout_s=5)
+    assert cmd.render() == (
+        "curl -s -S --max-time 5 -X POST -H @/srv/albert/auth-test/vllm.header "
+        "-H 'Content-Type: application/json' --data-binary @- "
+        "-w '\\n@albert-http-status %{http_code}' http://127.0.0.1:8001/v1/chat/completions")
+    assert cmd.stdin_text == '{"model": "m"}'
+    assert parse_http_call('{"a": 1}\n@albert-http-status 401') == (401, '{"a": 1}')
+    assert parse_http_call("\n@albert-http-status 000") == (0, "")
+    assert parse_http_call("garbage") == (0, "garbage")
+
+
+def test_smoke_vllm_on_the_host_passes_with_the_key_and_fails_without(tmp_path):
+    import httpx
+
+    from pyalbert.remote import LocalRunner
+    from pyalbert.smoke import HostTransport, VllmServer, VllmSmokeTarget, run_vllm_smoke
+
+    good, bad = tmp_path / "good.header", tmp_path / "bad.header"
+    good.write_text(f"Authorization: Bearer {KEY}\n")
+    bad.write_text("Authorization: Bearer nope\n")
+    runner = LocalRunner()
+
+    def smoke(url: str, header) -> dict[str, str]:
+        port = int(url.rsplit(":", 1)[1])
+        srv = VllmServer(host="h1", address="127.0.0.1", port=port, model="m",
+                         header_file=str(header) if header else None)
+        target = VllmSmokeTarget(env="test", servers=(srv,), timeout_s=5, wait_s=5, max_tokens=4)
+        ran = []
+        transport = HostTransport(target.servers, lambda host, cmd: ran.append(cmd) or runner.run(
+            cmd, check=False), timeout_s=5)
+        with httpx.Client(transport=transport) as client:
+            results = run_vllm_smoke(target, client, poll_s=0.1)
+        assert all(KEY not in c.render() for c in ran)
+        return {r.name.rsplit(" ", 1)[-1]: r.status + " " + r.detail for r in results}
+
+    with keyed_server(KEY) as url:
+        ok = smoke(url, good)
+        assert [v.split()[0] for v in ok.values()] == ["passed"] * 3, ok
+        refused = smoke(url, bad)
+        assert refused["/health"].startswith("passed")
+        assert "HTTP 401" in refused["/v1/models"] and "Unauthorized" in refused["/v1/models"]
+        assert "HTTP 401" in refused["completion"]
+        assert "HTTP 401" in smoke(url, None)["/v1/models"]
