@@ -79,17 +79,24 @@ def parse_warm(stdout: str) -> bool:
 
 
 def size(storage_dir: str) -> Cmd:
-    """Probe: ``du -sk`` of the whole cache (empty output when there is none yet)."""
-    return any_of(Cmd.of("du", "-sk", root(storage_dir), Op("2>/dev/null")), Cmd.of("true"))
+    """Probe: ``du -sk`` of each tree (one line each; empty output when there is none)."""
+    return any_of(Cmd.of("find", root(storage_dir), "-mindepth", "1", "-maxdepth", "1",
+                         "-exec", "du", "-sk", "{}", "+", Op("2>/dev/null")), Cmd.of("true"))
+
+
+def parse_trees(stdout: str) -> dict[str, int]:
+    """Tree name -> KiB, from ``du -sk`` lines (``1234\t/data/models/.vllm-cache/venv-...``)."""
+    out: dict[str, int] = {}
+    for line in stdout.splitlines():
+        kib, _, path = line.partition("\t")
+        if kib.strip().isdigit() and path.strip():
+            out[path.strip().rstrip("/").rsplit("/", 1)[-1]] = int(kib)
+    return out
 
 
 def parse_size_kib(stdout: str) -> int:
-    """KiB from ``du -sk`` (``1234\\t/data/models/.vllm-cache``); 0 when there is no cache."""
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    if not lines:
-        return 0
-    first = lines[-1].split()[0]
-    return int(first) if first.isdigit() else 0
+    """KiB of every tree together; 0 when there is no cache (or an emptied one)."""
+    return sum(parse_trees(stdout).values())
 
 
 def human_kib(kib: int) -> str:
@@ -101,14 +108,17 @@ def human_kib(kib: int) -> str:
 
 
 def purge(storage_dir: str) -> Cmd:
-    """Empty the cache (every tree), keep the folder; nothing there is fine (idempotent)."""
-    return any_of(Cmd.of("find", root(storage_dir), "-mindepth", "1", "-delete", Op("2>/dev/null")),
+    """Remove the venv runtime's trees (the deploy user's files); none there is fine
+    (idempotent). A docker tree is root's: :func:`purge_in_container` removes those."""
+    return any_of(Cmd.of("find", root(storage_dir), "-mindepth", "1", "-maxdepth", "1",
+                         "-name", "venv-*", "-exec", "rm", "-rf", "{}", "+", Op("2>/dev/null")),
                   Cmd.of("test", "!", "-e", root(storage_dir)))
 
 
 def purge_in_container(storage_dir: str, image: str) -> Cmd:
-    """Empty the cache from a throwaway container of ``image``: the vLLM containers run as root,
-    so what they compiled is root's, which the deploy user cannot delete itself."""
+    """Remove the docker runtime's trees from a throwaway container of ``image``: the vLLM
+    containers run as root, so what they compiled is root's, which the deploy user cannot delete."""
     return Cmd.of("docker", "run", "--rm", "--entrypoint", "find",
                   "-v", f"{root(storage_dir)}:{IN_CONTAINER}", image,
-                  IN_CONTAINER, "-mindepth", "1", "-delete")
+                  IN_CONTAINER, "-mindepth", "1", "-maxdepth", "1", "-name", "docker-*",
+                  "-exec", "rm", "-rf", "{}", "+")

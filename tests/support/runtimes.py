@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ def environment_text(rh: RuntimeHost, name: str, *, base: str, models: dict, api
     for model_id in models:
         (STORAGE / model_id).mkdir(parents=True, exist_ok=True)
     STORAGE.parent.chmod(0o755)
+    # the storage dir is root's here; on a host, `fab provision` makes it the deploy user's: the
+    # compile cache folder in it is the deploy user's either way (it makes one tree per vLLM)
+    cache = STORAGE / ".vllm-cache"
+    cache.mkdir(exist_ok=True)
+    shutil.chown(cache, "gitlab", "gitlab")
     env_line = json.dumps(vllm_env or {}).replace('": ', '" = ')
     if rh.runtime == "docker":
         runtime = f'[images]\nvllm = "{rh.vllm}"\napi = "{rh.vllm}"\n[vllm]\nenv = {env_line}\n'

