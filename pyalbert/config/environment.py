@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from pyalbert.config.metrics import MetricsSpec
 from pyalbert.config.routing import ENV_NAME_RE, check_model_id
 
 Service = Literal["vllm", "api"]
@@ -116,6 +117,7 @@ class HostSpec(_Spec):
 class ImagesSpec(_Spec):
     vllm: str = "vllm/vllm-openai:v0.6.3"
     api: str = "albert-api:latest"
+    prometheus: str = "prom/prometheus:v2.53.0"
 
 
 class VllmSpec(_Spec):
@@ -206,6 +208,7 @@ class EnvironmentSpec(_Spec):
     gpu_link: GpuLinkSpec = GpuLinkSpec()
     whitelist: WhitelistSpec = WhitelistSpec()
     ssh: SshSpec = SshSpec()
+    metrics: MetricsSpec = MetricsSpec()
     secrets: dict[str, SecretRef] = Field(default_factory=_default_secrets)
 
     @field_validator("name")

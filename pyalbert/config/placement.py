@@ -192,9 +192,31 @@ def _port_clashes(spec: DeploymentSpec, vllm: list[VllmInstance]) -> list[Proble
     return problems
 
 
+def _metrics_problems(spec: DeploymentSpec, vllm: list[VllmInstance]) -> list[Problem]:
+    """``[metrics]``: its host is one of ``hosts``; its port is free there (api, models)."""
+    env, metrics, env_file = spec.env, spec.env.metrics, display_path(spec.env_file)
+    if not metrics.enabled:
+        return []
+    names = [h.name for h in env.hosts]
+    if metrics.host is not None and metrics.host not in names:
+        return [Problem(env_file, "metrics.host", f"host {metrics.host!r} is not in 'hosts'",
+                        "name one of " + ", ".join(names))]
+    api_hosts = env.hosts_for("api")
+    host = metrics.host or (api_hosts[0].name if api_hosts else names[0])
+    taken = {i.port: f"model '{i.model_id}'" for i in vllm if i.host.name == host}
+    if any(h.name == host for h in api_hosts):
+        taken[env.api.port] = "the api service (api.port)"
+    if metrics.port in taken:
+        return [Problem(env_file, "metrics.port",
+                        f"port {metrics.port} on host {host} (Prometheus) is already used by "
+                        f"{taken[metrics.port]}", "give Prometheus another port (e.g. 9090)")]
+    return []
+
+
 def resolve_placement(spec: DeploymentSpec) -> Placement:
     vllm, problems = _place(spec)
     problems += _port_clashes(spec, vllm)
+    problems += _metrics_problems(spec, vllm)
     api_hosts = spec.env.hosts_for("api")
     if not api_hosts:
         problems.append(Problem(display_path(spec.env_file), "hosts",

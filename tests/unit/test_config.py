@@ -217,3 +217,45 @@ def test_pipeline_images_override_the_environment_file(simple_config, monkeypatc
     env = check(simple_config).env
     assert env.images.vllm == "registry.example/vllm:abc123"
     assert env.images.api == "albert-api:latest"
+
+
+# -- [metrics] ------------------------------------------------------------------------------------
+METRICS_ENV = "[[hosts]]\nname='gpu-1'\naddress='h'\ngpus=1\n[api]\nport=8080\n"
+
+
+def test_metrics_defaults_to_disabled_on_the_first_api_host(simple_config):
+    spec = check(simple_config)
+    assert spec.env.metrics.enabled is False and spec.env.metrics.port == 9090
+    assert spec.env.images.prometheus == "prom/prometheus:v2.53.0"
+
+
+def test_metrics_host_not_in_hosts_names_file_key_and_fix(simple_config):
+    simple_config.env(METRICS_ENV + "[metrics]\nenabled=true\nhost='monitor'\n")
+    message = error_of(simple_config)
+    assert "test.toml" in message and "metrics.host" in message
+    assert "'monitor' is not in 'hosts'" in message and "name one of gpu-1" in message
+
+
+@pytest.mark.parametrize("port, owner", [(8080, "the api service (api.port)"), (8001, "model 'small'")],
+                         ids=["api", "model"])
+def test_metrics_port_clash_names_file_key_and_fix(simple_config, port, owner):
+    simple_config.env(METRICS_ENV + f"[metrics]\nenabled=true\nport={port}\n")
+    simple_config.routing({"small": {"model": "org/small", "port": 8001}})
+    message = error_of(simple_config)
+    assert "test.toml" in message and "metrics.port" in message
+    assert f"port {port} on host gpu-1 (Prometheus) is already used by {owner}" in message
+    assert "give Prometheus another port" in message
+
+
+def test_metrics_port_is_free_when_disabled_or_on_another_host(config_factory):
+    config_factory.env("[[hosts]]\nname='a'\naddress='h'\ngpus=1\nservices=['vllm']\n"
+                       "[[hosts]]\nname='b'\naddress='i'\nservices=['api']\n"
+                       "[api]\nport=9090\n[metrics]\nenabled=true\nhost='a'\n")
+    config_factory.routing({"small": {"model": "org/small", "port": 8001}})
+    assert check(config_factory).env.metrics.host == "a"
+
+
+def test_metrics_bad_duration_names_the_key(simple_config):
+    simple_config.env(METRICS_ENV + "[metrics]\nretention='15 days'\n")
+    message = error_of(simple_config)
+    assert "metrics.retention" in message and "not a Prometheus duration" in message
