@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_cmd(args: argparse.Namespace) -> int:
-    from pyalbert.hub.mirror import Mirror, MirrorError, parse_repo_mapping, server_url
+    from pyalbert.hub.mirror.folders import MirrorError, parse_repo_mapping
+    from pyalbert.hub.mirror.server import server_url
+    from pyalbert.hub.mirror.service import Mirror
     from pyalbert.hub.progress import human_bytes
 
     token = None

@@ -122,7 +122,7 @@ class LocalEnv:
 
     def mirror(self):
         """The hub for this machine: the local model folder, served on the host-side address."""
-        from pyalbert.hub.mirror import Mirror
+        from pyalbert.hub.mirror.service import Mirror
 
         missing = [d for d in MIRRORED.values() if not (MODELS / d / "config.json").exists()]
         if missing:

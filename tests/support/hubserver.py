@@ -33,8 +33,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from pyalbert.hub import mirror as protocol
-from pyalbert.hub.mirror import LFS_SUFFIXES, git_blob_sha1  # noqa: F401 - re-exported for tests
+from pyalbert.hub.mirror import protocol
+from pyalbert.hub.mirror.protocol import LFS_SUFFIXES, git_blob_sha1  # noqa: F401 - re-exported for tests
 
 
 def is_lfs(path: str, data: bytes) -> bool:

@@ -22,16 +22,15 @@ from pyalbert.hub import (
     NotFoundOnHub,
     download_models,
 )
-from pyalbert.hub.mirror import (
-    CACHE_NAME,
+from pyalbert.hub.mirror.folders import CACHE_NAME, MirrorError
+from pyalbert.hub.mirror.protocol import (
     FileMeta,
-    Mirror,
-    MirrorError,
     RangeNotSatisfiable,
     byte_range,
     git_blob_sha1,
     lfs_pointer,
 )
+from pyalbert.hub.mirror.service import Mirror
 from tests.conftest import REPO
 from tests.support.hubserver import TINY_LLAMA_KEPT, tiny_llama_files
 

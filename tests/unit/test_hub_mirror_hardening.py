@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pyalbert.hub import mirror as protocol
-from pyalbert.hub.mirror import Mirror
+from pyalbert.hub.mirror import protocol
+from pyalbert.hub.mirror.service import Mirror
 
 FILES = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}"}
 
@@ -272,7 +272,7 @@ def test_a_busy_mirror_makes_the_hub_client_retry_not_fail(root, serve, tmp_path
 
 def test_cli_max_connections_must_be_positive(root, capsys):
     from pyalbert.cli import main
-    from pyalbert.hub.mirror import MirrorError
+    from pyalbert.hub.mirror.folders import MirrorError
 
     assert main(["hub", "serve", "--root", str(root), "--port", "0", "--max-connections", "0"]) \
         == MirrorError.exit_code
