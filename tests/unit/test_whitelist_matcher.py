@@ -9,13 +9,13 @@ import pytest
 
 from pyalbert.errors import AlbertError
 from pyalbert.whitelist import REDACTIONS, StreamFilter, Whitelist, postprocess
-from pyalbert.whitelist.matcher import MAX_REGION
 from pyalbert.whitelist.normalize import (
     normalize_domain,
     normalize_email,
     normalize_phone,
     normalize_url,
 )
+from pyalbert.whitelist.scanner import MAX_REGION
 
 WL = Whitelist.from_entries(
     urls=["https://www.impots.gouv.fr/contact/"],
