@@ -178,6 +178,38 @@ def test_api_redeploy_loses_no_request(env):
     assert load.ok > 20 and load.errors == []
 
 
+def test_nothing_bypasses_the_gateway(env, capfd):
+    """Issue 14: a model port is closed to other machines (loopback) and needs the servers' key
+    even on its own host; through the gateway it works; the key is in no dry-run and no ``ps``.
+
+    The other machine is this test process's network namespace, on the host's link: namespace
+    hosts have no route to each other (this machine's FORWARD policy is DROP)."""
+    from pyalbert.engine import vllm_key
+
+    env.write({"m-k": {"model": "org/k", "port": 18131}}, api_port=18191)
+    deploy_env(env.spec(), quiet=True)
+    with pytest.raises(httpx.ConnectError):  # refused: nothing listens on the host's address
+        httpx.get(f"http://{env.host.address}:18131/v1/models", timeout=5)
+    assert env.chat(18191, "m-k") == "echo: hi"  # through the edge and the gateway
+    curl = ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}"]
+    # on the host itself: /v1/* without the key is refused as vLLM does, /health stays open
+    local = env.host.run([*curl, "http://127.0.0.1:18131/v1/models"], check=False).stdout
+    assert local.splitlines() == ['{"error": "Unauthorized"}', "401"]
+    assert env.get(18131, "/health").status_code == 200
+    assert env.get(18131, "/v1/models").status_code == 200  # with the header file: the key
+    # the key: 0600 files only, in no process's arguments, not in the dry-run
+    key = vllm_key.resolve(env.spec().env)
+    modes = env.host.run(f"stat -c %a {env.header_file} {env.base}/releases/*/upstream.key "
+                         f"{env.base}/releases/*/albert-{env.name}-vllm-m-k.env").stdout.split()
+    assert set(modes) == {"600"}
+    assert key in env.host.run(f"cat {env.header_file}").stdout  # the key that was derived
+    assert key not in env.host.run(["ps", "axww", "-o", "args"]).stdout
+    capfd.readouterr()
+    deploy_env(env.spec(), dry_run=True)
+    out = capfd.readouterr()
+    assert key not in out.out + out.err and "upstream.key" in out.out
+
+
 def test_check_runs_the_preflight_and_changes_nothing(env):
     env.write({"m-a": {"model": "org/a", "port": 18171}}, api_port=18196)
     (result,) = deploy_env(env.spec(), check=True, quiet=True)

@@ -129,6 +129,7 @@ class Env:
 
     def write(self, models: dict, *, api_port: int, timeout: float = 20, extra: str = "",
               vllm_env: dict | None = None, python: str | None = None) -> None:
+        self.api_port = api_port
         (self.root / "llm_routing_table.json").write_text(json.dumps(models))
         (self.root / "environments" / f"{self.name}.toml").write_text(environment_text(
             self.rh, self.name, base=self.base, models=models, api_port=api_port, timeout=timeout,
@@ -138,13 +139,41 @@ class Env:
         return load_spec(self.name, self.root)
 
     def get(self, port: int, path: str) -> httpx.Response:
+        if port != getattr(self, "api_port", None):
+            return self.on_host("GET", port, path)
         return httpx.get(f"http://{self.host.address}:{port}{path}", timeout=5)
 
     def chat(self, port: int, model: str) -> str:
-        r = httpx.post(f"http://{self.host.address}:{port}/v1/chat/completions", timeout=10,
-                       json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        if port != getattr(self, "api_port", None):
+            r = self.on_host("POST", port, "/v1/chat/completions", json.dumps(body))
+        else:
+            r = httpx.post(f"http://{self.host.address}:{port}/v1/chat/completions", timeout=10,
+                           json=body)
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"]
+
+    @property
+    def header_file(self) -> str:
+        """The servers' key as a curl header file, where the deploy left it on the host."""
+        return f"{self.base}/auth-{self.name}/vllm.header"
+
+    def on_host(self, method: str, port: int, path: str, body: str | None = None) -> httpx.Response:
+        """A model server listens on the host's loopback and needs its key (issue 14): ask it
+        from the host, with the key's header file (``000``: an httpx.ConnectError, as directly)."""
+        from pyalbert.commands.health import http_call, parse_http_call
+
+        url = f"http://127.0.0.1:{port}{path}"
+        header = self.header_file
+        exists = not self.host.run(["test", "-e", header], check=False).returncode
+        cmd = http_call(method, url, body=body, header_file=header if exists else None, timeout_s=10)
+        out = self.host.run(cmd.render(), input=cmd.stdin_text, check=False, timeout=30)
+        status, text = parse_http_call(out.stdout)
+        request = httpx.Request(method, url)
+        if status == 0:
+            raise httpx.ConnectError(f"{url} on {self.host.name}: {out.stderr.strip()}",
+                                     request=request)
+        return httpx.Response(status, content=text.encode(), request=request)
 
     def supervised(self) -> dict[str, dict]:
         """venv: name -> supervisor state of the processes running now (the host's files)."""
