@@ -146,7 +146,7 @@ def kept_paths(paths: Sequence[Path]) -> list[Path]:
 def machine_paths_for_hosts() -> list[Path]:
     """The checkout this package runs from (if it is one) and the running venv: tests and the local
     environment hand paths inside them to hosts."""
-    checkout = Path(__file__).resolve().parents[2]  # pyalbert/devtools/testhosts.py -> the checkout
+    checkout = Path(__file__).resolve().parents[2]  # pyalbert/devtools/testhost_cmds.py -> the checkout
     paths = [Path(sys.prefix)]
     if (checkout / "pyproject.toml").exists():
         paths.append(checkout)
