@@ -83,7 +83,7 @@ def status(c, env, config_dir=None):
     from pyalbert.errors import AlbertError
     from pyalbert.ui import console
 
-    failed = []
+    failed, not_serving = [], []
     spec = _spec(env, config_dir)
     for host, value in status_env(spec, _runners(spec)).items():
         if isinstance(value, AlbertError):
@@ -97,14 +97,19 @@ def status(c, env, config_dir=None):
             continue
         table = Table(title=f"{host} {value['gpus']}".strip(), title_justify="left", caption=cache,
                       caption_justify="left")
-        for col in ("container", "image", "release", "ports", "state", "health"):
+        for col in ("container", "image", "release", "ports", "state", "health", "verdict"):
             table.add_column(col)
         for row in value["rows"]:
+            style = "green" if row["verdict"] == "running" else "red"
             table.add_row(row["name"], row["image"], row["release"], row["ports"], row["status"],
-                          row["health"])
+                          row["health"], f"[{style}]{row['verdict']}[/]")
         console.print(table)
+        not_serving.extend(f"{host} {what}" for what in value["not_serving"])
     if failed:
         raise Exit(f"status: could not read {', '.join(failed)} (see above)", code=1)
+    if not_serving:
+        raise Exit(f"status: declared by the current release but NOT serving: {'; '.join(not_serving)}. "
+                   f"Fix: read `fab logs --env {env}` for them, then redeploy or `fab rollback`.", code=1)
 
 
 @task(help={**_ENV, "service": "vllm or api", "model": "model id (vllm)", "n": "lines",

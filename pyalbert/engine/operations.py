@@ -8,13 +8,14 @@ the commands printed are, by construction, the commands a run on an empty host s
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from pyalbert.commands import gpu, health, lock, release
 from pyalbert.commands.base import Cmd
 from pyalbert.config.deployment import resolved
-from pyalbert.engine import vllm_key
+from pyalbert.engine import unit_status, vllm_key
 from pyalbert.engine.context import RunContext
 from pyalbert.engine.fanout import (
     Interrupted,
@@ -309,13 +310,29 @@ def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
                 continue
             code = health.parse_status(r.run(health.ReadyCheck(port, mid).health(), check=False).stdout)
             row["health"] = "ok" if code == 200 else f"http {code or 'refused'}"
+        # nothing of this env listed: not deployed yet or `fab down` ran (not a unit that died)
+        declared = _current_manifest(r, spec.env.deploy.base_dir) if rows else None
+        rows, not_serving = unit_status.judge(declared, rows, now=time.time())
         gpus = ""
         if r.run(gpu.has_nvidia_smi(), check=False).ok:
             mem = gpu.parse_free_memory(r.run(gpu.free_memory(), check=False).stdout)
             gpus = ", ".join(f"GPU{i} {f}/{t} MiB free" for i, (f, t) in sorted(mem.items()))
-        return {"rows": rows, "gpus": gpus, "cache_kib": facts.cache_kib(r, spec.env.storage_dir)}
+        return {"rows": rows, "gpus": gpus, "cache_kib": facts.cache_kib(r, spec.env.storage_dir),
+                "not_serving": not_serving}
 
     return on_hosts(spec, one, runners)
+
+
+def _current_manifest(r, base_dir: str) -> dict | None:
+    """The manifest of the release ``current`` points at (None: nothing deployed, unreadable)."""
+    current = release.parse_current(r.run(release.current(base_dir), check=False).stdout)
+    if not current:
+        return None
+    res = r.run(release.read_manifest(base_dir, current), check=False)
+    try:
+        return json.loads(res.stdout) if res.ok else None
+    except ValueError:
+        return None
 
 
 def logs_env(spec, service: str, model: str | None, n: int, follow: bool,

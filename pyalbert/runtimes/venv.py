@@ -172,7 +172,8 @@ class VenvRuntime:
                          "ports": "", "service": labels.get("albert.service", ""),
                          "model": labels.get("albert.model", ""),
                          "release": labels.get("albert.release", ""),
-                         "config_hash": labels.get("albert.config-hash", "")})
+                         "config_hash": labels.get("albert.config-hash", ""),
+                         "restart_times": st.get("restart_times") or []})
         return rows
 
     def parse_state(self, stdout: str) -> tuple[bool, str, str]:
