@@ -78,20 +78,22 @@ class ReadyCheck:
     host: str = "127.0.0.1"
     #: a curl header file with the server's key (``/v1/*`` needs it, ``/health`` does not)
     header_file: str | None = None
+    #: answers 200 once the server is up (Prometheus: ``/-/ready``)
+    path: str = "/health"
 
     @property
     def base(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def health(self) -> Cmd:
-        return http_status(f"{self.base}/health")
+        return http_status(f"{self.base}{self.path}")
 
     def models(self) -> Cmd:
         return get_json(f"{self.base}/v1/models", header_file=self.header_file)
 
     def display(self) -> str:
         what = f", /v1/models lists {self.model}" if self.model else ""
-        return f"wait until {self.base}/health is 200{what}"
+        return f"wait until {self.base}{self.path} is 200{what}"
 
 
 def port_listeners(port: int) -> Cmd:

@@ -16,9 +16,11 @@ from pyalbert.commands.base import Cmd, Raw
 from pyalbert.config.environment import HostSpec
 from pyalbert.config.placement import Placement
 from pyalbert.errors import AlbertError
+from pyalbert.observability import prometheus_host
 from pyalbert.runtimes import DockerRuntime, Runtime, runtime_for
 from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Unit, config_hash
 from pyalbert.runtimes.checks import Check, DiskFree, ModelPresent, PortFree
+from pyalbert.runtimes.prometheus import prometheus_unit
 
 #: free space a host needs under base_dir and the docker data root (MiB), unless told otherwise
 MIN_FREE_MIB = 1024
@@ -79,6 +81,12 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
             units.append(swap)
             files += api_files
             checks.append(PortFree(env.api.port, swap.edge.name))
+        if (env.metrics.enabled and inputs.service == "all" and not inputs.model
+                and prometheus_host(placement, env.metrics).name == host.name):
+            unit, unit_files, unit_checks = prometheus_unit(placement, runtime, inputs.release_id, rel_dir)
+            units.append(unit)
+            files += unit_files
+            checks += [*unit_checks, PortFree(env.metrics.port, unit.name)]
         if units:
             out.append(HostPlan(
                 host=host, env=env.name, base_dir=env.deploy.base_dir,
@@ -131,7 +139,9 @@ def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
                           **({"warm_probe": u.warm_probe.render()} if u.warm_probe else {}),
                           # where readiness asks (the server's bind) and its key's header file
                           **({"ready_host": u.ready.host, "ready_header": u.ready.header_file}
-                             if u.ready else {})})
+                             if u.ready else {}),
+                          **({"ready_path": u.ready.path} if u.ready and u.ready.path != "/health"
+                             else {})})
     return {"format": 1, "release": hp.release_id, "env": hp.env, "host": hp.host.name,
             "created": when, "who": who, "previous": previous, "units": units}
 
@@ -155,7 +165,7 @@ def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[U
             continue
         out.append(_recorded_unit(u, runtime, health.ReadyCheck(
             u["port"], u.get("model"), host=u.get("ready_host") or "127.0.0.1",
-            header_file=u.get("ready_header"))))
+            header_file=u.get("ready_header"), path=u.get("ready_path", "/health"))))
     return out
 
 

@@ -26,7 +26,7 @@ from pyalbert.errors import AlbertError
 if TYPE_CHECKING:
     from pyalbert.runtimes.checks import Check
 
-ServiceName = Literal["vllm", "api", "edge"]
+ServiceName = Literal["vllm", "api", "edge", "prometheus"]
 
 
 def config_hash(material: Mapping[str, object]) -> str:
