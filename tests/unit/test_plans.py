@@ -131,9 +131,13 @@ def test_checks_name_docker_disk_models_and_ports(plan):
     gpu = deploy_plans(plan, inputs())[0]
     assert gpu.checks == (
         DockerAnswers(), DiskFree("/srv/albert", 1024),
-        ModelPresent("small", "/data/models/small"), PortFree(8001, "albert-test-vllm-small"),
-        ModelPresent("big", "/data/models/big"), PortFree(8002, "albert-test-vllm-big"),
+        ModelPresent("small", "/data/models/small"), *gpu.checks[3:4], PortFree(8001, "albert-test-vllm-small"),
+        ModelPresent("big", "/data/models/big"), *gpu.checks[6:7], PortFree(8002, "albert-test-vllm-big"),
         PortFree(8080, "albert-test-api"))
+    # the routing table's arguments against each model's config.json (refused before a stop)
+    assert [c.what for c in (gpu.checks[3], gpu.checks[6])] == [
+        "small: arguments fit /data/models/small/config.json",
+        "big: arguments fit /data/models/big/config.json"]
     assert [c.what for c in gpu.checks[:3]] == [
         "docker answers", "1024 MiB free under /srv/albert", "model small is in /data/models/small"]
     assert gpu.checks[2].cmd.render() == "test -e /data/models/small"
