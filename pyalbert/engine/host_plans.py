@@ -20,6 +20,7 @@ from pyalbert.observability import prometheus_host
 from pyalbert.runtimes import DockerRuntime, Runtime, runtime_for
 from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Unit, config_hash
 from pyalbert.runtimes.checks import Check, DiskFree, ModelPresent, PortFree
+from pyalbert.runtimes.model_args import ModelArgsFit
 from pyalbert.runtimes.prometheus import prometheus_unit
 
 #: free space a host needs under base_dir and the docker data root (MiB), unless told otherwise
@@ -75,6 +76,8 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
                 units.append(unit)
                 files += unit_files
                 checks += [ModelPresent(inst.model_id, f"{env.storage_dir}/{inst.model_id}"),
+                           _model_args_fit(inst.model_id, inst.model, f"{env.storage_dir}/{inst.model_id}",
+                                           env.vllm.extra_args),
                            PortFree(inst.port, inst.name)]
         if inputs.service in ("api", "all") and not inputs.model and placement.api_on(host.name):
             swap, api_files = runtime.api_swap(placement, host, inputs, rel_dir)
@@ -188,3 +191,10 @@ def orphans(running: Sequence[Mapping[str, str]], hp: HostPlan) -> list[str]:
 def release_id(now_utc: str, plans_material: object) -> str:
     """``YYYYmmdd-HHMMSS-<hash6>`` from a UTC time ``YYYYmmddTHHMMSS`` and the config."""
     return f"{now_utc.replace('T', '-')}-{config_hash({'m': plans_material})[:6]}"
+
+
+def _model_args_fit(model_id: str, model, model_dir: str, env_extra: tuple[str, ...]) -> ModelArgsFit:
+    """The routing table's arguments against the weights' config.json (refused before a stop)."""
+    return ModelArgsFit(model_id, model_dir, model.max_model_len, model.tensor_parallel_size,
+                        model.quantization, tuple(sorted(model.env.items())),
+                        (*env_extra, *model.extra_args))
