@@ -226,13 +226,20 @@ class HostDeploy(HostSession):
             return
         why = "interrupted (Ctrl-C)" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         self.say(f"{why}; rolling back {len(self.undo)} unit(s) to the previous release", "yellow")
+        broken: list[str] = []
         for step in reversed(self.undo):
             try:
-                step()
+                step()  # each waits until the previous release's unit is ready again
             except Exception as err:  # noqa: BLE001 - keep undoing the others
                 self.say(f"rollback step failed: {err}", "red")
+                broken.append(str(err))
         self.undo.clear()
         self.result.status = "rolled back"
+        if broken:  # never "rolled back" while the previous release does not serve
+            self.result.status = "failed"
+            self.prev_id = None
+            raise AlbertError(f"host {self.name}: rolled back but NOT serving: " + " ".join(broken)
+                              + f"\n  (the deploy itself: {exc})") from exc
 
     # -- rollback --to
     def rollback(self) -> HostResult:

@@ -111,3 +111,124 @@ def test_check_names_a_missing_vllm_interpreter(env):
     with pytest.raises(AlbertError, match="/nowhere/python was not found"):
         deploy_env(env.spec(), check=True, quiet=True)
     assert env.running() == {}
+
+
+# -- roll back for real (issue 15) -------------------------------------------------------------
+
+def test_rollback_under_random_kills_of_the_failing_unit_always_ends_serving(env):
+    """The failing unit's supervisor is still in its restart loop (and gets SIGKILLed, itself or
+    its child, at a random moment) while the rollback stops it and starts the previous release
+    under the same name: every run ends with the previous release serving (seeded, bounded)."""
+    import random
+    import threading
+    import time
+
+    env.write({"m-a": {"model": "org/a", "port": 18361}}, api_port=18396, timeout=5)
+    deploy_env(env.spec(), service="vllm", quiet=True)
+    before = env.running()
+    name = f"albert-{env.name}-vllm-m-a"
+    rng = random.Random(15)
+    env.write({"m-a": {"model": "org/a", "port": 18361, "env": {"FAKE_VLLM_FAIL": "exit"}}},
+              api_port=18396, timeout=5)
+    bad = env.spec()
+    kills = 0
+
+    def killer(delay: float, target: str, done: threading.Event) -> None:
+        nonlocal kills
+        end = time.monotonic() + 10
+        t0 = time.monotonic()
+        while not done.is_set() and time.monotonic() < end:
+            st = env.supervised().get(name)
+            if (st and st["labels"]["albert.config-hash"] != before[name]
+                    and time.monotonic() - t0 >= delay and st.get(target)):
+                env.host.run(["kill", "-KILL", str(st[target])], check=False)
+                kills += 1
+                return
+            time.sleep(0.02)
+
+    for run in range(20):
+        done = threading.Event()
+        t = threading.Thread(target=killer, args=(rng.uniform(0, 1.5),
+                                                  rng.choice(["pid", "supervisor_pid"]), done))
+        t.start()
+        try:
+            with pytest.raises(AlbertError) as err:
+                deploy_env(bad, service="vllm", quiet=True)
+        finally:
+            done.set()
+            t.join()
+        assert "NOT serving" not in str(err.value), f"run {run}: {err.value}"
+        assert env.running() == before, f"run {run}"
+        assert env.host.run("curl -sf 127.0.0.1:18361/health", check=False).returncode == 0, f"run {run}"
+    assert kills >= 5  # the chaos happened
+
+
+def test_a_previous_release_that_does_not_come_back_fails_loudly(env):
+    """The rollback waits for the previous release like a deploy; not ready = a failed run that
+    says so, with the unit's last log lines (not "rolled back ... (previous)")."""
+    flag = CACHE / f"broken-{env.name}"
+    wrapper = CACHE / f"vllm-wrapper-{env.name}"
+    flag.unlink(missing_ok=True)
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *vllm.entrypoints*) if [ -e {flag} ]; then '
+                       f'echo "wrapper: the previous release cannot start"; exit 1; fi;; esac\n'
+                       f'exec {env.rh.vllm} "$@"\n')
+    wrapper.chmod(0o755)
+    env.write({"m-a": {"model": "org/a", "port": 18371}}, api_port=18397, timeout=5,
+              python=str(wrapper))
+    deploy_env(env.spec(), service="vllm", quiet=True)
+    flag.write_text("")
+    env.write({"m-a": {"model": "org/a", "port": 18371, "env": {"FAKE_VLLM_FAIL": "exit"}}},
+              api_port=18397, timeout=5, python=str(wrapper))
+    try:
+        with pytest.raises(AlbertError) as err:
+            deploy_env(env.spec(), service="vllm", quiet=True)
+    finally:
+        flag.unlink(missing_ok=True)
+    text = str(err.value)
+    assert "rolled back but NOT serving" in text and "the previous release cannot start" in text
+    assert "(previous)" not in text
+    # status tells the truth: the model server the release declares is shown, and not serving
+    st = status_env(env.spec())[env.host.name]
+    rows = {r["name"]: r for r in st["rows"]}
+    name = f"albert-{env.name}-vllm-m-a"
+    assert rows[name]["verdict"] in ("stopped", "failed", "crash-looping", "not ready")
+    assert st["not_serving"] == [f"{name}: {rows[name]['verdict']}"]
+
+
+def test_a_change_that_cannot_start_is_refused_before_anything_stops(env):
+    """max_model_len over the model's limit (its config.json on the host): refused by the
+    preflight, naming the key and the fix; the serving server never stops (0 failed requests)."""
+    import threading
+
+    from tests.support.runtimes import STORAGE
+
+    env.write({"m-fit": {"model": "org/fit", "port": 18381}}, api_port=18398, timeout=5)
+    (STORAGE / "m-fit" / "config.json").write_text(json.dumps(
+        {"max_position_embeddings": 8192, "num_attention_heads": 32}))
+    deploy_env(env.spec(), service="vllm", quiet=True)
+    before = env.running()
+    stop, sent, failed = threading.Event(), [0], []
+
+    def load() -> None:  # asked on the host: the model port listens there only (issue 14)
+        while not stop.is_set():
+            sent[0] += 1
+            res = env.host.run("curl -sf -o /dev/null -w %{http_code} 127.0.0.1:18381/health",
+                               check=False)
+            if res.returncode or res.stdout.strip() != "200":
+                failed.append(res.stdout.strip() or f"exit {res.returncode}")
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        env.write({"m-fit": {"model": "org/fit", "port": 18381, "max_model_len": 999999}},
+                  api_port=18398, timeout=5)
+        with pytest.raises(AlbertError) as err:
+            deploy_env(env.spec(), service="vllm", quiet=True)
+    finally:
+        stop.set()
+        t.join()
+    text = str(err.value)
+    assert "max_model_len 999999 is more than the model allows (8192, max_position_embeddings" in text
+    assert "set max_model_len to 8192 or less in the routing-table entry 'm-fit'" in text
+    assert env.running() == before
+    assert sent[0] > 0 and failed == []
