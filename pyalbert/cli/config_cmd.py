@@ -72,7 +72,29 @@ def preflight_problems(plan: Placement) -> tuple[list[Problem], list[str]]:
                                     f"the model does not fit: {estimate.summary()}",
                                     "raise gpu_mem_use or tensor_parallel_size, lower "
                                     "max_model_len, or use a quantized model"))
+    problems += args_problems(plan)
     return problems, notes
+
+
+def args_problems(plan: Placement) -> list[Problem]:
+    """What the deploy preflight refuses (the arguments against config.json), offline: for each
+    model whose weights are on this machine under ``storage_dir``."""
+    from pathlib import Path
+
+    from pyalbert.runtimes.model_args import parse_config, problems
+
+    spec, out = plan.spec, []
+    for model_id, model in spec.models:
+        path = Path(spec.env.storage_dir) / model_id / "config.json"
+        config = parse_config(path.read_text()) if path.is_file() else None
+        if config is None:
+            continue
+        for text in problems(model_id, config=config, path=str(path), max_model_len=model.max_model_len,
+                             tensor_parallel_size=model.tensor_parallel_size,
+                             quantization=model.quantization, env=model.env,
+                             extra_args=(*spec.env.vllm.extra_args, *model.extra_args)):
+            out.append(Problem(str(spec.routing_file.name), model_id, text))
+    return out
 
 
 def check_command(args: argparse.Namespace) -> int:

@@ -46,3 +46,20 @@ def test_preflight_refuses_a_model_too_big_for_the_gpu(config_factory, tmp_path,
     config_factory.env(f'storage_dir = "{storage}"\n[[hosts]]\nname="g"\naddress="h"\ngpus=1\n'
                        "gpu_memory_gb=80\n")
     assert main(["config", "check", "--env", "test", "--config-dir", str(config_factory.root)]) == 0
+
+
+def test_check_refuses_offline_what_the_deploy_preflight_refuses(config_factory, tmp_path, capsys):
+    """Weights on disk: max_model_len over config.json's limit is refused by `albert config
+    check` too, naming the key and the fix (CPU host: no "will it fit")."""
+    storage = tmp_path / "models"
+    (storage / "m-a").mkdir(parents=True)
+    (storage / "m-a" / "config.json").write_text(json.dumps(LLAMA_7B))
+    config_factory.env(f'storage_dir = "{storage}"\n[[hosts]]\nname="c"\naddress="h"\n')
+    config_factory.routing({"m-a": {"model": "org/a", "port": 8001, "max_model_len": 999999}})
+    code = main(["config", "check", "--env", "test", "--config-dir", str(config_factory.root)])
+    err = capsys.readouterr().err
+    assert code == 2 and "max_model_len 999999 is more than the model allows (4096" in err
+    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in err
+    config_factory.routing({"m-a": {"model": "org/a", "port": 8001, "max_model_len": 999999,
+                                    "env": {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}}})
+    assert main(["config", "check", "--env", "test", "--config-dir", str(config_factory.root)]) == 0
