@@ -302,13 +302,18 @@ def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
             row["health"] = "-"
             if row["state"] != "running":
                 continue
+            where = "127.0.0.1"
             if row["service"] == "vllm" and row["model"] in ports:
                 port, mid = ports[row["model"]]
+                # where the server listens: loopback or the host's private address (issue 14)
+                where = next((i.address for i in spec.placement.vllm_on(host.name)
+                              if i.model_id == mid), where)
             elif row["service"] == "edge":
                 port, mid = spec.env.api.port, None
             else:
                 continue
-            code = health.parse_status(r.run(health.ReadyCheck(port, mid).health(), check=False).stdout)
+            check = health.ReadyCheck(port, mid, host=where)
+            code = health.parse_status(r.run(check.health(), check=False).stdout)
             row["health"] = "ok" if code == 200 else f"http {code or 'refused'}"
         # nothing of this env listed: not deployed yet or `fab down` ran (not a unit that died)
         declared = _current_manifest(r, spec.env.deploy.base_dir) if rows else None

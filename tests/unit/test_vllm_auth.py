@@ -331,3 +331,36 @@ def test_smoke_vllm_on_the_host_passes_with_the_key_and_fails_without(tmp_path):
         assert "HTTP 401" in refused["/v1/models"] and "Unauthorized" in refused["/v1/models"]
         assert "HTTP 401" in refused["completion"]
         assert "HTTP 401" in smoke(url, None)["/v1/models"]
+
+
+def test_status_asks_health_where_the_server_listens(config_factory):
+    """``fab status`` on a host whose servers listen on its private address, not on loopback."""
+    from pyalbert.engine.operations import status_env
+    from pyalbert.remote import Result
+
+    config_factory.env(SPLIT)
+    config_factory.routing({"small": {"model": "org/small", "port": 8001, "gpu_mem_use": 0.4}})
+    spec = load_spec("test", config_factory.root)
+    asked: list[str] = []
+
+    class Host:
+        def __init__(self, name: str):
+            self.name = name
+
+        def run(self, cmd, *, check=True, timeout=None):
+            text = cmd.render()
+            out = ""
+            if text.startswith("docker ps") and self.name == "gpu-1":
+                out = json.dumps({"Names": "albert-test-vllm-small", "State": "running",
+                                  "Labels": "albert.service=vllm,albert.model=small"})
+            elif "/health" in text:
+                asked.append(text)
+                out = "200"
+            return Result(cmd, 0, out, "")
+
+        def close(self):
+            pass
+
+    status_env(spec, runners=lambda host: Host(host.name))
+    assert any("http://10.1.0.7:8001/health" in a for a in asked), asked
+    assert not any("127.0.0.1:8001" in a for a in asked)
