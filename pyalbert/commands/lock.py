@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from datetime import datetime
 
 from pyalbert.commands.base import Cmd, Op, any_of
 
@@ -40,13 +41,29 @@ def release(base_dir: str) -> Cmd:
     return any_of(Cmd.of("rm", "-rf", lock_dir(base_dir)), Cmd.of("true"))
 
 
-def describe_holder(stdout: str) -> str:
-    """One line naming the holder from :func:`show` output."""
+def age(when: str, now: datetime) -> str:
+    """``12 min`` between an ISO time and ``now`` ("" when unreadable)."""
+    try:
+        then = datetime.fromisoformat(when)
+        seconds = (now - then).total_seconds()
+    except (TypeError, ValueError):
+        return ""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def describe_holder(stdout: str, now: datetime | None = None) -> str:
+    """One line naming the holder from :func:`show` output (and how old the lock is)."""
     try:
         data = json.loads(stdout)
     except ValueError:
         return "unknown holder (unreadable lock details)"
-    text = f"{data.get('who', '?')} since {data.get('when', '?')} (release {data.get('release', '?')}"
+    old = age(str(data.get("when")), now) if now else ""
+    text = (f"{data.get('who', '?')} since {data.get('when', '?')}{f' ({old} ago)' if old else ''} "
+            f"(release {data.get('release', '?')}")
+    if data.get("pid"):
+        text += f", pid {data['pid']}"
     if data.get("pipeline"):
         text += f", pipeline {data['pipeline']}"
     text += ")"

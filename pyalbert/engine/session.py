@@ -67,7 +67,8 @@ class HostSession:
                                message=self.message, pid=os.getpid(), pipeline=self.ctx.pipeline)
         if self.r.run(lock.acquire(self.hp.base_dir, details), check=False).ok:
             return
-        holder = lock.describe_holder(self.r.run(lock.show(self.hp.base_dir), check=False).stdout)
+        holder = lock.describe_holder(self.r.run(lock.show(self.hp.base_dir), check=False).stdout,
+                                      now=self.ctx.clock())
         raise AlbertError(
             f"host {self.name} is locked by {holder}. Nothing was changed. Fix: wait for that "
             f"deploy to end, or if it died run `fab unlock --env {self.hp.env}`.")

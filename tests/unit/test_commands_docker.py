@@ -171,3 +171,16 @@ def test_spare_ports_stay_below_the_ephemeral_range():
     for public in range(1024, 65536):
         ports = {api.spare_port(public, c) for c in api.COLOURS}
         assert len(ports) == 2 and all(20000 <= p < 32768 for p in ports), public
+
+
+def test_a_left_lock_names_its_holder_pid_and_age():
+    """A lock left by a dead deployer: who, since when, how long ago, which pid (issue 15)."""
+    from datetime import datetime, timezone
+
+    doc = lock.details(who="ana@box", when="2026-12-01T20:00:00+00:00", release="r1", pid=4242)
+    now = datetime(2026, 12, 1, 20, 47, tzinfo=timezone.utc)
+    assert lock.describe_holder(doc, now=now) == (
+        "ana@box since 2026-12-01T20:00:00+00:00 (47 min ago) (release r1, pid 4242)")
+    assert lock.age("2026-12-01T20:46:30+00:00", now) == "30 s"
+    assert lock.age("2026-11-30T20:00:00+00:00", now) == "24.8 h"
+    assert lock.age("t", now) == ""
