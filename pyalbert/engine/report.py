@@ -80,7 +80,9 @@ def finish(results: Sequence[HostResult], title: str, out: Printer) -> list[Host
     if failed:
         raise AlbertError(f"{title} failed on {len(failed)} of {len(results)} host(s): "
                           + ", ".join(f"{r.host} ({r.status})" for r in failed)
-                          + ". The hosts listed kept (or went back to) their previous release.\n"
+                          + (". Some hosts serve NEITHER release: see 'NOT serving' below.\n"
+                             if any("NOT serving" in r.error for r in failed) else
+                             ". The hosts listed kept (or went back to) their previous release.\n")
                           + "\n".join(r.error.splitlines()[0] for r in failed if r.error))
     return list(results)
 

@@ -163,7 +163,7 @@ def test_rollback_under_random_kills_of_the_failing_unit_always_ends_serving(env
     assert kills >= 5  # the chaos happened
 
 
-def test_a_previous_release_that_does_not_come_back_fails_loudly(env):
+def test_a_previous_release_that_does_not_come_back_fails_loudly(env, capsys):
     """The rollback waits for the previous release like a deploy; not ready = a failed run that
     says so, with the unit's last log lines (not "rolled back ... (previous)")."""
     flag = CACHE / f"broken-{env.name}"
@@ -181,12 +181,13 @@ def test_a_previous_release_that_does_not_come_back_fails_loudly(env):
               api_port=18397, timeout=5, python=str(wrapper))
     try:
         with pytest.raises(AlbertError) as err:
-            deploy_env(env.spec(), service="vllm", quiet=True)
+            deploy_env(env.spec(), service="vllm")
     finally:
         flag.unlink(missing_ok=True)
-    text = str(err.value)
-    assert "rolled back but NOT serving" in text and "the previous release cannot start" in text
-    assert "(previous)" not in text
+    text, out = str(err.value), capsys.readouterr().out
+    assert "rolled back but NOT serving" in text and "serve NEITHER release" in text
+    assert "the previous release cannot start" in out  # the unit's last log lines
+    assert "(previous)" not in out
     # status tells the truth: the model server the release declares is shown, and not serving
     st = status_env(env.spec())[env.host.name]
     rows = {r["name"]: r for r in st["rows"]}

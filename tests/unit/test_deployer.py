@@ -129,3 +129,19 @@ def test_summary_table_rows():
     cells = [list(c.cells) for c in table.columns]
     assert cells[0] == ["gpu-1", "gpu-2"] and cells[3] == ["-", "albert-x-vllm-a"]
     assert cells[1] == ["[green]unchanged[/]", "[red]rolled back[/]"] and cells[4][0] == "0.4s"
+
+
+def test_a_failed_rollback_is_never_summarised_as_the_previous_release_serving():
+    from pyalbert.engine.report import Printer, finish
+
+    ok = HostResult("gpu-1", "rolled back", release="r1 (previous)", error="host gpu-1: not ready")
+    broken = HostResult("gpu-2", "failed", release="-",
+                        error="host gpu-2: rolled back but NOT serving: m-a exited\n    log line")
+    with pytest.raises(AlbertError) as err:
+        finish([ok], "deploy", Printer(quiet=True))
+    assert "went back to) their previous release" in str(err.value)
+    with pytest.raises(AlbertError) as err:
+        finish([ok, broken], "deploy", Printer(quiet=True))
+    text = str(err.value)
+    assert "serve NEITHER release" in text and "previous release" not in text.split("\n")[0]
+    assert "host gpu-2: rolled back but NOT serving: m-a exited" in text
