@@ -130,6 +130,12 @@ def wheelhouse(wheel: Path, python: str, machine: str, glibc: str) -> Path:
     return folder
 
 
+def dependency_wheels(house: Path) -> list[Path]:
+    """The wheelhouse's wheels but pyalbert's own: ``pip download`` copies the wheel it was given
+    (of whatever build filled the cache) beside its dependencies; the current build ships apart."""
+    return sorted(p for p in house.glob("*.whl") if not p.name.startswith("pyalbert-"))
+
+
 def wheel_requires(wheel: Path) -> str:
     with zipfile.ZipFile(wheel) as zf:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
@@ -211,8 +217,9 @@ def setup_host(runner: Runner, spec, *, env_name: str, config_dir: Path, service
 def _install_tools(apply: Runner, paths, state, wheel: Path, digest: str) -> int:
     """Upload the missing wheels, (re)install the tools venv; the number of wheels uploaded."""
     house = wheelhouse(wheel, state.python, state.machine, state.glibc)
-    files = {p.name: p for p in house.glob("*.whl")} | {wheel.name: wheel}
-    missing = sorted(set(files) - state.wheelhouse)
+    files = {p.name: p for p in dependency_wheels(house)} | {wheel.name: wheel}
+    # a new build keeps its version's file name: the host's copy of it is stale, upload it again
+    missing = sorted((set(files) - state.wheelhouse) | {wheel.name})
     apply.run(cmds.prepare_dirs(paths))
     for fname in missing:
         apply.put(str(files[fname]), f"{paths.wheelhouse}/{fname}")

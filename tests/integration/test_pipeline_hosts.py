@@ -120,7 +120,7 @@ def ensure_streaming_fake_vllm() -> str:
 def ensure_api_image(wheel: Path, digest: str) -> str:
     """The real gateway: deploy/docker/api.Dockerfile on the test python image, from this
     repo's wheel and the wheelhouse ``fab setup`` uses for python 3.11 hosts (no network)."""
-    from pyalbert.engine.setup import wheelhouse
+    from pyalbert.engine.setup import dependency_wheels, wheelhouse
 
     dockerfile = (REPO / "deploy" / "docker" / "api.Dockerfile").read_bytes()
     # KNOWN BUG, worked around here: the image runs as uid 10001 but the deploy writes the
@@ -137,7 +137,7 @@ def ensure_api_image(wheel: Path, digest: str) -> str:
     with tempfile.TemporaryDirectory(prefix="albert-api-image-") as tmp:
         wheels = Path(tmp) / "wheels"
         wheels.mkdir()
-        for path in [wheel, *house.glob("*.whl")]:
+        for path in [*dependency_wheels(house), wheel]:
             shutil.copy(path, wheels / path.name)
         (Path(tmp) / "Dockerfile").write_bytes(dockerfile)
         images.build(Path(tmp), tag, build_args={"BASE": base})

@@ -94,3 +94,27 @@ def test_prune_wheelhouse_only_when_stale():
     assert s.prune_wheelhouse(P, {"a.whl"}, frozenset({"a.whl"})) is None
     cmd = s.prune_wheelhouse(P, {"a.whl"}, frozenset({"a.whl", "old.whl"}))
     assert cmd is not None and cmd.render() == f"rm -f {T}/wheelhouse/old.whl"
+
+
+def test_a_new_build_of_the_same_version_replaces_the_hosts_copy_of_the_wheel(tmp_path, monkeypatch):
+    """The build's file name does not change with its content: a host holding an older
+    pyalbert-0.1.0 wheel must get the new one (it used to reinstall its stale copy), and the
+    cached wheelhouse's own stale pyalbert wheel is never shipped."""
+    from pyalbert.engine import setup as engine_setup
+    from pyalbert.remote import DryRunner
+
+    house = tmp_path / "house"
+    house.mkdir()
+    (house / "pyalbert-0.1.0-py3-none-any.whl").write_text("an older build")
+    (house / "httpx-0.28.1-py3-none-any.whl").write_text("")
+    monkeypatch.setattr(engine_setup, "wheelhouse", lambda *a: house)
+    fresh = tmp_path / "dist" / "pyalbert-0.1.0-py3-none-any.whl"
+    fresh.parent.mkdir()
+    fresh.write_text("this build")
+    state = s.HostState(python="311", machine="x86_64", glibc="2.36", wheel="old-digest",
+                        wheelhouse=frozenset({fresh.name, "httpx-0.28.1-py3-none-any.whl"}))
+    apply = DryRunner("h")
+    assert engine_setup._install_tools(apply, P, state, fresh, "new-digest") == 1
+    uploads = [c.display() for c in apply.commands if c.display().startswith("# upload")]
+    assert uploads == [f"# upload {fresh} to {T}/wheelhouse/{fresh.name}"]
+    assert engine_setup.dependency_wheels(house) == [house / "httpx-0.28.1-py3-none-any.whl"]
