@@ -107,10 +107,10 @@ def test_stop_kills_a_child_that_ignores_sigterm_and_its_group_after_the_timeout
     group = [int(p) for p in subprocess.run(["pgrep", "-g", str(st["pid"])], capture_output=True,
                                             text=True).stdout.split()]
     assert len(group) == 2  # the server and what it spawned, in their own process group
-    t0 = time.monotonic()
     assert albert("stop", "stubborn", "--state-dir", str(state_dir), "--stop-timeout", "1"
                   ).returncode == 0
-    assert time.monotonic() - t0 < 3  # the supervisor's own timeout, not the CLI's fallback
+    # the supervisor itself killed it after its timeout and recorded so (no clock: a loaded
+    # machine made a 3 s bound on the whole CLI call flaky)
     final = state(state_dir, "stubborn")
     assert final["state"] == "stopped" and final["exit_code"] == -9
     for pid in group:
