@@ -41,7 +41,8 @@ def hostport(address: str, port: int) -> str:
 
 def targets(plan: Placement) -> tuple[list[Target], list[Target]]:
     """(vLLM servers, gateways) of the plan, as scrape targets."""
-    vllm = [Target(hostport(i.host.address, i.port), i.host.name, i.name, i.model_id, str(i.replica))
+    # where each server listens (loopback when its only gateway, and Prometheus, are on its host)
+    vllm = [Target(hostport(i.address, i.port), i.host.name, i.name, i.model_id, str(i.replica))
             for i in plan.vllm]
     api = [Target(hostport(a.host.address, a.port), a.host.name, a.name) for a in plan.api]
     return vllm, api

@@ -67,7 +67,7 @@ def test_every_vllm_server_and_gateway_is_a_target_with_model_host_replica(plan)
     jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
     small = [c for c in jobs["vllm"]["static_configs"] if c["labels"]["model"] == "small"]
     assert small == [
-        {"targets": ["10.0.0.1:8001"], "labels": {"model": "small", "host": "gpu-1", "replica": "0",
+        {"targets": ["127.0.0.1:8001"], "labels": {"model": "small", "host": "gpu-1", "replica": "0",
                                                   "unit": "albert-test-vllm-small"}},
         {"targets": ["10.0.0.2:8001"], "labels": {"model": "small", "host": "gpu-2", "replica": "1",
                                                   "unit": "albert-test-vllm-small-1"}},
@@ -84,7 +84,7 @@ def test_every_vllm_server_and_gateway_is_a_target_with_model_host_replica(plan)
 def test_vllm_targets_follow_the_placement(plan):
     labels = [(c["targets"][0], c["labels"]["model"], c["labels"]["replica"])
               for c in yaml.safe_load(render_all(plan, MetricsSpec())[CONFIG_FILE])["scrape_configs"][0]["static_configs"]]
-    assert labels == [(f"{i.host.address}:{i.port}", i.model_id, str(i.replica)) for i in plan.vllm]
+    assert labels == [(f"{i.address}:{i.port}", i.model_id, str(i.replica)) for i in plan.vllm]
     assert len(labels) == 3
 
 
