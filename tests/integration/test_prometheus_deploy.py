@@ -30,8 +30,6 @@ def up(env) -> dict[str, float]:
             for r in json.loads(out)["data"]["result"]}
 
 
-@pytest.mark.xfail(strict=True, reason="open: the vLLM targets scrape up=0 on the namespace host "
-                   "(gateway and Prometheus itself are up=1); cause not found yet")
 def test_deploy_brings_prometheus_up_scraping_every_target_then_noop_then_refuses_bad_rules(env):
     env.write(MODELS, api_port=18480, extra=METRICS)
     assert [r.status for r in deploy_env(env.spec(), quiet=True)] == ["deployed"]

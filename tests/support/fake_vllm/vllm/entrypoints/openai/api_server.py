@@ -7,6 +7,18 @@ import time
 
 from fake_http import Handler, chat_answer, serve
 
+METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",model_name="{name}"}} {running}
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{{engine="0",model_name="{name}"}} {waiting}
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{engine="0",model_name="{name}"}} 0.0
+"""
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fake-vllm")
@@ -59,6 +71,8 @@ def main(argv=None):
                 return self.send_json(503, {"error": "loading"})
             if self.path == "/health":
                 return self.send_json(200, {})
+            if self.path == "/metrics":  # a few of vLLM 0.32's own series, in its text format
+                return self.send_text(200, METRICS.format(name=name, running=0, waiting=0))
             if self.path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [
                     {"id": name, "object": "model", "owned_by": "vllm", "root": args.model}]})
