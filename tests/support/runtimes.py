@@ -10,6 +10,7 @@ the same methods: ``write`` the config, ``spec``, ``get``, ``running`` (unit -> 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import subprocess
@@ -24,7 +25,9 @@ from tests.support.hosts import environment_toml, ssh_environ
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/albert-test")
-FAKE_VENV = CACHE / "fake-vllm-venv"
+#: one per checkout: its .pth points into the checkout, and several checkouts (a clone under /tmp
+#: made by test_clone_anywhere, a second worktree) may run tests at once
+FAKE_VENV = CACHE / f"fake-vllm-venv-{hashlib.sha256(str(REPO).encode()).hexdigest()[:10]}"
 STORAGE = Path("/var/tmp/albert-runtime-tests/models")
 TOOLS_BASE = "/home/gitlab/albert-vt-tools"
 RUNTIMES = ("docker", "venv")
