@@ -206,11 +206,23 @@ def _metrics_problems(spec: DeploymentSpec, vllm: list[VllmInstance]) -> list[Pr
     taken = {i.port: f"model '{i.model_id}'" for i in vllm if i.host.name == host}
     if any(h.name == host for h in api_hosts):
         taken[env.api.port] = "the api service (api.port)"
+    problems = _unscrapable(spec, vllm, host)
     if metrics.port in taken:
-        return [Problem(env_file, "metrics.port",
-                        f"port {metrics.port} on host {host} (Prometheus) is already used by "
-                        f"{taken[metrics.port]}", "give Prometheus another port (e.g. 9090)")]
-    return []
+        problems.append(Problem(env_file, "metrics.port",
+                                f"port {metrics.port} on host {host} (Prometheus) is already used by "
+                                f"{taken[metrics.port]}", "give Prometheus another port (e.g. 9090)"))
+    return problems
+
+
+def _unscrapable(spec: DeploymentSpec, vllm: list[VllmInstance], host: str) -> list[Problem]:
+    """vLLM servers bound to loopback (:func:`_listen`) on another host than Prometheus's."""
+    far = sorted({i.host.name for i in _listen(vllm, spec.env.hosts_for("api"))
+                  if i.listen == "127.0.0.1" and i.host.name != host})
+    return [Problem(display_path(spec.env_file), "metrics.host",
+                    f"Prometheus on host {host} cannot scrape the vLLM servers of host {name}: they "
+                    f"listen on 127.0.0.1 only (every gateway runs on {name})",
+                    f"set metrics.host = '{name}' (or remove the key: Prometheus then runs on the "
+                    "gateway's host)") for name in far]
 
 
 def resolve_placement(spec: DeploymentSpec) -> Placement:

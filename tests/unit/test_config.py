@@ -255,6 +255,35 @@ def test_metrics_port_is_free_when_disabled_or_on_another_host(config_factory):
     assert check(config_factory).env.metrics.host == "a"
 
 
+def test_metrics_port_counts_only_the_ports_of_the_prometheus_host(config_factory):
+    # a model on host 'a' uses 9090; Prometheus (and the api) on host 'b': no clash
+    config_factory.env("[[hosts]]\nname='a'\naddress='h'\ngpus=1\nservices=['vllm']\n"
+                       "[[hosts]]\nname='b'\naddress='i'\nservices=['api']\n"
+                       "[api]\nport=8080\n[metrics]\nenabled=true\nport=9090\n")
+    config_factory.routing({"small": {"model": "org/small", "port": 9090}})
+    assert check(config_factory).env.metrics.port == 9090
+
+
+LOOPBACK_ENV = ("[[hosts]]\nname='gpu-1'\naddress='h'\ngpus=1\nservices=['vllm','api']\n"
+                "[[hosts]]\nname='mon'\naddress='i'\nservices=[]\n[metrics]\nenabled=true\n")
+
+
+def test_prometheus_away_from_loopback_vllm_servers_is_refused_naming_key_and_fix(config_factory):
+    config_factory.env(LOOPBACK_ENV + "host='mon'\n")
+    config_factory.routing({"small": {"model": "org/small", "port": 8001}})
+    message = error_of(config_factory)
+    assert "test.toml" in message and "metrics.host" in message
+    assert "Prometheus on host mon cannot scrape the vLLM servers of host gpu-1" in message
+    assert "listen on 127.0.0.1 only" in message and "set metrics.host = 'gpu-1'" in message
+
+
+@pytest.mark.parametrize("host", ["", "host='gpu-1'\n"], ids=["default", "same-host"])
+def test_prometheus_beside_loopback_vllm_servers_is_accepted(config_factory, host):
+    config_factory.env(LOOPBACK_ENV + host)
+    config_factory.routing({"small": {"model": "org/small", "port": 8001}})
+    assert resolve_placement(check(config_factory)).vllm[0].listen == "127.0.0.1"
+
+
 def test_metrics_bad_duration_names_the_key(simple_config):
     simple_config.env(METRICS_ENV + "[metrics]\nretention='15 days'\n")
     message = error_of(simple_config)
