@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from pyalbert.api.answers_choice import _all_unverified, _Choice
+from pyalbert.api.answers_choice import Choice, all_unverified
 from pyalbert.api.answers_stream import SseRewriter
 from pyalbert.errors import AlbertError
 
@@ -97,13 +97,13 @@ class Answers:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            state = _Choice(self, chat)
+            state = Choice(self, chat)
             holder = choice.get("message") if chat else choice
             if isinstance(holder, dict):
                 changed |= state.rewrite(holder, choice, final=True)
             states.append(state)
         if self.mode == "flag":
-            obj["albert"] = {"unverified": _all_unverified(states)}
+            obj["albert"] = {"unverified": all_unverified(states)}
         elif not changed:
             return None
         return orjson.dumps(obj)

@@ -8,12 +8,12 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from pyalbert.api.answers_logprobs import (
+    Tokens,
     Unit,
-    _completion_entries,
-    _completion_logprobs,
-    _rewrite_chat_entries,
-    _rewrite_completion_entries,
-    _Tokens,
+    completion_entries,
+    completion_logprobs,
+    rewrite_chat_entries,
+    rewrite_completion_entries,
 )
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class _Arguments(_Text):
 
         return _ESCAPE.sub(plain, text)
 
-class _Choice:
+class Choice:
     """Every text of one choice (index) of an answer."""
 
     __slots__ = ("answers", "chat", "flag", "content", "tokens", "side", "tools", "out_pos",
@@ -97,7 +97,7 @@ class _Choice:
         self.chat = chat
         self.flag = answers.mode == "flag"
         self.content: _Text | None = None  # flag
-        self.tokens: _Tokens | None = None  # redact
+        self.tokens: Tokens | None = None  # redact
         self.side: dict[str, _Text] = {}
         self.tools: dict[int, _Arguments] = {}
         self.out_pos = 0  # characters of content sent (completions ``text_offset``)
@@ -153,7 +153,7 @@ class _Choice:
                 else:
                     entries = None
             else:
-                entries, tokens = _completion_entries(logprobs)
+                entries, tokens = completion_entries(logprobs)
         if not text and not entries and not (final and self.tokens is not None):
             return False
         if self.tokens is None and not entries and self.content is None:
@@ -162,13 +162,13 @@ class _Choice:
         if self.content is not None:  # logprobs after text without: they say what this event says
             out = self.content.feed(text, final)
             if out != text and entries:
-                (_rewrite_chat_entries if self.chat else _rewrite_completion_entries)(entries, out)
+                (rewrite_chat_entries if self.chat else rewrite_completion_entries)(entries, out)
                 if not self.chat:
-                    choice["logprobs"] = _completion_logprobs(entries, logprobs)
+                    choice["logprobs"] = completion_logprobs(entries, logprobs)
             if out != text:
                 holder[field] = out
             return out != text
-        self.tokens = self.tokens or _Tokens(self.answers)
+        self.tokens = self.tokens or Tokens(self.answers)
         units = self.tokens.feed(text, entries, tokens, final)
         out = "".join(u[0] for u in units)
         changed = out != text
@@ -179,9 +179,9 @@ class _Choice:
             if piece != original:
                 changed = True
                 if self.chat:
-                    _rewrite_chat_entries(unit_entries, piece)
+                    rewrite_chat_entries(unit_entries, piece)
                 else:
-                    _rewrite_completion_entries(unit_entries, piece)
+                    rewrite_completion_entries(unit_entries, piece)
             released.extend(unit_entries)
         if entries is not None and len(released) != len(entries):
             changed = True
@@ -198,7 +198,7 @@ class _Choice:
             elif released:
                 choice["logprobs"] = {"content": released}
         elif entries is not None or released:
-            choice["logprobs"] = _completion_logprobs(released, logprobs)
+            choice["logprobs"] = completion_logprobs(released, logprobs)
         return True
 
     def _offsets(self, units: list[Unit]) -> bool:
@@ -247,7 +247,7 @@ class _Choice:
         return changed
 
 
-def _all_unverified(choices: list[_Choice]) -> list[dict]:
+def all_unverified(choices: list[Choice]) -> list[dict]:
     out: list[dict] = []
     seen: set[tuple[str, str]] = set()
     for state in choices:

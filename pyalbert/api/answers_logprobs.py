@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 Unit = tuple[str, str, "list[Any] | None"]
 
 
-class _Tokens:
+class Tokens:
     """The content of a choice, re-cut on token boundaries so that its logprobs match it.
 
     ``units`` are [start, end, text, entries] in input positions: a token with its logprob entry
@@ -81,7 +81,7 @@ class _Tokens:
         return out
 
 
-def _rewrite_chat_entries(entries: list[Any], piece: str) -> None:
+def rewrite_chat_entries(entries: list[Any], piece: str) -> None:
     """Logprob entries of a unit that came out as ``piece`` rather than as itself."""
     for k, entry in enumerate(entries):
         if not isinstance(entry, dict):
@@ -98,7 +98,7 @@ def _rewrite_chat_entries(entries: list[Any], piece: str) -> None:
                     alt["bytes"] = data
 
 
-def _completion_entries(logprobs: dict) -> tuple[list | None, list | None]:
+def completion_entries(logprobs: dict) -> tuple[list | None, list | None]:
     """Completions logprobs (columns) as one dict per token."""
     tokens = logprobs.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
@@ -115,7 +115,7 @@ def _completion_entries(logprobs: dict) -> tuple[list | None, list | None]:
     return entries, tokens
 
 
-def _rewrite_completion_entries(entries: list[dict], piece: str) -> None:
+def rewrite_completion_entries(entries: list[dict], piece: str) -> None:
     for k, entry in enumerate(entries):
         token = piece if k == 0 else ""
         entry["token"] = token
@@ -123,7 +123,7 @@ def _rewrite_completion_entries(entries: list[dict], piece: str) -> None:
             entry["top"] = {token: entry["logprob"]} if token else {}
 
 
-def _completion_logprobs(entries: list[dict], original: Any) -> dict:
+def completion_logprobs(entries: list[dict], original: Any) -> dict:
     out = dict(original) if isinstance(original, dict) else {}
     out.update({"text_offset": [e["offset"] for e in entries],
                 "token_logprobs": [e["logprob"] for e in entries],

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pyalbert.api.answers_choice import SIDE_FIELDS, _all_unverified, _Choice
+from pyalbert.api.answers_choice import SIDE_FIELDS, Choice, all_unverified
 
 if TYPE_CHECKING:
     from pyalbert.api.answers import Answers
@@ -23,7 +23,7 @@ class SseRewriter:
         self.answers = answers
         self.chat = chat
         self.flag = answers.mode == "flag"
-        self.choices: dict[int, _Choice] = {}
+        self.choices: dict[int, Choice] = {}
         self.tail = b""
         self.unsent = 0  # flag: bytes at the end of ``tail`` not relayed yet
         self.template: dict[str, Any] = {}
@@ -90,10 +90,10 @@ class SseRewriter:
             out += self._closing()
         return out
 
-    def _choice(self, index: int) -> _Choice:
+    def _choice(self, index: int) -> Choice:
         state = self.choices.get(index)
         if state is None:
-            state = self.choices[index] = _Choice(self.answers, self.chat)
+            state = self.choices[index] = Choice(self.answers, self.chat)
         return state
 
     def _parse(self, event: bytes) -> dict | None:
@@ -109,7 +109,7 @@ class SseRewriter:
             self.template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
         return obj
 
-    def _choices(self, obj: dict) -> list[tuple[_Choice, dict, dict, bool]]:
+    def _choices(self, obj: dict) -> list[tuple[Choice, dict, dict, bool]]:
         choices = obj.get("choices")
         out = []
         if not isinstance(choices, list):
@@ -166,7 +166,7 @@ class SseRewriter:
                     any(holder.get(k) for k in ("content", "text", "tool_calls", *SIDE_FIELDS))
                     or choice["logprobs"]):
                 choices.append(choice)
-        unverified = _all_unverified(list(self.choices.values())) if self.flag else []
+        unverified = all_unverified(list(self.choices.values())) if self.flag else []
         if not choices and not unverified:
             return b""
         chunk = dict(self.template)

@@ -34,10 +34,10 @@ COMMAND_MODULES = (
 def common_env(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """``--env`` and ``--config-dir``: which environment, from which config folder."""
     parser.add_argument("--env", "-e", required=required, help="environment name (config/environments/NAME.toml)")
-    parser.add_argument("--config-dir", type=_path, default=None, help="config folder (default: ./config or $ALBERT_CONFIG_DIR)")
+    parser.add_argument("--config-dir", type=path_arg, default=None, help="config folder (default: ./config or $ALBERT_CONFIG_DIR)")
 
 
-def _path(value: str):
+def path_arg(value: str):
     from pathlib import Path
 
     return Path(value)

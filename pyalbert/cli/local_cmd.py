@@ -9,7 +9,7 @@ from pyalbert.errors import AlbertError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pyalbert.cli import _path
+    from pyalbert.cli import path_arg
 
     parser = sub.add_parser("local", help="the local environment: one machine, no GPU")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     down = actions.add_parser("down", help="stop the services and the host")
     down.add_argument("--purge", action="store_true", help="also delete the host's state")
     for action in (up, down):
-        action.add_argument("--config-dir", type=_path, default=None)
+        action.add_argument("--config-dir", type=path_arg, default=None)
         action.set_defaults(func=run)
 
 

