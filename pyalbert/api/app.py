@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from pyalbert.api import admission
+from pyalbert.api import admission, backends_reload
 from pyalbert.api import errors as E
 from pyalbert.api.accesslog import AccessLog
 from pyalbert.api.answers import Answers
@@ -95,6 +95,7 @@ class Gateway:
         self.log = AccessLog(log_stream, enabled=settings.access_log)
         self._flusher: asyncio.TimerHandle | None = None
         self._signal = False
+        self.watcher = backends_reload.watcher_for(settings, self.router, self._log_event)
         self._set_headers()
 
     @property
@@ -141,6 +142,10 @@ class Gateway:
         self.sse_headers = [*SSE_HEADERS, wl]
         self.wl_header = wl
 
+    def _log_event(self, record: dict) -> None:
+        self.log.write({"ts": time.time(), **record})
+        self.log.flush()
+
     def reload(self) -> bool:
         """Re-read the keys file and the whitelist; keep the old ones if either is broken."""
         try:
@@ -184,6 +189,8 @@ class Gateway:
         gc.collect()
         gc.freeze()  # long-lived objects (modules, config) leave the collector's generations
         self.router.start()
+        if self.watcher is not None:
+            self.watcher.start()
         try:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             self._signal = True
@@ -203,6 +210,8 @@ class Gateway:
             self._flusher.cancel()
         if self._signal:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.router.stop()
         self.log.flush()
 
@@ -405,6 +414,9 @@ class Gateway:
         ctx.model = model
         if not key.allows(model):
             raise E.forbidden(f"this API key may not use model {model!r}")
+        if not replicas:  # out of rotation while it restarts (routes folder)
+            wait = self.router.retry_after.get(model, 1)
+            raise E.upstream_unavailable(f"model {model!r} is restarting; retry in {wait} s", wait)
         ctx.stream = stream = req.get("stream") is True
         if chat is not None and self.cap_counts(req, key):
             body = orjson.dumps(req)

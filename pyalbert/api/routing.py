@@ -47,8 +47,35 @@ class Router:
         }
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.connect_timeout, self.api_key = connect_timeout, api_key
+        #: model -> Retry-After (s) while its replicas are out of rotation (routes folder)
+        self.retry_after: dict[str, int] = {}
         self._probes: dict[Replica, asyncio.Task] = {}
         self._turn = 0
+
+    def set_backends(self, backends: Mapping[str, Sequence[str]],
+                     retry_after: Mapping[str, int] | None = None) -> list[Replica]:
+        """Route to ``backends`` from now on (:mod:`pyalbert.api.backends_reload`): replicas
+        that stay keep their state; a removed one takes no new request, and the requests it
+        runs finish (they hold it); its idle connections close. Returns the removed replicas."""
+        old = {(r.model, r.url): r for r in self.replicas}
+        models: dict[str, list[Replica]] = {}
+        for model, urls in backends.items():
+            models[model] = [old.pop((model, u.rstrip("/")), None)
+                             or Replica(model, u, self.connect_timeout, self.api_key) for u in urls]
+        self.models = models
+        self.retry_after = dict(retry_after or {})
+        for replica in old.values():
+            task = self._probes.pop(replica, None)
+            if task is not None:
+                task.cancel()
+            replica.healthy, replica.reason = False, "removed from the backends"
+            replica.pool.close_idle()
+        with contextlib.suppress(RuntimeError):  # no running loop: probed at start()
+            for replica in self.replicas:
+                if not replica.healthy:
+                    self._watch(replica)
+        return list(old.values())
 
     @property
     def replicas(self) -> list[Replica]:
@@ -57,6 +84,8 @@ class Router:
     def pick(self, model: str, exclude: Replica | None = None) -> Replica | None:
         """The healthy replica with the fewest requests in flight (all of them if none is)."""
         replicas = self.models[model]
+        if not replicas:
+            return None
         if len(replicas) == 1:
             only = replicas[0]
             return None if only is exclude else only

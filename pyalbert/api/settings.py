@@ -49,6 +49,9 @@ class GatewaySettings:
     #: a whole request (head and body) must arrive within this, else 408 and the connection closes
     read_timeout_s: float = 30.0
     access_log: bool = True
+    #: a folder of per-replica routes the deploy writes during a model replace (watched)
+    routes_dir: str | None = None
+    routes_poll_s: float = 0.2
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -261,13 +261,21 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.idle: deque[Connection] = deque()
         self.open = 0
+        #: removed from the backends: connections close when their request ends
+        self.retired = False
 
     def put(self, conn: Connection) -> None:
-        if len(self.idle) < MAX_IDLE:
+        if len(self.idle) < MAX_IDLE and not self.retired:
             self.idle.append(conn)
         else:
             self.forget(conn)
             conn.transport.close()
+
+    def close_idle(self) -> None:
+        """Close the kept-alive connections (a replica removed from the backends)."""
+        self.retired = True
+        while self.idle:
+            self.idle.popleft().transport.close()
 
     def forget(self, conn: Connection) -> None:
         with contextlib.suppress(ValueError):

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: api.workers)")
     parser.add_argument("--backends", default=None, metavar="JSON|FILE",
                         help='routing override: {"model id": ["http://host:port", ...]}')
+    parser.add_argument("--routes", default=None, metavar="DIR",
+                        help="folder of per-replica routes written by the deploy during a model "
+                             "replace; watched, applied without a restart")
     parser.add_argument("--keys", default=None, metavar="FILE", help="keys file (default: $ALBERT_API_KEYS)")
     parser.add_argument("--upstream-key", default=None, metavar="FILE",
                         help="file with the model servers' key (sent to them as a Bearer token)")
@@ -50,6 +53,7 @@ def settings_from_args(args: argparse.Namespace):
         "whitelist_mode": args.whitelist_mode,
         "whitelist_path": str(Path(args.whitelist)) if args.whitelist else None,
         "keys_path": args.keys,
+        "routes_dir": args.routes,
         "upstream_key_path": args.upstream_key,
         "open_access": True if args.no_auth else None,
         "metrics_auth": False if args.no_metrics_auth else None,
