@@ -92,7 +92,8 @@ def args_problems(plan: Placement) -> list[Problem]:
         for text in problems(model_id, config=config, path=str(path), max_model_len=model.max_model_len,
                              tensor_parallel_size=model.tensor_parallel_size,
                              quantization=model.quantization, env=model.env,
-                             extra_args=(*spec.env.vllm.extra_args, *model.extra_args)):
+                             extra_args=(*spec.env.vllm.extra_args, *model.extra_args),
+                             pipeline_parallel_size=model.pipeline_parallel_size):
             out.append(Problem(str(spec.routing_file.name), model_id, text))
     return out
 

@@ -190,6 +190,59 @@ class SshSpec(_Spec):
     connect_timeout_s: float = Field(10, gt=0)
 
 
+class GroupSpec(_Spec):
+    """Hosts that serve one model together (issue 17): a Ray cluster, head on the first host.
+
+    Runtime-neutral: it names hosts of ``hosts`` and nothing about how they are reached, so the
+    same group can render as SSH units today and as a Ray cluster on Kubernetes later.
+    """
+
+    hosts: tuple[str, ...] = Field(min_length=2, description="host names; the first runs the head")
+
+    @field_validator("hosts")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        twice = sorted({h for h in value if value.count(h) > 1})
+        if twice:
+            raise ValueError(f"host(s) {', '.join(twice)} listed twice: list each host once")
+        return value
+
+
+class GroupPlacement(_Spec):
+    """``placement = { "llama-405b" = { group = "gpu-ab" } }``: a model split over a group."""
+
+    group: str
+
+
+class RayPortsSpec(_Spec):
+    """Every port a Ray node listens on (``commands.ray.RayPorts``; Ray's defaults)."""
+
+    gcs: int = 6379
+    client_server: int = 10001
+    dashboard: int = 8265
+    object_manager: int = 8076
+    node_manager: int = 8077
+    runtime_env_agent: int = 8078
+    dashboard_agent_grpc: int = 8079
+    dashboard_agent_listen: int = 52365
+    #: Ray's default is 8080, the api's default port: moved out of its way
+    metrics_export: int = 8085
+    min_worker: int = 10002
+    max_worker: int = 10100
+
+
+class RaySpec(_Spec):
+    """``[ray]``: the clusters of the environment's groups."""
+
+    ports: RayPortsSpec = RayPortsSpec()
+    #: the private interface between a group's hosts (gloo/NCCL traffic); None: the default route
+    interface: str | None = None
+    #: CPUs each node offers Ray (``--num-cpus``); None: Ray counts them
+    num_cpus: int | None = Field(None, ge=1)
+    #: Ray's session directory; ``{env}`` and ``{host}`` are filled in (short: unix sockets)
+    temp_dir: str = "/tmp/ray-{env}-{host}"
+
+
 class EnvironmentSpec(_Spec):
     name: str
     tier: Literal["production", "staging", "testing", "development", "other"] = "development"
@@ -200,8 +253,11 @@ class EnvironmentSpec(_Spec):
     registry: str | None = None
     images: ImagesSpec = ImagesSpec()
     hosts: tuple[HostSpec, ...] = Field(min_length=1)
-    #: model id -> host names; models not listed go to every host that runs vllm
-    placement: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    #: model id -> host names, or ``{ group = NAME }``; models not listed go to every vllm host
+    placement: dict[str, tuple[str, ...] | GroupPlacement] = Field(default_factory=dict)
+    #: host groups that serve one model together over Ray (issue 17)
+    groups: dict[str, GroupSpec] = Field(default_factory=dict)
+    ray: RaySpec = RaySpec()
     vllm: VllmSpec = VllmSpec()
     api: ApiSpec = ApiSpec()
     deploy: DeploySpec = DeploySpec()
@@ -220,7 +276,8 @@ class EnvironmentSpec(_Spec):
 
     @field_validator("placement")
     @classmethod
-    def _placement_ids(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    def _placement_ids(cls, value: dict[str, tuple[str, ...] | GroupPlacement]
+                       ) -> dict[str, tuple[str, ...] | GroupPlacement]:
         for model_id in value:
             check_model_id(model_id)
         return value
@@ -249,3 +306,16 @@ class EnvironmentSpec(_Spec):
 
     def hosts_for(self, service: Service) -> list[HostSpec]:
         return [h for h in self.hosts if service in h.services]
+
+    def group_of(self, model_id: str) -> str | None:
+        """The group a model is split over (``placement = { m = { group = G } }``), else None."""
+        where = self.placement.get(model_id)
+        return where.group if isinstance(where, GroupPlacement) else None
+
+    def placement_hosts(self, model_id: str) -> tuple[str, ...] | None:
+        """Host names a model may run on (its group's hosts for a split model); None: any."""
+        where = self.placement.get(model_id)
+        if isinstance(where, GroupPlacement):
+            group = self.groups.get(where.group)
+            return group.hosts if group else ()
+        return where or None

@@ -11,6 +11,13 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from pyalbert.config.environment import HostSpec
+from pyalbert.config.groups import (
+    RayGroup,
+    group_problems,
+    port_problems,
+    ray_group,
+    split_problems,
+)
 from pyalbert.config.routing import ModelSpec
 from pyalbert.config.spec import DeploymentSpec, display_path
 from pyalbert.errors import ConfigError, Problem
@@ -34,6 +41,8 @@ class VllmInstance:
     #: where the server listens: 127.0.0.1 when every gateway runs on its host, else the host's
     #: private address (set by :func:`resolve_placement`; empty: the host's address)
     listen: str = ""
+    #: a model split over a host group (issue 17): this server runs on the group's head
+    group: RayGroup | None = None
 
     @property
     def port(self) -> int:
@@ -85,6 +94,14 @@ class Placement:
     def api_on(self, host: str) -> list[ApiInstance]:
         return [i for i in self.api if i.host.name == host]
 
+    @property
+    def groups(self) -> tuple[RayGroup, ...]:
+        """The Ray clusters of the split models."""
+        return tuple(i.group for i in self.vllm if i.group is not None)
+
+    def groups_on(self, host: str) -> list[RayGroup]:
+        return [g for g in self.groups if any(h.name == host for h in g.hosts)]
+
     @cached_property
     def backends(self) -> dict[str, list[str]]:
         """model id -> base URLs of its replicas (what the gateway routes to)."""
@@ -115,6 +132,11 @@ def _place(spec: DeploymentSpec) -> tuple[list[VllmInstance], list[Problem]]:
         return instances, problems
 
     for model_id, model in spec.models:
+        if env.group_of(model_id) is not None or model.pipeline_parallel_size > 1:
+            inst, why = _place_group(spec, model_id, model, usage)
+            instances += [inst] if inst else []
+            problems += why
+            continue
         names = env.placement.get(model_id)
         allowed = vllm_hosts
         if names:
@@ -152,6 +174,33 @@ def _place(spec: DeploymentSpec) -> tuple[list[VllmInstance], list[Problem]]:
                                     "lower gpu_mem_use or tensor_parallel_size, add GPUs, "
                                     "or place the model on another host"))
     return instances, problems
+
+
+def _place_group(spec: DeploymentSpec, model_id: str, model: ModelSpec,
+                 usage: dict[str, list[float]]) -> tuple[VllmInstance | None, list[Problem]]:
+    """A split model: every GPU of every host of its group, the server on the head."""
+    problems = split_problems(spec, model_id, model)
+    name = spec.env.group_of(model_id)
+    if (problems or name not in spec.env.groups
+            or not all(h in usage for h in spec.env.groups[name].hosts)):
+        return None, problems  # a host of the group unknown or without vllm: group_problems
+    group = ray_group(spec, model_id)
+    assert group is not None
+    for host in group.hosts:
+        used = usage[host.name]
+        full = [g for g in range(host.gpus) if used[g] + model.gpu_mem_use > 1.0 + 1e-9]
+        if full:
+            return None, [Problem(display_path(spec.routing_file), f"{model_id}.gpu_mem_use",
+                                  f"GPU over-subscription on host {host.name} of group {name}: "
+                                  f"GPU(s) {', '.join(map(str, full))} have "
+                                  f"{1 - max(used[g] for g in full):.2f} free, the split model "
+                                  f"takes {model.gpu_mem_use} of every GPU of the group",
+                                  "lower gpu_mem_use or move the other models off the group")]
+    for host in group.hosts:
+        for g in range(host.gpus):
+            usage[host.name][g] += model.gpu_mem_use
+    return VllmInstance(spec.env.name, model_id, model, group.head, 0,
+                        tuple(range(group.head.gpus)), group=group), []
 
 
 def _fit(host: HostSpec, model: ModelSpec, used: list[float]) -> tuple[tuple[int, ...], str]:
@@ -226,8 +275,12 @@ def _unscrapable(spec: DeploymentSpec, vllm: list[VllmInstance], host: str) -> l
 
 
 def resolve_placement(spec: DeploymentSpec) -> Placement:
-    vllm, problems = _place(spec)
-    problems += _port_clashes(spec, vllm)
+    problems = group_problems(spec)
+    vllm, more = _place(spec)
+    problems += more + _port_clashes(spec, vllm)
+    problems += port_problems(spec, {h.name: {f"port of model '{i.model_id}'": i.port
+                                              for i in vllm if i.host.name == h.name}
+                                     for h in spec.env.hosts})
     problems += _metrics_problems(spec, vllm)
     api_hosts = spec.env.hosts_for("api")
     if not api_hosts:

@@ -46,6 +46,8 @@ class ModelSpec(BaseModel):
     port: int = Field(ge=1024, le=65535, description="port the vLLM server listens on")
     gpu_mem_use: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization")
     tensor_parallel_size: int = Field(1, ge=1, le=64)
+    #: stages of a model split over a host group (issue 17): TP x PP = the group's GPUs
+    pipeline_parallel_size: int = Field(1, ge=1, le=64)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for vLLM")
     environments: tuple[str, ...] | None = Field(
         None, description="environments that serve this model (default: every environment)")

@@ -18,7 +18,7 @@ from pyalbert.config.placement import Placement
 from pyalbert.errors import AlbertError
 from pyalbert.observability import prometheus_host
 from pyalbert.runtimes import DockerRuntime, Runtime, runtime_for
-from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Unit, config_hash
+from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Reload, Unit, config_hash
 from pyalbert.runtimes.checks import Check, DiskFree, ModelPresent, PortFree
 from pyalbert.runtimes.model_args import ModelArgsFit
 from pyalbert.runtimes.prometheus import prometheus_unit
@@ -140,6 +140,8 @@ def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
                           "config_hash": u.config_hash, "start": u.start.render(), "port": u.port,
                           "release": started.get(u.name, hp.release_id),
                           **({"warm_probe": u.warm_probe.render()} if u.warm_probe else {}),
+                          **({"reload": {"digest": u.reload.digest, "probe": u.reload.probe.render(),
+                                         "apply": u.reload.apply.render()}} if u.reload else {}),
                           # where readiness asks (the server's bind) and its key's header file
                           **({"ready_host": u.ready.host, "ready_header": u.ready.header_file}
                              if u.ready else {}),
@@ -177,7 +179,12 @@ def _recorded_unit(u: Mapping, runtime: Runtime, ready: health.ReadyCheck | None
                 start=Cmd((Raw(u["start"]),)), stop=runtime.stop(u["name"]),
                 probe=runtime.probe(u["name"]), logs=runtime.logs(u["name"], 40),
                 ready=ready, model_id=u.get("model"), port=u.get("port"),
-                warm_probe=Cmd((Raw(u["warm_probe"]),)) if u.get("warm_probe") else None)
+                warm_probe=Cmd((Raw(u["warm_probe"]),)) if u.get("warm_probe") else None,
+                reload=_recorded_reload(u.get("reload")))
+
+
+def _recorded_reload(r: Mapping | None) -> Reload | None:
+    return Reload(r["digest"], Cmd((Raw(r["probe"]),)), Cmd((Raw(r["apply"]),))) if r else None
 
 
 def orphans(running: Sequence[Mapping[str, str]], hp: HostPlan) -> list[str]:
@@ -197,4 +204,4 @@ def _model_args_fit(model_id: str, model, model_dir: str, env_extra: tuple[str, 
     """The routing table's arguments against the weights' config.json (refused before a stop)."""
     return ModelArgsFit(model_id, model_dir, model.max_model_len, model.tensor_parallel_size,
                         model.quantization, tuple(sorted(model.env.items())),
-                        (*env_extra, *model.extra_args))
+                        (*env_extra, *model.extra_args), model.pipeline_parallel_size)

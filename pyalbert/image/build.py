@@ -40,7 +40,7 @@ class Outcome:
 
 def target_gpu_memory_gb(spec: DeploymentSpec, model_id: str) -> float | None:
     """GPU memory (GiB) of the smallest GPU host that may run ``model_id``, None without GPUs."""
-    names = spec.env.placement.get(model_id)
+    names = spec.env.placement_hosts(model_id)
     hosts = [h for h in spec.env.hosts_for("vllm") if not names or h.name in names]
     sizes = [h.gpu_memory_gb for h in hosts if h.gpus and h.gpu_memory_gb]
     return min(sizes) if sizes else None
@@ -64,7 +64,9 @@ def preflight(spec: DeploymentSpec, recipe: ImageRecipe, *, gpu_memory_gb: float
     model = recipe.model
     result = estimate(
         metadata, gpu_memory_gb=memory, gpu_memory_utilization=model.gpu_mem_use,
-        tensor_parallel_size=model.tensor_parallel_size, max_model_len=model.max_model_len,
+        # a model split over a group: weights and KV cache spread over every GPU (TP x PP)
+        tensor_parallel_size=model.tensor_parallel_size * model.pipeline_parallel_size,
+        max_model_len=model.max_model_len,
         quantization=model.quantization, extra_args=[*spec.env.vllm.extra_args, *model.extra_args],
         model=recipe.model_id,
     )

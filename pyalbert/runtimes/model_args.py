@@ -70,7 +70,7 @@ def _dtype(extra_args: Sequence[str]) -> str | None:
 
 def problems(model_id: str, *, config: Mapping, path: str, max_model_len: int | None,
              tensor_parallel_size: int, quantization: str | None, env: Mapping[str, str],
-             extra_args: Sequence[str] = ()) -> list[str]:
+             extra_args: Sequence[str] = (), pipeline_parallel_size: int = 1) -> list[str]:
     """Why vLLM would refuse these arguments for this model (one sentence each, with the fix)."""
     where = f"routing-table entry '{model_id}'"
     out = []
@@ -85,6 +85,12 @@ def problems(model_id: str, *, config: Mapping, path: str, max_model_len: int | 
         out.append(f"model {model_id}: tensor_parallel_size {tensor_parallel_size} does not divide "
                    f"its {heads} attention heads (num_attention_heads in {path}). Fix: set "
                    f"tensor_parallel_size to a divisor of {heads} in the {where}.")
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, int) and pipeline_parallel_size > layers:
+        out.append(f"model {model_id}: pipeline_parallel_size {pipeline_parallel_size} is more "
+                   f"than its {layers} layers (num_hidden_layers in {path}): a stage holds at "
+                   f"least one layer. Fix: set pipeline_parallel_size to {layers} or less in the "
+                   f"{where} (and the group's hosts to match).")
     qc = config.get("quantization_config")
     method = str(qc.get("quant_method", "")).lower() if isinstance(qc, Mapping) else ""
     if quantization:
@@ -115,6 +121,7 @@ class ModelArgsFit(Check):
     quantization: str | None
     env: tuple[tuple[str, str], ...] = ()
     extra_args: tuple[str, ...] = ()
+    pipeline_parallel_size: int = 1
 
     @property
     def what(self) -> str:  # type: ignore[override]
@@ -132,5 +139,6 @@ class ModelArgsFit(Check):
                          max_model_len=self.max_model_len,
                          tensor_parallel_size=self.tensor_parallel_size,
                          quantization=self.quantization, env=dict(self.env),
-                         extra_args=self.extra_args)
+                         extra_args=self.extra_args,
+                         pipeline_parallel_size=self.pipeline_parallel_size)
         return " ".join(found) or None
