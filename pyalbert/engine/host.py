@@ -82,13 +82,15 @@ class HostDeploy(HostSession):
         self.previous = {u.name if isinstance(u, Unit) else u.edge.name + "/api": u
                          for u in units_from_manifest(prev_manifest, self.rt)} if prev_manifest else {}
         started, todo = self._unchanged_and_todo(prev_id)
+        stale = self._stale_files(started)
         gone = orphans(facts.units(self.r, self.rt, hp.env, check=False), hp)
-        if not todo and not gone:
+        if not todo and not gone and not stale:
             self.say(f"nothing changed: {len(hp.units)} unit(s) already run this config; "
                      "restarted nothing", "green")
             self.result.status, self.result.release = "unchanged", prev_id
             return
         self.say(f"release {hp.release_id}: {len(todo)} unit(s) to start"
+                 + (f", {len(stale)} to reload" if stale else "")
                  + (f", {len(gone)} to remove" if gone else ""))
         self.r.run(release.ensure_dir(hp.release_dir))
         for f in hp.files:
@@ -101,6 +103,10 @@ class HostDeploy(HostSession):
                 self._replace(u)
                 started[u.name] = hp.release_id
             self.result.changed.append(u.name if isinstance(u, Unit) else u.edge.name)
+        for u in stale:
+            self._reload(u)
+            started[u.name] = hp.release_id
+            self.result.changed.append(u.name)
         for name in gone:
             self.say(f"removing {name} (no longer in the plan)")
             self.r.run(self.rt.stop(name))
@@ -183,6 +189,28 @@ class HostDeploy(HostSession):
             self.result.starts[u.name] = (kind, seconds)
             self.say(f"{u.name}: {kind} start ({'compiled artefacts in' if warm else 'nothing compiled in'}"
                      f" its compile cache), ready in {seconds:.1f}s")
+
+    # -- files reloaded in place (Unit.reload: Prometheus)
+    def _stale_files(self, started: dict[str, str]) -> list[Unit]:
+        """Units that run their command unchanged but read other files than this release's."""
+        return [u for u in self.hp.units if isinstance(u, Unit) and u.reload is not None
+                and u.name in started and self._reads_other_files(u)]
+
+    def _reads_other_files(self, u: Unit) -> bool:
+        assert u.reload is not None
+        return self.r.run(u.reload.probe, check=False).stdout.strip() != u.reload.digest
+
+    def _reload(self, u: Unit) -> None:
+        """Point ``u`` at this release's files and reload it (no restart); undo: the previous
+        release's files, reloaded."""
+        assert u.reload is not None
+        self.say(f"reloading {u.name} in place: its files changed (files {u.reload.digest})")
+        old = self.previous.get(u.name)
+        if isinstance(old, Unit) and old.reload is not None:
+            back = old.reload.apply
+            self.undo.append(lambda: self.r.run(back, check=False))
+        self.r.run(u.reload.apply)
+        self.wait_ready(u)
 
     def _swap_api(self, swap: ApiSwap) -> dict[str, str]:
         """Edge first (when its own config changed), then the idle colour, switch, stop old."""
@@ -267,6 +295,9 @@ class HostDeploy(HostSession):
             return 1
         now = self.state(u)
         if now.running and now.config_hash == u.config_hash:
+            if u.reload is not None and self._reads_other_files(u):
+                self._reload(u)
+                return 1
             return 0
         self.r.run(u.stop)
         self._start(u)

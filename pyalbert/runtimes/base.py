@@ -55,6 +55,19 @@ class FileSpec:
 
 
 @dataclass(frozen=True)
+class Reload:
+    """Files a running unit re-reads in place (Prometheus): when only they change, the engine
+    points the unit at this release's files and reloads it instead of restarting it."""
+
+    #: of the files this release gives the unit
+    digest: str
+    #: prints the digest of the files the unit reads now
+    probe: Cmd
+    #: point the unit at this release's files and reload it (fails when it refuses them)
+    apply: Cmd
+
+
+@dataclass(frozen=True)
 class Unit:
     """One long-running server on one host, runtime-neutral."""
 
@@ -72,6 +85,8 @@ class Unit:
     files: tuple[FileSpec, ...] = ()
     #: vLLM: probe before start, does its compile cache hold compiled artefacts (a warm start)
     warm_probe: Cmd | None = None
+    #: files it reloads in place; its config hash then covers only its own command and image
+    reload: Reload | None = None
 
 
 @dataclass(frozen=True)

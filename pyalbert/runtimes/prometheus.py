@@ -1,11 +1,14 @@
 """The environment's Prometheus as a unit of the release (``[metrics] enabled = true``).
 
 Its files (:func:`pyalbert.observability.render_all`) go into the release folder
-(``<release>/prometheus/``) and Prometheus reads them there, so a release and its rollback carry
-their own config; the config hash covers the files, so a changed config restarts it. Before
-anything changes, the preflight check :class:`PromtoolAccepts` sends the files to a scratch folder
-on the host and has ``promtool`` check the config, the rules and the rules' unit tests: a refused
-config fails the deploy while every unit still runs.
+(``<release>/prometheus/``) and Prometheus reads them through the link
+``<base_dir>/prometheus-<env>/config`` that points at one release's folder. When only the files
+change (thresholds, targets) the engine points the link at the new release and reloads
+Prometheus in place (``/-/reload``, :class:`~pyalbert.runtimes.base.Reload`); a rollback points
+it back and reloads. The unit restarts only when its own command or image changes (its config
+hash leaves the files out). Before anything changes, the preflight check :class:`PromtoolAccepts`
+sends the files to a scratch folder on the host and has ``promtool`` check the config, the rules
+and the rules' unit tests: a refused config fails the deploy while every unit still runs.
 
 venv runtime: a supervised ``/usr/bin/prometheus`` (Debian's package) as the deploy user; docker
 runtime: ``images.prometheus`` with ``--network host``. Data under
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pyalbert.commands import docker, health, process
+from pyalbert.commands import docker, health, process, release
 from pyalbert.commands.base import Cmd, combine
 from pyalbert.config.environment import EnvironmentSpec
 from pyalbert.config.placement import Placement
@@ -26,7 +29,7 @@ from pyalbert.observability import render_all
 from pyalbert.observability.render import CONFIG_FILE, RULE_TESTS_FILE
 from pyalbert.observability.rules import RULES_FILE
 from pyalbert.remote import Result
-from pyalbert.runtimes.base import FileSpec, Runtime, Unit, config_hash, labels
+from pyalbert.runtimes.base import FileSpec, Reload, Runtime, Unit, config_hash, labels
 from pyalbert.runtimes.checks import Check, HostFacts
 
 #: Debian's package (``./scripts/bootstrap``, ``fab provision``)
@@ -42,6 +45,31 @@ def unit_name(env: str) -> str:
 
 def root(env: EnvironmentSpec) -> str:
     return f"{env.deploy.base_dir}/prometheus-{env.name}"
+
+
+def config_link(env: EnvironmentSpec) -> str:
+    """The folder Prometheus reads its files from: a link to one release's ``prometheus/``."""
+    return f"{root(env)}/config"
+
+
+#: in each release's ``prometheus/``: the digest of its files (what a reload compares)
+DIGEST_FILE = "files.sha"
+
+
+def point_at(env: EnvironmentSpec, release_dir: str) -> Cmd:
+    """Point :func:`config_link` at ``release_dir``'s files atomically (symlink + rename)."""
+    link = config_link(env)
+    return combine(Cmd.of("mkdir", "-p", root(env)),
+                   Cmd.of("ln", "-sfn", f"{release_dir}/prometheus", f"{link}.tmp"),
+                   Cmd.of("mv", "-Tf", f"{link}.tmp", link))
+
+
+def reload(env: EnvironmentSpec, release_dir: str, digest: str) -> Reload:
+    """This release's files in place of the running ones: link, then ``/-/reload`` (refused
+    files: curl fails, Prometheus keeps its old config)."""
+    return Reload(digest=digest, probe=Cmd.of("cat", f"{config_link(env)}/{DIGEST_FILE}"),
+                  apply=combine(point_at(env, release_dir),
+                                oc.reload_http(f"http://127.0.0.1:{env.metrics.port}")))
 
 
 @dataclass(frozen=True)
@@ -75,27 +103,28 @@ class PromtoolAccepts(Check):
                 f"durations), check it with `albert config check --env {host.env}`.")
 
 
-def serve_argv(env: EnvironmentSpec, release_dir: str, prometheus: str) -> list[str]:
-    cmd = oc.serve(env.metrics, f"{release_dir}/prometheus/{CONFIG_FILE}", f"{root(env)}/data",
+def serve_argv(env: EnvironmentSpec, prometheus: str) -> list[str]:
+    cmd = oc.serve(env.metrics, f"{config_link(env)}/{CONFIG_FILE}", f"{root(env)}/data",
                    prometheus=prometheus)
     return [str(t) for t in cmd.tokens]
 
 
 def docker_start(env: EnvironmentSpec, release_dir: str, unit_labels: dict[str, str]) -> Cmd:
-    """The container: host network (scrapes loopback servers), runs as the deploy user."""
-    argv = serve_argv(env, release_dir, PROMETHEUS_BIN)
-    data = f"{root(env)}/data"
-    return combine(Cmd.of("mkdir", "-p", data), docker.run(
+    """The container: host network (scrapes loopback servers), runs as the deploy user; it sees
+    the releases (read-only) and its own folder, so the config link resolves inside."""
+    argv = serve_argv(env, PROMETHEUS_BIN)
+    data, releases = f"{root(env)}/data", release.releases_dir(env.deploy.base_dir)
+    return combine(point_at(env, release_dir), Cmd.of("mkdir", "-p", data), docker.run(
         unit_name(env.name), env.images.prometheus, argv[1:], network="host",
-        volumes=[f"{release_dir}/prometheus:{release_dir}/prometheus:ro", f"{data}:{data}"],
+        volumes=[f"{releases}:{releases}:ro", f"{root(env)}:{root(env)}"],
         user=docker.AS_DEPLOY_USER, labels=unit_labels))
 
 
 def venv_start(env: EnvironmentSpec, release_dir: str, unit_labels: dict[str, str],
                albert: str, state: str) -> Cmd:
     """A process supervised by ``albert supervise``, as the deploy user."""
-    argv = serve_argv(env, release_dir, PROMETHEUS_BIN)
-    return combine(Cmd.of("mkdir", "-p", f"{root(env)}/data"),
+    argv = serve_argv(env, PROMETHEUS_BIN)
+    return combine(point_at(env, release_dir), Cmd.of("mkdir", "-p", f"{root(env)}/data"),
                    process.start(albert, state, unit_name(env.name), argv, labels=unit_labels))
 
 
@@ -105,9 +134,10 @@ def prometheus_unit(placement: Placement, runtime: Runtime, release_id: str,
     env = placement.spec.env
     name, files = unit_name(env.name), render_all(placement, env.metrics)
     image = env.images.prometheus if runtime.name == "docker" else PROMETHEUS_BIN
-    argv = [a for a in serve_argv(env, release_dir, PROMETHEUS_BIN)
-            if not a.startswith("--config.file=")]  # the release folder: not a change
-    digest = config_hash({"runtime": runtime.name, "image": image, "files": files, "argv": argv})
+    # its own command only: changed files are a reload (Unit.reload), not a restart
+    digest = config_hash({"runtime": runtime.name, "image": image,
+                          "argv": serve_argv(env, PROMETHEUS_BIN)})
+    files_digest = config_hash({"files": files})
     unit_labels = labels(env.name, "prometheus", None, release_id, digest)
     if runtime.name == "docker":
         start = docker_start(env, release_dir, unit_labels)
@@ -115,7 +145,9 @@ def prometheus_unit(placement: Placement, runtime: Runtime, release_id: str,
         start = venv_start(env, release_dir, unit_labels, runtime.albert, runtime.state)  # type: ignore[attr-defined]
     unit = Unit(name=name, service="prometheus", config_hash=digest, start=start,
                 stop=runtime.stop(name), probe=runtime.probe(name), logs=runtime.logs(name, 40),
-                ready=health.ReadyCheck(env.metrics.port, path="/-/ready"), port=env.metrics.port)
-    release_files = [FileSpec(f"{release_dir}/prometheus/{n}", text) for n, text in sorted(files.items())]
+                ready=health.ReadyCheck(env.metrics.port, path="/-/ready"), port=env.metrics.port,
+                reload=reload(env, release_dir, files_digest))
+    release_files = [FileSpec(f"{release_dir}/prometheus/{n}", text)
+                     for n, text in sorted({**files, DIGEST_FILE: files_digest + "\n"}.items())]
     checks: list[Check] = [PromtoolAccepts(tuple(sorted(files.items())), f"{root(env)}/check")]
     return unit, release_files, checks

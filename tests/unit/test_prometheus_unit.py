@@ -58,14 +58,17 @@ def test_docker_unit_runs_the_image_on_the_host_network_as_the_deploy_user(place
     hp = plans(placement_of())["cpu-1"]
     unit = prometheus_of(hp)
     assert unit.start.render() == (
+        "mkdir -p /srv/albert/prometheus-test && "
+        "ln -sfn /srv/albert/releases/r1/prometheus /srv/albert/prometheus-test/config.tmp && "
+        "mv -Tf /srv/albert/prometheus-test/config.tmp /srv/albert/prometheus-test/config && "
         "mkdir -p /srv/albert/prometheus-test/data && docker run -d --name albert-test-prometheus "
         "--restart unless-stopped --network host "
-        "-v /srv/albert/releases/r1/prometheus:/srv/albert/releases/r1/prometheus:ro "
-        "-v /srv/albert/prometheus-test/data:/srv/albert/prometheus-test/data "
+        "-v /srv/albert/releases:/srv/albert/releases:ro "
+        "-v /srv/albert/prometheus-test:/srv/albert/prometheus-test "
         "--label albert.env=test --label albert.service=prometheus --label albert.model= "
         f"--label albert.release=r1 --label albert.config-hash={unit.config_hash} "
         '--user "$(id -u):$(id -g)" prom/prometheus:v2.53.0 '
-        "--config.file=/srv/albert/releases/r1/prometheus/prometheus.yml "
+        "--config.file=/srv/albert/prometheus-test/config/prometheus.yml "
         "--storage.tsdb.path=/srv/albert/prometheus-test/data --storage.tsdb.retention.time=15d "
         "--web.listen-address=0.0.0.0:9090 --web.enable-lifecycle")
     assert unit.ready.display() == "wait until http://127.0.0.1:9090/-/ready is 200"
@@ -75,12 +78,15 @@ def test_venv_unit_is_a_supervised_debian_prometheus(placement_of):
     placement = placement_of("retention_size = '2GB'\n")
     unit = prometheus_of(plans(placement, VenvRuntime(placement.spec.env))["cpu-1"])
     assert unit.start.render() == (
+        "mkdir -p /srv/albert/prometheus-test && "
+        "ln -sfn /srv/albert/releases/r1/prometheus /srv/albert/prometheus-test/config.tmp && "
+        "mv -Tf /srv/albert/prometheus-test/config.tmp /srv/albert/prometheus-test/config && "
         "mkdir -p /srv/albert/prometheus-test/data && /srv/albert/tools/bin/albert supervise start "
         "albert-test-prometheus --state-dir /srv/albert/run-test "
         f"--label albert.config-hash={unit.config_hash} --label albert.env=test "
         "--label albert.model= --label albert.release=r1 --label albert.service=prometheus "
         "--stop-timeout 10 -- /usr/bin/prometheus "
-        "--config.file=/srv/albert/releases/r1/prometheus/prometheus.yml "
+        "--config.file=/srv/albert/prometheus-test/config/prometheus.yml "
         "--storage.tsdb.path=/srv/albert/prometheus-test/data --storage.tsdb.retention.time=15d "
         "--storage.tsdb.retention.size=2GB --web.listen-address=0.0.0.0:9090 --web.enable-lifecycle")
 
@@ -93,6 +99,7 @@ def test_only_the_prometheus_host_runs_it_with_files_checks_and_port(placement_o
     assert sorted(f.path for f in hp.files if "/prometheus/" in f.path) == [
         "/srv/albert/releases/r1/prometheus/albert-rules.test.yml",
         "/srv/albert/releases/r1/prometheus/albert-rules.yml",
+        "/srv/albert/releases/r1/prometheus/files.sha",
         "/srv/albert/releases/r1/prometheus/prometheus.yml"]
     assert any(isinstance(c, PromtoolAccepts) for c in hp.checks)
     assert PortFree(9090, "albert-test-prometheus") in hp.checks
@@ -110,11 +117,28 @@ def test_no_prometheus_unit_when(config_factory, extra, kw):
         assert all(getattr(u, "service", "") != "prometheus" for u in hp.units)
 
 
-def test_config_hash_ignores_the_release_but_not_the_thresholds(placement_of):
-    first = prometheus_of(plans(placement_of(), release_id="r1")["cpu-1"]).config_hash
-    assert prometheus_of(plans(placement_of(), release_id="r2")["cpu-1"]).config_hash == first
-    changed = placement_of("[metrics.alerts]\nttft_p95_s = 9.0\n")
-    assert prometheus_of(plans(changed, release_id="r2")["cpu-1"]).config_hash != first
+def test_changed_thresholds_are_a_reload_not_a_restart(placement_of):
+    first = prometheus_of(plans(placement_of(), release_id="r1")["cpu-1"])
+    same = prometheus_of(plans(placement_of(), release_id="r2")["cpu-1"])
+    assert (same.config_hash, same.reload.digest) == (first.config_hash, first.reload.digest)
+    changed = prometheus_of(plans(placement_of("[metrics.alerts]\nttft_p95_s = 9.0\n"),
+                                  release_id="r2")["cpu-1"])
+    assert changed.config_hash == first.config_hash  # its command: no restart
+    assert changed.reload.digest != first.reload.digest  # its files: a reload
+    assert changed.reload.probe.render() == "cat /srv/albert/prometheus-test/config/files.sha"
+    assert changed.reload.apply.render() == (
+        "mkdir -p /srv/albert/prometheus-test && "
+        "ln -sfn /srv/albert/releases/r2/prometheus /srv/albert/prometheus-test/config.tmp && "
+        "mv -Tf /srv/albert/prometheus-test/config.tmp /srv/albert/prometheus-test/config && "
+        "curl -fsS -X POST http://127.0.0.1:9090/-/reload")
+    retained = prometheus_of(plans(placement_of("retention = '30d'\n"), release_id="r2")["cpu-1"])
+    assert retained.config_hash != first.config_hash  # its command changed: a restart
+
+
+def test_the_digest_file_holds_the_digest_the_reload_compares(placement_of):
+    hp = plans(placement_of())["cpu-1"]
+    sha = next(f for f in hp.files if f.path.endswith("/files.sha"))
+    assert sha.content == prometheus_of(hp).reload.digest + "\n"
 
 
 def test_manifest_keeps_the_readiness_path_for_rollback(placement_of):
@@ -122,6 +146,8 @@ def test_manifest_keeps_the_readiness_path_for_rollback(placement_of):
     doc = manifest(hp, {}, who="me", when="now", previous=None)
     unit = next(u for u in units_from_manifest(doc) if getattr(u, "service", "") == "prometheus")
     assert unit.ready.path == "/-/ready" and unit.config_hash == prometheus_of(hp).config_hash
+    assert unit.reload.digest == prometheus_of(hp).reload.digest
+    assert unit.reload.apply.render() == prometheus_of(hp).reload.apply.render()
 
 
 def facts() -> HostFacts:
