@@ -34,14 +34,10 @@ class Settings:
 
 
 def run_main(func, args: argparse.Namespace) -> int:
-    """Run a ``python -m ci.*`` action: a user error prints one paragraph and sets the exit code."""
-    from pyalbert.ui import console_err
+    """Run a ``python -m ci.*`` action through the project's one error/exit wrapper."""
+    from pyalbert.entry import exit_code
 
-    try:
-        return func(args)
-    except AlbertError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        return exc.exit_code
+    return exit_code(lambda: func(args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,18 +33,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="simulate the pipeline of --ref")
     gl.add_arguments(parser)
     args = parser.parse_args(argv)
+    return gl.run_main(_lint_file, args)
+
+
+def _lint_file(args: argparse.Namespace) -> int:
     try:
-        try:
-            content = args.file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise AlbertError(f"cannot read {args.file} ({exc.strerror}).") from None
-        settings = gl.settings_from(args)
-        project = gl.connect(settings)
-        with gl.gitlab_errors(settings, "lint the CI configuration"):
-            result = lint(project, content, ref=args.ref, dry_run=args.dry_run)
-    except AlbertError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        return exc.exit_code
+        content = args.file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise AlbertError(f"cannot read {args.file} ({exc.strerror}).") from None
+    settings = gl.settings_from(args)
+    project = gl.connect(settings)
+    with gl.gitlab_errors(settings, "lint the CI configuration"):
+        result = lint(project, content, ref=args.ref, dry_run=args.dry_run)
     for warning in result.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {warning}", markup=True, soft_wrap=True)
     if not result.get("valid"):
