@@ -251,9 +251,10 @@ def parallel_problems(*, pipeline_parallel_size: int, tensor_parallel_size: int,
 # --- the ray status fact -------------------------------------------------------------------------
 
 
-def status(address: str, *, ray: str = RAY) -> Cmd:
+def status(address: str, *, ray: str | list[str] = RAY) -> Cmd:
     """``ray status -v``: nodes and, per node, their resources (``-v`` is Ray's hidden flag that
-    adds the per-node breakdown; without it only the cluster's totals are printed)."""
+    adds the per-node breakdown; without it only the cluster's totals are printed). ``ray`` may be
+    a prefix (``["docker", "exec", NAME, "ray"]``)."""
     return Cmd.of(ray, "status", "--address", address, "-v")
 
 
@@ -388,3 +389,33 @@ def parse_status(stdout: str) -> ClusterStatus | None:
         total=total,
         demands=tuple(_none(sections.get("Pending Demands", []))),
     )
+
+
+@dataclass(frozen=True)
+class ClusterReady:
+    """Readiness of a Ray node unit: ``ray status`` at the head lists every node of the group.
+
+    Both the head's unit and the workers' wait for it (hosts deploy at once), so vLLM, the head's
+    next unit, starts only on a whole cluster.
+    """
+
+    address: str
+    nodes: int
+    ray: tuple[str, ...] = (RAY,)
+
+    def cmd(self) -> Cmd:
+        return status(self.address, ray=list(self.ray))
+
+    def judge(self, stdout: str) -> tuple[bool, str]:
+        """(ready, what was seen) from the output of :meth:`cmd`."""
+        try:
+            found = parse_status(stdout)
+        except RayStatusError:
+            return False, "ray status gave no answer"
+        if found is None:
+            return False, "the head has no cluster status yet"
+        count = len(found.nodes)
+        return count >= self.nodes, f"ray status lists {count} of {self.nodes} nodes"
+
+    def display(self) -> str:
+        return f"wait until `ray status --address {self.address}` lists {self.nodes} nodes"

@@ -241,6 +241,9 @@ class RaySpec(_Spec):
     num_cpus: int | None = Field(None, ge=1)
     #: Ray's session directory; ``{env}`` and ``{host}`` are filled in (short: unix sockets)
     temp_dir: str = "/tmp/ray-{env}-{host}"
+    #: the ``ray`` program on the hosts; None: beside the vLLM interpreter (venv runtime), or
+    #: ``ray`` in the vLLM image (docker): the same Ray and vLLM on every node
+    executable: str | None = None
 
 
 class EnvironmentSpec(_Spec):

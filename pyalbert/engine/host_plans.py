@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import health, release
 from pyalbert.commands.base import Cmd, Raw
+from pyalbert.commands.ray import ClusterReady
 from pyalbert.config.environment import HostSpec
 from pyalbert.config.placement import Placement
 from pyalbert.errors import AlbertError
 from pyalbert.observability import prometheus_host
-from pyalbert.runtimes import DockerRuntime, Runtime, runtime_for
+from pyalbert.runtimes import DockerRuntime, Runtime, ray_units, runtime_for
 from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Reload, Unit, config_hash
 from pyalbert.runtimes.checks import Check, DiskFree, ModelPresent, PortFree
 from pyalbert.runtimes.model_args import ModelArgsFit
@@ -69,6 +70,11 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
         files: list[FileSpec] = []
         checks: list[Check] = [*runtime.checks(), DiskFree(env.deploy.base_dir, min_free_mib)]
         if inputs.service in ("vllm", "all"):
+            for group in placement.groups_on(host.name):  # Ray nodes first: vLLM joins them
+                if inputs.model and group.model_id != inputs.model:
+                    continue
+                units.append(runtime.ray_unit(group, placement, host, inputs))
+                checks += ray_units.node_checks(group, host)
             for inst in placement.vllm_on(host.name):
                 if inputs.model and inst.model_id != inputs.model:
                     continue
@@ -142,13 +148,21 @@ def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
                           **({"warm_probe": u.warm_probe.render()} if u.warm_probe else {}),
                           **({"reload": {"digest": u.reload.digest, "probe": u.reload.probe.render(),
                                          "apply": u.reload.apply.render()}} if u.reload else {}),
-                          # where readiness asks (the server's bind) and its key's header file
-                          **({"ready_host": u.ready.host, "ready_header": u.ready.header_file}
-                             if u.ready else {}),
-                          **({"ready_path": u.ready.path} if u.ready and u.ready.path != "/health"
-                             else {})})
+                          **_recorded_ready(u)})
     return {"format": 1, "release": hp.release_id, "env": hp.env, "host": hp.host.name,
             "created": when, "who": who, "previous": previous, "units": units}
+
+
+def _recorded_ready(u: Unit) -> dict:
+    """How the unit's readiness is asked, for a rollback: where the server listens and its key's
+    header file, or the Ray cluster a node waits for."""
+    if isinstance(u.ready, ClusterReady):
+        return {"ready_ray": {"address": u.ready.address, "nodes": u.ready.nodes,
+                              "ray": list(u.ready.ray)}}
+    if u.ready is None:
+        return {}
+    return {"ready_host": u.ready.host, "ready_header": u.ready.header_file,
+            **({"ready_path": u.ready.path} if u.ready.path != "/health" else {})}
 
 
 def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[Unit | ApiSwap]:
@@ -168,13 +182,19 @@ def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[U
             out.append(ApiSwap(edge=edge, colours=colours, upstream_file=u["upstream_file"],
                                read_upstream=api_cmd.read_upstream(u["upstream_file"])))
             continue
+        if "ready_ray" in u:
+            ray = u["ready_ray"]
+            ready = ClusterReady(ray["address"], ray["nodes"], tuple(ray["ray"]))
+            out.append(_recorded_unit(u, runtime, ready))
+            continue
         out.append(_recorded_unit(u, runtime, health.ReadyCheck(
             u["port"], u.get("model"), host=u.get("ready_host") or "127.0.0.1",
             header_file=u.get("ready_header"), path=u.get("ready_path", "/health"))))
     return out
 
 
-def _recorded_unit(u: Mapping, runtime: Runtime, ready: health.ReadyCheck | None) -> Unit:
+def _recorded_unit(u: Mapping, runtime: Runtime,
+                   ready: health.ReadyCheck | ClusterReady | None) -> Unit:
     return Unit(name=u["name"], service=u["service"], config_hash=u["config_hash"],
                 start=Cmd((Raw(u["start"]),)), stop=runtime.stop(u["name"]),
                 probe=runtime.probe(u["name"]), logs=runtime.logs(u["name"], 40),

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 from pyalbert.commands import health, lock
+from pyalbert.commands.ray import ClusterReady
 from pyalbert.engine.context import RunContext
 from pyalbert.engine.fanout import Interrupted
 from pyalbert.engine.host_plans import HostPlan
@@ -129,6 +130,10 @@ class HostSession:
     def _poll_ready(self, u: Unit, healthy: bool, last: str) -> tuple[bool, bool, str]:
         """One poll: (ready, healthy, what was last seen)."""
         assert u.ready is not None
+        if isinstance(u.ready, ClusterReady):  # a Ray node: the head lists the whole group
+            res = self.r.run(u.ready.cmd(), check=False)
+            ready, seen = u.ready.judge(res.stdout) if res.known else (True, "")
+            return ready, ready, seen
         if not healthy:
             res = self.r.run(u.ready.health(), check=False)
             code = health.parse_status(res.stdout)

@@ -17,16 +17,18 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import health, release
 from pyalbert.commands.base import Cmd
+from pyalbert.commands.ray import ClusterReady
 from pyalbert.commands.render import render
 from pyalbert.commands.setup import SetupPaths
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
+from pyalbert.config.groups import RayGroup
 from pyalbert.config.placement import Placement, VllmInstance
 from pyalbert.errors import AlbertError
 
 if TYPE_CHECKING:
     from pyalbert.runtimes.checks import Check
 
-ServiceName = Literal["vllm", "api", "edge", "prometheus"]
+ServiceName = Literal["vllm", "api", "edge", "prometheus", "ray"]
 
 
 def config_hash(material: Mapping[str, object]) -> str:
@@ -78,7 +80,8 @@ class Unit:
     stop: Cmd
     probe: Cmd  # -> (running, config hash, release): see Runtime.parse_state
     logs: Cmd
-    ready: health.ReadyCheck | None
+    #: a server's HTTP readiness, or a Ray node's (``ray status`` lists the whole group)
+    ready: health.ReadyCheck | ClusterReady | None
     model_id: str | None = None
     port: int | None = None
     #: files written (before start) into the unit's own place (not the release dir), e.g. the edge
@@ -132,6 +135,9 @@ class Runtime(Protocol):
 
     def api_swap(self, placement: Placement, host: HostSpec, inputs: DeployInputs,
                  release_dir: str) -> tuple[ApiSwap, list[FileSpec]]: ...
+
+    def ray_unit(self, group: RayGroup, placement: Placement, host: HostSpec,
+                 inputs: DeployInputs) -> Unit: ...
 
     def probe(self, name: str) -> Cmd: ...
 

