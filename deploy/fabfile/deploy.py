@@ -104,6 +104,8 @@ def status(c, env, config_dir=None):
             table.add_row(row["name"], row["image"], row["release"], row["ports"], row["status"],
                           row["health"], f"[{style}]{row['verdict']}[/]")
         console.print(table)
+        for line in value.get("ray_nodes", []):  # a host group's cluster, on its head
+            console.print(f"  {line}", highlight=False)
         not_serving.extend(f"{host} {what}" for what in value["not_serving"])
     if failed:
         raise Exit(f"status: could not read {', '.join(failed)} (see above)", code=1)
@@ -112,7 +114,8 @@ def status(c, env, config_dir=None):
                    f"Fix: read `fab logs --env {env}` for them, then redeploy or `fab rollback`.", code=1)
 
 
-@task(help={**_ENV, "service": "vllm or api", "model": "model id (vllm)", "n": "lines",
+@task(help={**_ENV, "service": "vllm, api or ray (a host group's nodes)", "model": "model id",
+            "n": "lines",
             "follow": "keep streaming"})
 @_errors
 def logs(c, env, service="vllm", model=None, n=100, follow=False, config_dir=None):

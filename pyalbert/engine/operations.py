@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pyalbert.commands import gpu, health, lock, release
 from pyalbert.commands.base import Cmd
 from pyalbert.config.deployment import resolved
-from pyalbert.engine import unit_status, vllm_key
+from pyalbert.engine import ray_status, unit_status, vllm_key
 from pyalbert.engine.context import RunContext
 from pyalbert.engine.fanout import (
     Interrupted,
@@ -298,9 +298,13 @@ def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
 
     def one(r, host):
         rows = facts.units(r, rt, spec.env.name)
+        groups = ray_status.group_status(r, rt, spec.placement, host.name) if rows else {}
         for row in rows:
             row["health"] = "-"
             if row["state"] != "running":
+                continue
+            if row["service"] == "ray" and row["name"] in groups:  # the group's cluster
+                row["health"] = groups[row["name"]][0]
                 continue
             where = "127.0.0.1"
             if row["service"] == "vllm" and row["model"] in ports:
@@ -323,7 +327,8 @@ def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
             mem = gpu.parse_free_memory(r.run(gpu.free_memory(), check=False).stdout)
             gpus = ", ".join(f"GPU{i} {f}/{t} MiB free" for i, (f, t) in sorted(mem.items()))
         return {"rows": rows, "gpus": gpus, "cache_kib": facts.cache_kib(r, spec.env.storage_dir),
-                "not_serving": not_serving}
+                "not_serving": not_serving,
+                "ray_nodes": [line for _, lines in groups.values() for line in lines]}
 
     return on_hosts(spec, one, runners)
 
@@ -361,7 +366,8 @@ def logs_env(spec, service: str, model: str | None, n: int, follow: bool,
         return names
 
     placement = deployment.placement
-    hosts = [h for h in spec.env.hosts if placement.vllm_on(h.name) or placement.api_on(h.name)]
+    hosts = [h for h in spec.env.hosts if placement.vllm_on(h.name) or placement.api_on(h.name)
+             or placement.groups_on(h.name)]
     found = on_hosts(spec, one, runners, hosts=hosts)
     raise_errors(found, "logs")
     return found, hosts
