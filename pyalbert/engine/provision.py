@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from rich.markup import escape
 
+from pyalbert.commands import firewall
+from pyalbert.commands.base import Cmd, sudo
 from pyalbert.commands.provision import (
     InitVmReport,
     init_vm,
@@ -15,7 +17,9 @@ from pyalbert.commands.provision import (
     provision_secrets,
     read_script,
 )
+from pyalbert.config.deployment import resolved
 from pyalbert.config.environment import HostSpec
+from pyalbert.config.placement import Placement
 from pyalbert.engine.fanout import HostOutcome, RunnerFactory, fan_out, ssh_runners
 from pyalbert.errors import AlbertError
 from pyalbert.remote import Runner
@@ -39,9 +43,22 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
     def as_admin(host: HostSpec) -> Runner:
         return factory(host.model_copy(update={"user": admin_user}))
 
+    placement = resolved(spec).placement
+
+    def admin(c: Cmd) -> Cmd:
+        return c if admin_user == "root" else sudo(c)
+
     def work(runner: Runner, host: HostSpec, cancel) -> InitVmReport:
         result = runner.run(cmd, timeout=1800)
         report = parse_init_vm(result.stdout)
+        for name, wanted in ray_firewall(placement, host):  # check, then act
+            if firewall.is_current(runner.run(admin(firewall.show(name)), check=False).stdout, wanted):
+                report.notes.append(f"firewall {name}: already {len(wanted)} rules, unchanged")
+            elif dry_run:
+                report.would_change.append(f"firewall {name}: {len(wanted)} rules")
+            else:
+                runner.run(admin(firewall.ensure(name, wanted)))
+                report.changed.append(f"firewall {name}: {len(wanted)} rules")
         for line in report.changed:
             console.print(f"[bold]\\[{host.name}][/] changed: {escape(line)}", soft_wrap=True)
         for line in report.would_change:
@@ -49,3 +66,17 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
         return report
 
     return fan_out(env.hosts, work, as_admin)
+
+
+def ray_firewall(placement: Placement, host: HostSpec) -> list[tuple[str, list[str]]]:
+    """(chain, rules) for each host group ``host`` is in: the other hosts of the group reach the
+    node's Ray ports (:meth:`~pyalbert.commands.ray.RayPorts.between_nodes`), nobody else does;
+    the head's client server and dashboard are closed to all. Pure."""
+    out = []
+    for group in placement.groups_on(host.name):
+        head = group.is_head(host)
+        peers = [h.internal_address for h in group.hosts if h.name != host.name]
+        closed = [group.ports.client_server, group.ports.dashboard] if head else []
+        name = firewall.chain(group.name)
+        out.append((name, firewall.rules(name, peers, group.ports.between_nodes(head=head), closed)))
+    return out
