@@ -248,13 +248,19 @@ def lock_env(spec, message: str = "", runners: RunnerFactory | None = None,
     raise_errors(on_hosts(spec, one, runners), "lock")
 
 
-def unlock_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
+def unlock_env(spec, runners: RunnerFactory | None = None,
+               ctx: RunContext | None = None) -> dict[str, object]:
+    """Release every host's lock; host -> ``unlocked (was held by <holder, age>)`` or
+    ``was not locked``."""
     base = spec.env.deploy.base_dir
+    now = (ctx or RunContext.from_environ()).clock()
 
     def one(r, host):
         held = r.run(lock.show(base), check=False)
         r.run(lock.release(base))
-        return "unlocked" if held.ok else "was not locked"
+        if not held.ok:
+            return "was not locked"
+        return f"unlocked (was held by {lock.describe_holder(held.stdout, now=now)})"
 
     results = on_hosts(spec, one, runners)
     raise_errors(results, "unlock")
