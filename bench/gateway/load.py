@@ -1,6 +1,7 @@
 """The load tool of the gateway benchmark: closed-loop HTTP/1.1 keep-alive clients on uvloop.
 
 ``python bench/gateway/load.py --url http://127.0.0.1:9000 -c 64 --duration 5 [--stream]``
+(``https://`` with ``--cafile``: TLS keep-alive connections, the handshake before the warm-up)
 prints one JSON object: requests, errors, seconds, req/s, p50/p90/p99 latency (ms), SSE chunks.
 Every connection sends a request, waits for the whole response, sends the next. Latency runs
 from the write to the end of the response (for streams: to the last chunk).
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,12 +34,12 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """user + system CPU of ``pid`` and its descendants (0 without a pid)."""
-    if not pid:
+def cpu_seconds(pids: list[int] | None) -> float:
+    """user + system CPU of ``pids`` and their descendants (0 without a pid)."""
+    if not pids:
         return 0.0
     ticks = 0
-    for p in _tree(pid):
+    for p in {t for pid in pids for t in _tree(pid)}:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -109,13 +111,16 @@ def request_bytes(url: str, model: str, stream: bool, key: str | None) -> bytes:
 
 
 async def run(url: str, concurrency: int, duration: float, warmup: float, stream: bool,
-              model: str, key: str | None, cpu_pid: int | None = None) -> dict:
+              model: str, key: str | None, cpu_pid: list[int] | None = None,
+              cafile: str | None = None) -> dict:
     loop = asyncio.get_running_loop()
     parts = urlsplit(url)
+    tls = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
     bench = Bench(request_bytes(url, model, stream, key))
     clients = []
     for _ in range(concurrency):
-        _, client = await loop.create_connection(lambda: Client(bench), parts.hostname, parts.port)
+        _, client = await loop.create_connection(lambda: Client(bench), parts.hostname, parts.port,
+                                                  ssl=tls)
         clients.append(client)
     for client in clients:
         client.send()
@@ -151,10 +156,12 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--model", default="fake")
     parser.add_argument("--key", default=None)
-    parser.add_argument("--cpu-pid", type=int, default=None, help="server pid whose CPU to count")
+    parser.add_argument("--cpu-pid", type=int, action="append", default=None,
+                        help="server pid whose CPU to count (repeat: a proxy and its gateway)")
+    parser.add_argument("--cafile", default=None, help="CA to trust for an https:// url")
     args = parser.parse_args()
     result = uvloop.run(run(args.url, args.concurrency, args.duration, args.warmup, args.stream,
-                            args.model, args.key, args.cpu_pid))
+                            args.model, args.key, args.cpu_pid, args.cafile))
     print(json.dumps(result))
 
 

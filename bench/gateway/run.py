@@ -1,6 +1,7 @@
 """Gateway benchmark: direct vs our gateway vs a naive FastAPI+httpx proxy vs LiteLLM's proxy.
 
     .venv/bin/python bench/gateway/run.py [--setup] [--duration 4] [--targets direct,gateway,naive,litellm]
+    .venv/bin/python bench/gateway/run.py --targets direct,gateway,edge.py,haproxy,haproxy+tls,nginx,nginx+tls,caddy,caddy+tls
                                           [--whitelist-mode off|flag|redact]
 
 One instant fake upstream (tests/support/fake_upstream.py, its own process), one load tool for
@@ -29,6 +30,11 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proxies  # noqa: E402 - bench/gateway/proxies.py
+
+from pyalbert.devtools.test_ca import make_test_ca  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 BENCH_VENV = REPO / ".cache" / "bench" / "venv"
@@ -42,13 +48,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90, verify: str | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=1).status_code < 500:
+            if httpx.get(url, timeout=1, verify=verify).status_code < 500:
                 return
         except httpx.TransportError:
             pass
@@ -57,11 +63,12 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 
 @contextmanager
-def process(argv: list[str], ready_url: str, env: dict | None = None, cwd: Path = REPO):
+def process(argv: list[str], ready_url: str, env: dict | None = None, cwd: Path = REPO,
+            verify: str | bool = True):
     proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_http(ready_url, proc)
+        wait_http(ready_url, proc, verify=verify)
         yield proc
     finally:
         proc.terminate()
@@ -72,14 +79,16 @@ def process(argv: list[str], ready_url: str, env: dict | None = None, cwd: Path 
             proc.wait()
 
 
-def load(url: str, scenario: str, concurrency: int, duration: float, pid: int | None,
-         key: str | None) -> dict:
+def load(url: str, scenario: str, concurrency: int, duration: float, pids: list[int],
+         key: str | None, cafile: str | None = None) -> dict:
     argv = [sys.executable, str(HERE / "load.py"), "--url", url, "-c", str(concurrency),
             "--duration", str(duration), "--warmup", "1", "--model", "fake"]
     if scenario == "stream":
         argv.append("--stream")
-    if pid:
+    for pid in pids:
         argv += ["--cpu-pid", str(pid)]
+    if cafile:
+        argv += ["--cafile", cafile]
     if key:
         argv += ["--key", key]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
@@ -93,12 +102,15 @@ def setup_venv() -> None:
 
 
 def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str = "off"):
-    """(name, context manager yielding (url, pid, key)) for each target that can run."""
+    """(name, context manager yielding (url, pids, key), why not) for each target.
+
+    A front-door target (``haproxy``, ``haproxy+tls``, ``edge.py`` ...) is a gateway behind the
+    proxy: its CPU is both processes'."""
     key = "bench-" + secrets.token_urlsafe(24)
 
     @contextmanager
     def direct():
-        yield upstream, None, None
+        yield upstream, [], None
 
     @contextmanager
     def gateway():
@@ -112,7 +124,7 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                 "--whitelist-mode", whitelist_mode]
         with process(argv, f"http://127.0.0.1:{port}/health") as proc:
-            yield f"http://127.0.0.1:{port}", proc.pid, key
+            yield f"http://127.0.0.1:{port}", [proc.pid], key
 
     @contextmanager
     def naive():
@@ -121,7 +133,7 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
                 "--port", str(port), "--http", "httptools", "--loop", "uvloop", "--no-access-log",
                 "--log-level", "warning"]
         with process(argv, f"http://127.0.0.1:{port}/health", {"UPSTREAM": upstream}, HERE) as proc:
-            yield f"http://127.0.0.1:{port}", proc.pid, None
+            yield f"http://127.0.0.1:{port}", [proc.pid], None
 
     @contextmanager
     def litellm():
@@ -137,13 +149,28 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
         env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
                "LITELLM_MASTER_KEY": master}
         with process(argv, f"http://127.0.0.1:{port}/health/liveliness", env, workdir) as proc:
-            yield f"http://127.0.0.1:{port}", proc.pid, master
+            yield f"http://127.0.0.1:{port}", [proc.pid], master
+
+    def front(name: str, tls: bool):
+        @contextmanager
+        def behind_proxy():
+            with gateway() as (gw_url, gw_pids, gw_key):
+                upstream_port = int(gw_url.rsplit(":", 1)[1])
+                work = workdir / (name + ("-tls" if tls else ""))
+                ca = make_test_ca(workdir / "ca") if tls else None
+                with proxies.proxy(name, work, free_port(), upstream_port, ca, process) as (url, pid):
+                    yield url, [*gw_pids, pid], gw_key
+        return behind_proxy
 
     have_venv = (BENCH_VENV / "bin" / "uvicorn").exists()
     table = {"direct": (direct, ""), "gateway": (gateway, ""),
              "naive": (naive, "" if have_venv else "no bench venv (run with --setup)"),
              "litellm": (litellm, "" if (BENCH_VENV / "bin" / "litellm").exists()
                          else "litellm[proxy] not installed (run with --setup)")}
+    for name in proxies.PROXIES:
+        for tls in (False, True):
+            if name != "edge.py" or not tls:
+                table[name + ("+tls" if tls else "")] = (front(name, tls), proxies.missing(name))
     return [(name, *table[name]) for name in wanted]
 
 
@@ -152,11 +179,11 @@ def fmt(value, spec: str = ".1f") -> str:
 
 
 def report(results: dict, skipped: dict) -> None:
-    names = [n for n in ("direct", "gateway", "naive", "litellm") if n in results]
+    names = list(results)
     for scenario, c in SCENARIOS:
         tag = f"{scenario} c={c}"
         print(f"\n== {tag} ==")
-        print(f"{'target':<9}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'cpu ms/req':>12}"
+        print(f"{'target':<14}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'cpu ms/req':>12}"
               f"{'req/cpu-s':>11}{'chunks/s':>11}{'errors':>8}")
         base = results.get("direct", {}).get(tag)
         for name in names:
@@ -166,11 +193,12 @@ def report(results: dict, skipped: dict) -> None:
             added = r["p50_ms"] - base["p50_ms"] if base and name != "direct" else None
             cpu = r["cpu_ms_per_req"]
             capacity = 1000 / cpu if cpu else None
-            print(f"{name:<9}{r['rps']:>10.1f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.2f}{fmt(added, '.3f'):>9}"
+            print(f"{name:<14}{r['rps']:>10.1f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.2f}{fmt(added, '.3f'):>9}"
                   f"{fmt(cpu, '.3f'):>12}{fmt(capacity, '.0f'):>11}{fmt(r['chunks_per_s'] or None, '.0f'):>11}"
                   f"{r['errors']:>8}")
     for name, why in skipped.items():
         print(f"\n{name}: skipped: {why}")
+    front_doors(results)
     g = results.get("gateway", {})
     if not g:
         return
@@ -198,6 +226,44 @@ def report(results: dict, skipped: dict) -> None:
     for label, value, limit, op in checks:
         ok = value <= limit if op == "<=" else value >= limit
         print(f"  {'PASS' if ok else 'MISS'}  {label:<34} measured {value:,.2f}")
+
+
+def front_doors(results: dict) -> None:
+    """Issue 16: what each proxy adds to the gateway, side by side, and its targets."""
+    g = results.get("gateway", {})
+    doors = [n for n in results if n.split("+")[0] in proxies.PROXIES]
+    if not g or not doors:
+        return
+    g1, gs1, gs64 = g.get("plain c=1"), g.get("stream c=1"), g.get("stream c=64")
+    print("\n== front door (issue 16): what the proxy adds to the gateway ==")
+    print(f"{'path':<14}{'+p50 c=1 ms':>12}{'+cpu/req ms':>12}{'% gw':>7}{'+cpu/stream ms':>15}{'% gw':>7}"
+          f"{'streams/s c=64':>15}")
+
+    def cpu(r):
+        return min(x["cpu_ms_per_req"] for x in r if x and x.get("cpu_ms_per_req") is not None)
+
+    g_req, g_stream = cpu([g1, g.get("plain c=64")]), cpu([gs1, gs64])
+    print(f"{'gateway alone':<14}{'-':>12}{g_req:>12.3f}{'':>7}{g_stream:>15.3f}{'':>7}{gs64['rps']:>15.0f}")
+    checks = []
+    for name in doors:
+        r = results[name]
+        added = r["plain c=1"]["p50_ms"] - g1["p50_ms"]
+        req = cpu([r["plain c=1"], r["plain c=64"]]) - g_req
+        stream = cpu([r["stream c=1"], r["stream c=64"]]) - g_stream
+        print(f"{name:<14}{added:>12.3f}{req:>12.3f}{100 * req / g_req:>6.0f}%{stream:>15.3f}"
+              f"{100 * stream / g_stream:>6.0f}%{r['stream c=64']['rps']:>15.0f}")
+        if name == "edge.py":
+            continue
+        if name.endswith("+tls"):
+            plain = results.get(name.removesuffix("+tls"))
+            if plain:
+                more = r["plain c=1"]["p50_ms"] - plain["plain c=1"]["p50_ms"]
+                checks.append((f"{name}: TLS keep-alive adds <= 0.1 ms p50", more, 0.1))
+        else:
+            checks.append((f"{name}: adds <= 0.15 ms p50 at c=1", added, 0.15))
+            checks.append((f"{name}: CPU per stream <= 25% of gateway's", 100 * stream / g_stream, 25))
+    for label, value, limit in checks:
+        print(f"  {'PASS' if value <= limit else 'MISS'}  {label:<48} measured {value:,.3f}")
 
 
 def main() -> None:
@@ -228,10 +294,12 @@ def main() -> None:
                 continue
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
             try:
-                with target() as (url, pid, key):
+                with target() as (url, pids, key):
                     results[name] = {}
+                    cafile = str(Path(tmp) / "ca" / "ca.pem") if url.startswith("https") else None
                     for scenario, c in SCENARIOS:
-                        runs = [load(url, scenario, c, args.duration, pid, key) for _ in range(args.repeat)]
+                        runs = [load(url, scenario, c, args.duration, pids, key, cafile)
+                                for _ in range(args.repeat)]
                         results[name][f"{scenario} c={c}"] = max(runs, key=lambda r: r["rps"])
             except (RuntimeError, subprocess.CalledProcessError) as exc:
                 skipped[name] = f"failed: {exc}"
