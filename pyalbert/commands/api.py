@@ -34,7 +34,8 @@ def other(colour: Colour) -> Colour:
 
 
 def serve_args(env: str, port: int, *, keys: bool, whitelist: bool, workers: int = 1,
-               upstream_key: bool = False, host: str = "0.0.0.0") -> list[str]:
+               upstream_key: bool = False, host: str = "0.0.0.0",
+               routes: str | None = None) -> list[str]:
     """``albert api ...`` inside the container (config and files under ``/etc/albert``)."""
     return [
         "albert", "api", "--env", env, "--config-dir", f"{IN_CONTAINER}/config",
@@ -42,6 +43,7 @@ def serve_args(env: str, port: int, *, keys: bool, whitelist: bool, workers: int
         *(["--keys", f"{IN_CONTAINER}/keys.json"] if keys else ["--no-auth"]),
         *(["--upstream-key", f"{IN_CONTAINER}/upstream.key"] if upstream_key else []),
         *(["--whitelist", f"{IN_CONTAINER}/whitelist.json"] if whitelist else []),
+        *(["--routes", routes] if routes else []),
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]
 

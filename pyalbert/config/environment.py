@@ -154,6 +154,10 @@ class DeploySpec(_Spec):
     ready_timeout_s: float = Field(600, gt=0, description="deadline for a new release to be ready")
     keep_releases: int = Field(5, ge=1, le=100)
     base_dir: str = "/home/gitlab/albert"
+    #: replicas of one model that may be down at once when a host has no room for a second server
+    max_unavailable: int = Field(1, ge=1, description="replicas of a model restarted at once")
+    #: how long a replaced server may finish its in-flight requests before it is stopped
+    drain_timeout_s: float = Field(120, gt=0)
 
 
 class GpuLinkSpec(_Spec):

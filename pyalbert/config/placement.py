@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from pyalbert.commands import api as api_cmd
 from pyalbert.config.environment import HostSpec
 from pyalbert.config.groups import (
     RayGroup,
@@ -44,9 +45,12 @@ class VllmInstance:
     #: a model split over a host group (issue 17): this server runs on the group's head
     group: RayGroup | None = None
 
+    #: the spare slot: the same server on ``model.replace_port`` (a replace without downtime)
+    spare: bool = False
+
     @property
     def port(self) -> int:
-        return self.model.port
+        return self.model.replace_port if self.spare else self.model.port
 
     @property
     def address(self) -> str:
@@ -55,12 +59,20 @@ class VllmInstance:
     @property
     def name(self) -> str:
         suffix = f"-{self.replica}" if self.replica else ""
-        return f"albert-{self.env}-vllm-{slug(self.model_id)}{suffix}"
+        return f"albert-{self.env}-vllm-{slug(self.model_id)}{suffix}{'-spare' if self.spare else ''}"
 
     @property
     def url(self) -> str:
         """What the gateways call (loopback or the private address, never a public one)."""
         return f"http://{self.address}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The primary slot's URL: the gateway's backends.json names a replica by it."""
+        return f"http://{self.address}:{self.model.port}"
+
+    def spare_slot(self) -> VllmInstance:
+        return replace(self, spare=True)
 
 
 @dataclass(frozen=True)
@@ -228,16 +240,21 @@ def _port_clashes(spec: DeploymentSpec, vllm: list[VllmInstance]) -> list[Proble
         taken: dict[int, str] = {}
         if "api" in host.services:
             taken[env.api.port] = "the api service (api.port)"
+            for colour in api_cmd.COLOURS:
+                taken[api_cmd.spare_port(env.api.port, colour)] = f"the api's {colour} colour"
         for inst in vllm:
             if inst.host.name != host.name:
                 continue
-            if inst.port in taken:
-                problems.append(Problem(routing_file, f"{inst.model_id}.port",
-                                        f"port {inst.port} on host {host.name} is already used by "
-                                        f"{taken[inst.port]}",
-                                        "give each model on a host its own port"))
-            else:
-                taken[inst.port] = f"model '{inst.model_id}'"
+            for key, port, what in (("port", inst.port, f"model '{inst.model_id}'"),
+                                    ("spare_port", inst.model.replace_port,
+                                     f"model '{inst.model_id}' (its spare port)")):
+                if port in taken:
+                    problems.append(Problem(routing_file, f"{inst.model_id}.{key}",
+                                            f"port {port} on host {host.name} is already used by "
+                                            f"{taken[port]}",
+                                            "give each model on a host its own port and spare_port"))
+                else:
+                    taken[port] = what
     return problems
 
 

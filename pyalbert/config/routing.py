@@ -36,6 +36,12 @@ def check_model_id(value: str, what: str = "model id") -> str:
     return value
 
 
+def derived_spare_port(port: int) -> int:
+    """A model's spare port unless the routing table names one: 26000-31999, below Linux's
+    ephemeral range (no outgoing connection holds it), apart from the api colours' band start."""
+    return 26000 + port % 6000
+
+
 class ModelSpec(BaseModel):
     """One routing-table entry: how to serve one model."""
 
@@ -44,6 +50,10 @@ class ModelSpec(BaseModel):
     model: str = Field(description="hub repo id the weights come from")
     revision: str | None = Field(None, description="hub revision (commit sha, tag or branch) to pin")
     port: int = Field(ge=1024, le=65535, description="port the vLLM server listens on")
+    spare_port: int | None = Field(
+        None, ge=1024, le=32767,
+        description="port of the new server started beside the old one during a replace without "
+                    "downtime; default derived from port (26000 + port % 6000)")
     gpu_mem_use: float = Field(0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization")
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     #: stages of a model split over a host group (issue 17): TP x PP = the group's GPUs
@@ -55,6 +65,11 @@ class ModelSpec(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     replicas: int = Field(1, ge=1, le=64)
     extra_args: tuple[str, ...] = Field((), description="more vLLM server arguments")
+
+    @property
+    def replace_port(self) -> int:
+        """Where the new server listens while the old one still serves (the spare slot)."""
+        return self.spare_port or derived_spare_port(self.port)
 
     @model_validator(mode="before")
     @classmethod

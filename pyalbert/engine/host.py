@@ -13,23 +13,31 @@ import time
 from collections.abc import Callable
 
 from pyalbert.commands import release
-from pyalbert.engine.fanout import Interrupted
+from pyalbert.engine.fanout import Interrupted, RunnerFactory
 from pyalbert.engine.host_plans import manifest, orphans, units_from_manifest
 from pyalbert.engine.report import HostResult
 from pyalbert.engine.session import HostSession
+from pyalbert.engine.vllm_replace import Gateways, ModelRoll, VllmReplace
 from pyalbert.errors import AlbertError
 from pyalbert.runtimes import facts
 from pyalbert.runtimes.base import ApiSwap, Unit
+from pyalbert.runtimes.slots import url_of
 
 
 class HostDeploy(HostSession):
     """Everything one host does in one deploy or rollback."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, runners: RunnerFactory | None = None, roll: ModelRoll | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.undo: list[Callable[[], None]] = []
         self.prev_id: str | None = None  # known once the lock is held
         self.previous: dict[str, Unit | ApiSwap] = {}
+        #: the gateways' routes (a replace without downtime) and the cross-host roll of replicas
+        self.gateways = Gateways(self, runners)
+        self.roll = roll
+        #: planned vLLM unit name -> the slot that serves it (recorded in the manifest)
+        self.serving: dict[str, Unit] = {}
 
     def check(self) -> HostResult:
         """Preflight only (``fab deploy --check``): every check runs, nothing changes."""
@@ -61,8 +69,18 @@ class HostDeploy(HostSession):
         if not self.result.ok:  # the summary shows what serves now, not the release that failed
             self.result.release = (f"{self.prev_id} (previous)" if self.prev_id else
                                    "-" if self.prev_id is None else "(none)")
+        self.gateways.close()
         self.result.seconds = time.monotonic() - t0
         return self.result
+
+    def recorded(self, name: str) -> Unit | None:
+        """The previous release's unit of that name, either slot of a vLLM server."""
+        for v in self.previous.values():
+            if isinstance(v, Unit) and v.name == name:
+                return v
+            if isinstance(v, Unit) and v.slots is not None and v.slots.other.name == name:
+                return v.slots.other
+        return None
 
     def _read_previous(self) -> tuple[str, dict]:
         link = self.r.run(release.current(self.hp.base_dir), check=False).stdout
@@ -100,8 +118,8 @@ class HostDeploy(HostSession):
             if isinstance(u, ApiSwap):
                 started.update(self._swap_api(u))
             else:
-                self._replace(u)
-                started[u.name] = hp.release_id
+                served = self._replace(u)
+                started[served.name] = hp.release_id
             self.result.changed.append(u.name if isinstance(u, Unit) else u.edge.name)
         for u in stale:
             self._reload(u)
@@ -118,9 +136,9 @@ class HostDeploy(HostSession):
         todo: list[Unit | ApiSwap] = []
         for u in self.hp.units:
             if isinstance(u, Unit):
-                now = self.state(u)
-                if now.running and now.config_hash == u.config_hash:
-                    started[u.name] = now.release or prev_id
+                same = self._slot_unchanged(u)
+                if same is not None:
+                    started[same[0].name] = same[1] or prev_id
                     continue
             else:
                 same = self._api_unchanged(u)
@@ -130,11 +148,23 @@ class HostDeploy(HostSession):
             todo.append(u)
         return started, todo
 
+    def _slot_unchanged(self, u: Unit) -> tuple[Unit, str] | None:
+        """(the slot that runs ``u``'s config, its release) or None; a vLLM server's route is
+        made to point at it when it does not already (convergence after an interrupted run)."""
+        for slot in (u, *((u.slots.other,) if u.slots else ())):
+            now = self.state(slot)
+            if now.running and now.config_hash == slot.config_hash:
+                if u.slots is not None:
+                    self.serving[u.name] = slot
+                    self.gateways.point(u.slots, url_of(slot), check_first=True)
+                return slot, now.release
+        return None
+
     def _record(self, started: dict[str, str], prev_id: str) -> None:
         """Write the manifest, point ``current`` at the release, prune old releases."""
         hp = self.hp
         doc = manifest(hp, started, who=self.ctx.who, when=self.ctx.now_iso(),
-                       previous=prev_id or None)
+                       previous=prev_id or None, serving=self.serving)
         self.r.run(release.put(f"{hp.release_dir}/{release.MANIFEST}", json.dumps(doc, indent=2)))
         self.r.run(release.set_current(hp.base_dir, hp.release_id))
         self.undo.clear()
@@ -159,8 +189,14 @@ class HostDeploy(HostSession):
                     return {swap.edge.name: edge.release, colour.name: now.release}
         return None
 
-    def _replace(self, u: Unit) -> None:
-        """Fixed port: stop the old server, start the new one, wait until ready."""
+    def _replace(self, u: Unit) -> Unit:
+        """A vLLM server with a spare slot: beside the old one when the host has room, else in
+        place with the gateway told (:mod:`pyalbert.engine.vllm_replace`); others: stop the old
+        one, start the new one, wait until ready. Returns the unit that serves."""
+        if u.slots is not None and self.hp.replace is not None:
+            served = VllmReplace(self).run(u)
+            self.serving[u.name] = served
+            return served
         self.say(f"starting {u.name} (config {u.config_hash})")
         old = self.previous.get(u.name)
 
@@ -176,6 +212,7 @@ class HostDeploy(HostSession):
         for f in u.files:
             self.r.run(f.cmd())
         self._start(u)
+        return u
 
     def _start(self, u: Unit) -> None:
         """Start ``u`` and wait until ready; a vLLM server says whether its compile cache was warm
@@ -282,6 +319,7 @@ class HostDeploy(HostSession):
         except AlbertError as exc:
             self.result.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
             self.result.error = str(exc)
+        self.gateways.close()
         self.result.seconds = time.monotonic() - t0
         return self.result
 
@@ -292,6 +330,11 @@ class HostDeploy(HostSession):
             if self._api_unchanged(u) is not None:
                 return 0
             self._swap_api(u)
+            return 1
+        if u.slots is not None and self.hp.replace is not None:
+            if self._slot_unchanged(u) is not None:
+                return 0
+            self._replace(u)
             return 1
         now = self.state(u)
         if now.running and now.config_hash == u.config_hash:

@@ -7,8 +7,9 @@ engine (:mod:`pyalbert.engine.host`) runs them; a manifest records a release for
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import health, release
@@ -23,6 +24,7 @@ from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Reload, Unit
 from pyalbert.runtimes.checks import Check, DiskFree, ModelPresent, PortFree
 from pyalbert.runtimes.model_args import ModelArgsFit
 from pyalbert.runtimes.prometheus import prometheus_unit
+from pyalbert.runtimes.slots import ReplaceSettings, VllmSlots, replace_settings, slots_for
 
 #: free space a host needs under base_dir and the docker data root (MiB), unless told otherwise
 MIN_FREE_MIB = 1024
@@ -42,6 +44,8 @@ class HostPlan:
     runtime: Runtime
     #: remove units of this env that the plan does not name (only for a full deploy)
     remove_orphans: bool = True
+    #: gateways and limits of a replace without downtime (None: stop then start)
+    replace: ReplaceSettings | None = None
 
     @property
     def release_dir(self) -> str:
@@ -54,6 +58,8 @@ class HostPlan:
                 out |= {u.edge.name, *(c.name for c in u.colours.values())}
             else:
                 out.add(u.name)
+                if u.slots is not None:
+                    out.add(u.slots.other.name)
         return out
 
 
@@ -79,6 +85,9 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
                 if inputs.model and inst.model_id != inputs.model:
                     continue
                 unit, unit_files = runtime.vllm_unit(inst, placement, inputs, rel_dir)
+                if inst.group is None:  # a split model (Ray) restarts in place
+                    unit, spare_files = _with_slots(unit, inst, placement, runtime, inputs, rel_dir)
+                    unit_files = [*unit_files, *spare_files]
                 units.append(unit)
                 files += unit_files
                 checks += [ModelPresent(inst.model_id, f"{env.storage_dir}/{inst.model_id}"),
@@ -102,8 +111,17 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
                 release_id=inputs.release_id, checks=tuple(checks), files=tuple(files),
                 units=tuple(units), ready_timeout_s=env.deploy.ready_timeout_s,
                 keep_releases=env.deploy.keep_releases, runtime=runtime,
-                remove_orphans=inputs.service == "all" and not inputs.model))
+                remove_orphans=inputs.service == "all" and not inputs.model,
+                replace=replace_settings(placement)))
     return out
+
+
+def _with_slots(unit: Unit, inst, placement: Placement, runtime: Runtime, inputs: DeployInputs,
+                rel_dir: str) -> tuple[Unit, list[FileSpec]]:
+    """The unit with its spare slot (the same server on the spare port) and that slot's files."""
+    spare, files = runtime.vllm_unit(inst.spare_slot(), placement, inputs, rel_dir)
+    environ = {**placement.spec.env.vllm.env, **inst.model.env}
+    return replace(unit, slots=slots_for(placement, inst, spare, environ)), files
 
 
 def _refuse_bad_inputs(placement: Placement, inputs: DeployInputs) -> None:
@@ -122,14 +140,15 @@ def _refuse_bad_inputs(placement: Placement, inputs: DeployInputs) -> None:
 
 
 def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
-             previous: str | None) -> dict:
+             previous: str | None, serving: Mapping[str, Unit] | None = None) -> dict:
     """The release manifest: enough to restart every unit of this release (``rollback``).
 
     ``started`` maps a unit name to the release whose files it uses (this one when it was
     started now, an older one when it was unchanged).
     """
     units = []
-    for u in hp.units:
+    for planned in hp.units:
+        u = (serving or {}).get(planned.name, planned) if isinstance(planned, Unit) else planned
         if isinstance(u, ApiSwap):
             units.append({"name": u.edge.name, "service": "edge", "config_hash": u.edge.config_hash,
                           "start": u.edge.start.render(), "port": u.edge.port,
@@ -148,7 +167,8 @@ def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
                           **({"warm_probe": u.warm_probe.render()} if u.warm_probe else {}),
                           **({"reload": {"digest": u.reload.digest, "probe": u.reload.probe.render(),
                                          "apply": u.reload.apply.render()}} if u.reload else {}),
-                          **_recorded_ready(u)})
+                          **_recorded_ready(u),
+                          **({"slots": _slots_record(u.slots)} if u.slots else {})})
     return {"format": 1, "release": hp.release_id, "env": hp.env, "host": hp.host.name,
             "created": when, "who": who, "previous": previous, "units": units}
 
@@ -193,9 +213,31 @@ def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[U
     return out
 
 
+def _slots_record(slots: VllmSlots) -> dict:
+    o = slots.other
+    return {"model": slots.model, "base_url": slots.base_url, "route": slots.route,
+            "gpu_no_room": slots.gpu_no_room, "kv_gib": slots.kv_gib,
+            "memory_probe": slots.memory_probe.render() if slots.memory_probe else None,
+            "other": {"name": o.name, "config_hash": o.config_hash, "start": o.start.render(),
+                      "port": o.port}}
+
+
+def _recorded_slots(u: Mapping, runtime: Runtime, ready: health.ReadyCheck) -> VllmSlots | None:
+    """A recorded server's other slot (a rollback replaces it without downtime too)."""
+    s = u.get("slots")
+    if not s:
+        return None
+    other = _recorded_unit({**s["other"], "service": "vllm", "model": u.get("model")}, runtime,
+                           dataclasses.replace(ready, port=s["other"]["port"]))
+    return VllmSlots(other=other, model=s["model"], base_url=s["base_url"], route=s["route"],
+                     gpu_no_room=s.get("gpu_no_room"), kv_gib=s.get("kv_gib", 4),
+                     memory_probe=Cmd((Raw(s["memory_probe"]),)) if s.get("memory_probe") else None)
+
+
 def _recorded_unit(u: Mapping, runtime: Runtime,
                    ready: health.ReadyCheck | ClusterReady | None) -> Unit:
-    return Unit(name=u["name"], service=u["service"], config_hash=u["config_hash"],
+    slots = _recorded_slots(u, runtime, ready) if isinstance(ready, health.ReadyCheck) else None
+    return Unit(slots=slots, name=u["name"], service=u["service"], config_hash=u["config_hash"],
                 start=Cmd((Raw(u["start"]),)), stop=runtime.stop(u["name"]),
                 probe=runtime.probe(u["name"]), logs=runtime.logs(u["name"], 40),
                 ready=ready, model_id=u.get("model"), port=u.get("port"),

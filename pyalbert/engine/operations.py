@@ -28,10 +28,12 @@ from pyalbert.engine.fanout import (
 from pyalbert.engine.host import HostDeploy
 from pyalbert.engine.host_plans import HostPlan, deploy_plans, release_id, units_from_manifest
 from pyalbert.engine.report import HostResult, Printer, finish, interrupted_text, summary_table
+from pyalbert.engine.vllm_replace import ModelRoll
 from pyalbert.errors import AlbertError
 from pyalbert.remote import DryRunner, Runner
 from pyalbert.runtimes import facts, runtime_for
 from pyalbert.runtimes.base import DeployInputs
+from pyalbert.runtimes.slots import replace_settings
 from pyalbert.ui import console
 
 
@@ -49,7 +51,7 @@ def config_files(spec) -> dict[str, str]:
 
 def resolve_secrets(spec) -> dict[str, str]:
     out = {}
-    for key in ("hf_token", "api_keys"):
+    for key in ("hf_token", "api_keys", "tls_cert"):
         ref = spec.env.secrets.get(key)
         value = ref.resolve() if ref else None
         if value is not None:
@@ -62,9 +64,11 @@ def run_host_plans(host_plans: Sequence[HostPlan], kind: str, runners: RunnerFac
                    out: Printer, ctx: RunContext, message: str = "") -> list[HostResult]:
     """``kind`` (deploy, rollback, check) on every host of ``host_plans`` at once."""
     by_host = {hp.host.name: hp for hp in host_plans}
+    roll = ModelRoll(min((hp.replace.max_unavailable for hp in host_plans if hp.replace), default=1))
 
     def work(runner: Runner, host, cancel) -> HostResult:
-        hd = HostDeploy(runner, by_host[host.name], out, cancel, ctx, message=message)
+        hd = HostDeploy(runner, by_host[host.name], out, cancel, ctx, message=message,
+                        runners=runners, roll=roll)
         return {"deploy": hd.deploy, "rollback": hd.rollback, "check": hd.check}[kind]()
 
     interrupted = None
@@ -219,7 +223,8 @@ def rollback_env(spec, *, to: str | None = None, runners: RunnerFactory | None =
             host=host, env=spec.env.name, base_dir=spec.env.deploy.base_dir, release_id=target,
             checks=tuple(rt.checks()), files=(), units=tuple(units_from_manifest(data, rt)),
             ready_timeout_s=spec.env.deploy.ready_timeout_s,
-            keep_releases=spec.env.deploy.keep_releases, runtime=rt))
+            keep_releases=spec.env.deploy.keep_releases, runtime=rt,
+            replace=replace_settings(resolved(spec).placement)))
     if not host_plans:
         raise AlbertError(f"no host of {spec.env.name} has a release yet: deploy first.")
     return run_and_finish(host_plans, "rollback", "rollback", factory, Printer(quiet),

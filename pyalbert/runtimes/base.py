@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from pyalbert.commands import api as api_cmd
-from pyalbert.commands import health, release
+from pyalbert.commands import health, release, routes
 from pyalbert.commands.base import Cmd
 from pyalbert.commands.ray import ClusterReady
 from pyalbert.commands.render import render
@@ -27,6 +27,7 @@ from pyalbert.errors import AlbertError
 
 if TYPE_CHECKING:
     from pyalbert.runtimes.checks import Check
+    from pyalbert.runtimes.slots import VllmSlots
 
 ServiceName = Literal["vllm", "api", "edge", "prometheus", "ray"]
 
@@ -88,6 +89,8 @@ class Unit:
     files: tuple[FileSpec, ...] = ()
     #: vLLM: probe before start, does its compile cache hold compiled artefacts (a warm start)
     warm_probe: Cmd | None = None
+    #: vLLM: its spare slot and gateway route (a replace without downtime)
+    slots: VllmSlots | None = None
     #: files it reloads in place; its config hash then covers only its own command and image
     reload: Reload | None = None
 
@@ -269,5 +272,8 @@ def api_files(env: EnvironmentSpec, placement: Placement, inputs: DeployInputs,
         files.append(FileSpec(f"{release_dir}/upstream.key", upstream_key + "\n", secret=True))
     for rel, text in sorted(inputs.config_files.items()):
         files.append(FileSpec(f"{release_dir}/config/{rel}", text))
+    # the routes folder the gateway watches (a replace without downtime): made before it starts
+    files.append(FileSpec(f"{routes.routes_dir(env.deploy.base_dir, env.name)}/README",
+                          routes.README))
     whitelist = SetupPaths(env.deploy.base_dir).whitelist if env.whitelist.configured else None
     return ApiFiles(files, bool(keys), whitelist, bool(upstream_key))

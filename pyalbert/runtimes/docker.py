@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pyalbert.commands import api as api_cmd
-from pyalbert.commands import docker, health, vllm_cache
+from pyalbert.commands import docker, health, routes, vllm_cache
 from pyalbert.commands.base import Cmd, any_of, combine
 from pyalbert.commands.render import template_text
 from pyalbert.commands.vllm import server_args
@@ -107,12 +107,14 @@ class DockerRuntime:
         api = api_files(env, placement, inputs, release_dir)
         serve = api_cmd.serve_args(env.name, env.api.port, keys=api.keys,
                                    whitelist=env.whitelist.configured, workers=env.api.workers,
-                                   upstream_key=api.upstream_key, host="127.0.0.1")
+                                   upstream_key=api.upstream_key, host="127.0.0.1",
+                                   routes=routes.IN_CONTAINER)
         digest = config_hash({"image": env.images.api, "args": serve, "port": env.api.port,
                               "network": "host", "files": api.material(release_dir)})
         into = api_cmd.IN_CONTAINER
         volumes = [f"{release_dir}/backends.json:{into}/backends.json:ro",
-                   f"{release_dir}/config:{into}/config:ro"]
+                   f"{release_dir}/config:{into}/config:ro",
+                   f"{routes.routes_dir(env.deploy.base_dir, env.name)}:{routes.IN_CONTAINER}:ro"]
         if api.keys:
             volumes.append(f"{release_dir}/keys.json:{into}/keys.json:ro")
         if api.upstream_key:
@@ -126,7 +128,8 @@ class DockerRuntime:
             # the host's network: the gateway reaches servers bound to the host's loopback
             args = api_cmd.serve_args(env.name, spare, keys=api.keys,
                                       whitelist=env.whitelist.configured, workers=env.api.workers,
-                                      upstream_key=api.upstream_key, host="127.0.0.1")
+                                      upstream_key=api.upstream_key, host="127.0.0.1",
+                                      routes=routes.IN_CONTAINER)
             start = docker.run(
                 name, env.images.api, args[1:], entrypoint=args[0], network="host", volumes=volumes,
                 user=docker.AS_DEPLOY_USER,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 from pyalbert.commands import api as api_cmd
-from pyalbert.commands import health, process, vllm_cache
+from pyalbert.commands import health, process, routes, vllm_cache
 from pyalbert.commands.base import Cmd, combine
 from pyalbert.commands.render import template_text
 from pyalbert.commands.setup import SetupPaths
@@ -146,6 +146,7 @@ class VenvRuntime:
                     *(["--keys", f"{release_dir}/keys.json"] if api.keys else ["--no-auth"]),
                     *(["--upstream-key", f"{release_dir}/upstream.key"] if api.upstream_key else []),
                     *(["--whitelist", api.whitelist] if api.whitelist else []),
+                    "--routes", routes.routes_dir(env.deploy.base_dir, env.name),
                     "--host", "127.0.0.1", "--port", str(spare), "--workers", str(env.api.workers)]
             # what runs, not where: the same for both colours and for every release dir
             digest = config_hash({**material, "argv": [a.replace(release_dir, "<release>")

@@ -103,7 +103,8 @@ def test_api_swap_colours_edge_and_files(plan):
     assert "--entrypoint albert" in blue.start.render()
     assert blue.start.render().endswith(
         "api --env test --config-dir /etc/albert/config --backends /etc/albert/backends.json "
-        "--keys /etc/albert/keys.json --host 127.0.0.1 --port 24160 --workers 1")
+        "--keys /etc/albert/keys.json --routes /etc/albert-routes --host 127.0.0.1 --port 24160 "
+        "--workers 1")
     assert swap.edge.name == "albert-test-api"
     assert "--network host" in swap.edge.start.render()
     assert swap.switch("green").render() == (
@@ -111,7 +112,7 @@ def test_api_swap_colours_edge_and_files(plan):
         "mv -f /srv/albert/edge-test/upstream.tmp /srv/albert/edge-test/upstream'")
     files = {f.path.rsplit("/releases/20250101-000000-abcdef/", 1)[-1]: f for f in cpu.files}
     assert set(files) == {"backends.json", "keys.json", "config/environments/test.toml",
-                          "config/llm_routing_table.json"}
+                          "config/llm_routing_table.json", "/srv/albert/routes-test/README"}
     assert files["keys.json"].secret and not files["backends.json"].secret
     assert json.loads(files["backends.json"].content) == {
         "small": ["http://10.0.0.1:8001"], "big": ["http://10.0.0.1:8002"]}

@@ -1,8 +1,10 @@
 """Fake ``python -m vllm.entrypoints.openai.api_server`` (see tests/support/fake_vllm)."""
 
 import argparse
+import json
 import os
 import sys
+import threading
 import time
 
 from fake_http import Handler, chat_answer, serve
@@ -50,6 +52,11 @@ def main(argv=None):
         with open(os.path.join(compiled, f"{name}.graph"), "w") as out:
             out.write("compiled\n" * 512)
     ready_at = time.monotonic() + delay
+    # FAKE_VLLM_TOKEN_DELAY: seconds between streamed chunks (and before a plain answer), so that
+    # requests are in flight when a deploy drains the server; /metrics counts them as vLLM does
+    token_delay = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY", "0"))
+    running = [0]
+    lock = threading.Lock()
 
     class VllmHandler(Handler):
         def ready(self):
@@ -72,7 +79,7 @@ def main(argv=None):
             if self.path == "/health":
                 return self.send_json(200, {})
             if self.path == "/metrics":  # a few of vLLM 0.32's own series, in its text format
-                return self.send_text(200, METRICS.format(name=name, running=0, waiting=0))
+                return self.send_text(200, METRICS.format(name=name, running=running[0], waiting=0))
             if self.path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [
                     {"id": name, "object": "model", "owned_by": "vllm", "root": args.model}]})
@@ -90,8 +97,39 @@ def main(argv=None):
                 if body.get("model") != name:
                     return self.send_json(404, {"error": {"message": f"model {body.get('model')} "
                                                           "does not exist", "code": 404}})
-                return self.send_json(200, chat_answer(name, body))
+                with lock:
+                    running[0] += 1
+                try:
+                    if body.get("stream"):
+                        return self.stream(chat_answer(name, body))
+                    time.sleep(token_delay * 4)
+                    return self.send_json(200, chat_answer(name, body))
+                finally:
+                    with lock:
+                        running[0] -= 1
             return self.send_json(404, {"error": "not found"})
+
+        def stream(self, answer):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            words = answer["choices"][0]["message"]["content"].split(" ")
+            head = {"id": answer["id"], "object": "chat.completion.chunk",
+                    "created": answer["created"], "model": answer["model"]}
+            events = [{**head, "choices": [{"index": 0, "delta": {"content": w + " "},
+                                            "finish_reason": None}]} for w in words]
+            events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            for i, event in enumerate(events):
+                data = f"data: {json.dumps(event)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                if i < len(events) - 1:
+                    time.sleep(token_delay)
+            done = b"data: [DONE]\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            self.wfile.flush()
+            return None
 
     serve(VllmHandler, args.host, args.port, "fake vllm")
 

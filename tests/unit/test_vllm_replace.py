@@ -1,0 +1,261 @@
+"""A vLLM replace without downtime: the decisions, the builders, the order of steps and undo."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+from pyalbert.commands import routes
+from pyalbert.commands.base import Cmd
+from pyalbert.commands.health import ReadyCheck
+from pyalbert.config import load_spec, resolve_placement
+from pyalbert.engine.vllm_replace import ModelRoll, VllmReplace, choose
+from pyalbert.errors import AlbertError, ConfigError
+from pyalbert.remote import Result
+from pyalbert.runtimes.base import Unit
+from pyalbert.runtimes.slots import ReplaceSettings, VllmSlots, cpu_no_room, gpu_no_room
+
+GIB = 1 << 30
+
+
+# -- builders -------------------------------------------------------------------------------------
+
+def test_point_writes_the_route_atomically_on_stdin():
+    cmd = routes.point("/srv/albert/routes-prod", "albert-prod-vllm-m", "m", "http://10.0.0.5:8000",
+                       "http://10.0.0.5:28000", 7)
+    assert cmd.render() == (
+        "sh -c 'umask 077 && mkdir -p /srv/albert/routes-prod && cat > "
+        "/srv/albert/routes-prod/albert-prod-vllm-m.json.tmp && chmod 0644 "
+        "/srv/albert/routes-prod/albert-prod-vllm-m.json.tmp && mv -f "
+        "/srv/albert/routes-prod/albert-prod-vllm-m.json.tmp /srv/albert/routes-prod/albert-prod-vllm-m.json'")
+    assert cmd.stdin_text == ('{"base": "http://10.0.0.5:8000", "model": "m", "retry_after": 7, '
+                              '"url": "http://10.0.0.5:28000"}\n')
+
+
+METRICS = """\
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 1
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+"""
+
+
+@pytest.mark.parametrize("text, n", [(METRICS, 4), (METRICS.replace("3.0", "0").replace(" 1\n", " 0\n"), 0),
+                                     ("", None), ('{"error": "loading"}', None)],
+                         ids=["busy", "idle", "no-answer", "not-metrics"])
+def test_parse_in_flight(text, n):
+    assert routes.parse_in_flight(text) == n
+
+
+def test_memory_probe_and_its_verdict():
+    assert routes.memory("/models/m").render() == (
+        "sh -c 'grep -m1 MemAvailable /proc/meminfo; du -sbL \"$1\" 2>/dev/null || echo \"0 $1\"' "
+        "memory /models/m")
+    out = f"MemAvailable:   {20 * GIB // 1024} kB\n{2 * GIB}\t/models/m\n"
+    assert routes.parse_memory(out) == (20 * GIB, 2 * GIB)
+    assert cpu_no_room(out, kv=4) is None  # 2 + 4 + 1 GiB <= 20
+    assert cpu_no_room(out, kv=100) == ("a second server needs about 103.0 GiB (weights 2.0 + KV "
+                                        "cache 100 + 1 GiB) and 20.0 GiB of RAM is free")
+    assert cpu_no_room("garbage", kv=4) == "the free memory could not be read"
+
+
+# -- config: the spare port and the GPU budget -------------------------------------------------
+
+def test_spare_port_is_derived_and_its_clash_names_the_key(simple_config):
+    placement = resolve_placement(load_spec("test", simple_config.root))
+    small = placement.vllm[0]
+    assert (small.port, small.model.replace_port, small.spare_slot().port) == (8001, 28001, 28001)
+    assert small.spare_slot().name == "albert-test-vllm-small-spare"
+    assert small.spare_slot().base_url == small.url == "http://127.0.0.1:8001"
+    simple_config.routing({"small": {"model": "org/small", "port": 8001, "gpu_mem_use": 0.4},
+                           "other": {"model": "org/other", "port": 28001, "gpu_mem_use": 0.4}})
+    with pytest.raises(ConfigError) as info:
+        load_spec("test", simple_config.root)
+    assert "other.port" in str(info.value) and "(its spare port)" in str(info.value)
+
+
+def test_gpu_room_is_the_gpu_mem_use_budget(simple_config):
+    placement = resolve_placement(load_spec("test", simple_config.root))  # 0.4 + 0.4 on GPU 0
+    assert gpu_no_room(placement, placement.vllm[0]) == (
+        "a second server would exceed the GPUs' memory budget (GPU 0: 0.80 used + 0.40 > 1.00 of "
+        "gpu_mem_use)")
+    simple_config.routing({"small": {"model": "org/small", "port": 8001, "gpu_mem_use": 0.3},
+                           "other": {"model": "org/other", "port": 8002, "gpu_mem_use": 0.3}})
+    placement = resolve_placement(load_spec("test", simple_config.root))
+    assert gpu_no_room(placement, placement.vllm[0]) is None  # 0.6 + 0.3 fits
+
+
+def test_max_unavailable_and_drain_timeout_are_validated(simple_config):
+    simple_config.env("[deploy]\nmax_unavailable = 0\n[[hosts]]\nname='a'\naddress='h'\n")
+    with pytest.raises(ConfigError, match="max_unavailable"):
+        load_spec("test", simple_config.root)
+
+
+@pytest.mark.parametrize("live, no_room, kind", [(None, None, "start"), (None, "x", "start"),
+                                                 ("u", None, "beside"), ("u", "no RAM", "restart")])
+def test_choose(live, no_room, kind):
+    assert choose(live, no_room) == kind
+
+
+def test_model_roll_lets_max_unavailable_replicas_out_at_once():
+    roll, cancel = ModelRoll(1), threading.Event()
+    inside, peak, lock = [0], [0], threading.Lock()
+    gate = threading.Barrier(3)
+
+    def replica():
+        gate.wait()
+        with roll.out_of_rotation("m", cancel):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            threading.Event().wait(0.05)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert peak[0] == 1
+
+
+# -- the sequence, against a scripted host ---------------------------------------------------
+
+def unit(name: str, port: int, config: str) -> Unit:
+    return Unit(name=name, service="vllm", config_hash=config, start=Cmd.of("start", name, config),
+                stop=Cmd.of("stop", name), probe=Cmd.of("probe", name), logs=Cmd.of("logs", name),
+                ready=ReadyCheck(port, "m"), model_id="m", port=port)
+
+
+def planned(config: str, *, no_room: str | None = None) -> Unit:
+    spare = unit("vllm-m-spare", 28000, config)
+    slots = VllmSlots(other=spare, model="m", base_url="http://127.0.0.1:8000", route="vllm-m",
+                      gpu_no_room=no_room)
+    main = unit("vllm-m", 8000, config)
+    return Unit(**{**main.__dict__, "slots": slots})
+
+
+@dataclass
+class Running:
+    running: bool
+
+
+@dataclass
+class ScriptedHost:
+    """Just enough of a HostDeploy: what runs, what was done in which order."""
+
+    running: set = field(default_factory=set)
+    log: list = field(default_factory=list)
+    fail_ready: set = field(default_factory=set)
+    undo: list = field(default_factory=list)
+    previous: dict = field(default_factory=dict)
+    in_flight: list = field(default_factory=lambda: [2, 1, 0])
+
+    def __post_init__(self):
+        self.r, self.gateways, self.cancel, self.roll = self, self, threading.Event(), ModelRoll(1)
+        self.name = "h"
+        self.hp = type("HP", (), {"replace": ReplaceSettings((), "/r", 1, 5)})()
+
+    # the runner
+    def run(self, cmd: Cmd, check: bool = True) -> Result:
+        verb, *args = str(cmd).split()
+        if verb == "stop":
+            self.running.discard(args[0])
+        if verb in ("start", "stop"):
+            self.log.append(f"{verb} {args[0]}")
+        if "metrics" in str(cmd):
+            n = self.in_flight.pop(0) if self.in_flight else 0
+            self.log.append(f"in flight {n}")
+            return Result(cmd, 0, f'vllm:num_requests_running{{model_name="m"}} {n}\n', "")
+        return Result(cmd, 0, "", "")
+
+    # the session
+    def state(self, u: Unit) -> Running:
+        return Running(u.name in self.running)
+
+    def say(self, text: str, style: str = "") -> None:
+        self.log.append(f"say: {text}")
+
+    def _start(self, u: Unit) -> None:
+        self.log.append(f"start {u.name} ({u.config_hash})")
+        if u.config_hash in self.fail_ready:
+            raise AlbertError(f"{u.name} was not ready")
+        self.running.add(u.name)
+
+    def wait_ready(self, u: Unit, quiet: bool = False) -> None:
+        self.running.add(u.name)
+
+    def check_cancel(self) -> None:
+        pass
+
+    def recorded(self, name: str) -> Unit | None:
+        return self.previous.get(name)
+
+    # the gateways
+    def point(self, slots, url, retry_after=5, check_first=False):
+        self.log.append(f"route -> {url or 'out of rotation'}")
+
+
+def steps(host: ScriptedHost) -> list[str]:
+    return [e for e in host.log if not e.startswith("say")]
+
+
+def test_with_room_the_new_server_starts_beside_then_the_old_one_drains_and_stops():
+    host = ScriptedHost(running={"vllm-m"}, previous={"vllm-m": unit("vllm-m", 8000, "old")})
+    served = VllmReplace(host).run(planned("new"))
+    assert served.name == "vllm-m-spare"
+    assert steps(host) == [
+        "stop vllm-m-spare", "start vllm-m-spare (new)",    # clean slot, start, ready
+        "route -> http://127.0.0.1:28000",                  # the gateways route to it
+        "in flight 2", "in flight 1", "in flight 0",        # the old one finishes its requests
+        "stop vllm-m"]
+    assert host.running == {"vllm-m-spare"}
+
+
+def test_a_second_replace_goes_back_to_the_first_slot():
+    host = ScriptedHost(running={"vllm-m-spare"}, in_flight=[])
+    assert VllmReplace(host).run(planned("newer")).name == "vllm-m"
+    assert steps(host)[:3] == ["stop vllm-m", "start vllm-m (newer)", "route -> http://127.0.0.1:8000"]
+    assert host.running == {"vllm-m"}
+
+
+def test_a_new_server_that_never_gets_ready_leaves_the_old_one_serving_and_routed():
+    host = ScriptedHost(running={"vllm-m"}, fail_ready={"bad"},
+                        previous={"vllm-m": unit("vllm-m", 8000, "old")})
+    with pytest.raises(AlbertError):
+        VllmReplace(host).run(planned("bad"))
+    for step in reversed(host.undo):
+        step()
+    assert host.running == {"vllm-m"}
+    assert "route -> http://127.0.0.1:28000" not in host.log  # never routed to the failed one
+
+
+def test_undo_after_the_switch_restarts_the_old_release_and_routes_back():
+    host = ScriptedHost(running={"vllm-m"}, in_flight=[],
+                        previous={"vllm-m": unit("vllm-m", 8000, "old")})
+    VllmReplace(host).run(planned("new"))
+    host.log.clear()
+    for step in reversed(host.undo):  # a later unit failed: this one goes back too
+        step()
+    assert steps(host) == ["stop vllm-m-spare", "start vllm-m", "route -> http://127.0.0.1:8000"]
+    assert host.running == {"vllm-m"}
+
+
+def test_without_room_it_says_so_takes_the_replica_out_then_restarts_in_place():
+    host = ScriptedHost(running={"vllm-m"}, in_flight=[1, 0],
+                        previous={"vllm-m": unit("vllm-m", 8000, "old")})
+    served = VllmReplace(host).run(planned("new", no_room="GPU 0: 0.90 used + 0.90"))
+    assert served.name == "vllm-m"
+    said = [e for e in host.log if e.startswith("say")]
+    assert "no room on host h for a second m server (GPU 0: 0.90 used + 0.90)" in said[0]
+    assert steps(host) == ["route -> out of rotation", "in flight 1", "in flight 0",
+                           "stop vllm-m", "start vllm-m (new)", "route -> http://127.0.0.1:8000"]
+
+
+def test_nothing_running_starts_the_first_slot():
+    host = ScriptedHost()
+    assert VllmReplace(host).run(planned("new")).name == "vllm-m"
+    assert steps(host) == ["stop vllm-m", "start vllm-m (new)", "route -> http://127.0.0.1:8000"]
