@@ -234,6 +234,7 @@ class Gateway:
         except ApiError as exc:
             status = exc.status
             ctx.error = exc.code or exc.type
+            self.metrics.reject(ctx.key, status, ctx.error)
             await self.respond(send, status, exc.body(), exc.headers)
         except ClientGone:
             status, ctx.error = 499, "client_disconnected"

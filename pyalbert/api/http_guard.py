@@ -30,6 +30,10 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 PROTOCOL = "pyalbert.api.http_guard:GuardedHttpToolsProtocol"
 
 
+#: the reason label of albert_rejections_total for what this protocol refuses
+REASONS = {408: "request_timeout", 431: "header_too_large"}
+
+
 class HttpLimits(NamedTuple):
     max_header_bytes: int = 32 * 1024
     read_timeout_s: float = 30.0
@@ -81,6 +85,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, message: str) -> None:
         self._disarm()
+        reject = getattr(getattr(self.app, "metrics", None), "reject", None)
+        if reject is not None:  # the gateway's albert_rejections_total (no key: not read yet)
+            reject("", status, REASONS.get(status, "refused"))
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
             self.transport.close()

@@ -27,6 +27,8 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self.upstream_errors: dict[tuple[str, str], int] = defaultdict(int)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
+        #: (key name, status, reason) of requests the gateway refused itself
+        self.rejections: dict[tuple[str, int, str], int] = defaultdict(int)
         self.retries = 0
         self.in_flight = 0
         self.reloads = 0
@@ -40,6 +42,12 @@ class Metrics:
             hist = self.duration[route] = [0.0] * (len(BUCKETS) + 2)
         hist[bisect_left(BUCKETS, seconds)] += 1
         hist[-1] += seconds
+
+    def reject(self, key: str, status: int, reason: str) -> None:
+        """A request the gateway refused itself (a 4xx: key, rate limit, body, head, deadline...);
+        ``key`` is the key's name ("" before authentication), ``reason`` our error code."""
+        if 400 <= status < 500:
+            self.rejections[(key, status, reason)] += 1
 
     def render(self, router: Router, whitelist_entries: int) -> bytes:
         lines = [
@@ -70,6 +78,12 @@ class Metrics:
                   "# TYPE albert_tokens_total counter"]
         for (key, model), n in sorted(self.tokens.items()):
             lines.append(f'albert_tokens_total{{key="{_label(key)}",model="{_label(model)}"}} {n}')
+        lines += ["# HELP albert_rejections_total Requests the gateway refused (4xx), by key name, "
+                  "status and reason.",
+                  "# TYPE albert_rejections_total counter"]
+        for (key, status, reason), n in sorted(self.rejections.items()):
+            lines.append(f'albert_rejections_total{{key="{_label(key)}",status="{status}",'
+                         f'reason="{_label(reason)}"}} {n}')
         lines += ["# HELP albert_retries_total Requests retried on another replica.",
                   "# TYPE albert_retries_total counter", f"albert_retries_total {self.retries}",
                   "# HELP albert_in_flight Requests being answered.",

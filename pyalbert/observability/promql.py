@@ -1,8 +1,8 @@
 """Metric names and the PromQL of every figure: one source for the rules, the dashboard and top.
 
 vLLM names are those vllm 0.32 exposes (``tests/fixtures/vllm/metrics-0.32-*.txt`` is a real
-scrape). The gateway's are :mod:`pyalbert.api.metrics`. Two names are ours and not exposed by
-anything yet, see :data:`PENDING`.
+scrape). The gateway's are :mod:`pyalbert.api.metrics`; the GPU lease's is a node-exporter
+textfile, see :data:`PENDING`.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ API_TOKENS = "albert_tokens_total"  # key, model
 API_REPLICA_HEALTHY = "albert_replica_healthy"  # model, replica (upstream URL)
 API_IN_FLIGHT = "albert_in_flight"
 
-#: requests rejected by the gateway, per key: ``albert_rejections_total{key, status, reason}``
-#: (status "429" for rate limits). Not exposed by the gateway yet: its ``albert_requests_total``
-#: has no key label.
+#: requests the gateway refused itself, per key name: ``albert_rejections_total{key, status,
+#: reason}`` (:meth:`pyalbert.api.metrics.Metrics.reject`; status "429" for rate limits)
 API_REJECTIONS = "albert_rejections_total"
-#: a held GPU lease (``pyalbert.commands.gpu``): written as a node-exporter textfile by
-#: :func:`pyalbert.observability.commands.write_lease_textfile`; the deploy engine does not call
-#: it yet.
+#: a held GPU lease (``pyalbert.commands.gpu``): a node-exporter textfile written at ``link-gpu``
+#: and removed at ``unlink-gpu`` (:func:`pyalbert.observability.commands.write_lease_textfile`);
+#: scraped only where a node exporter runs (``metrics.node_exporter_port``)
 GPU_LEASE_EXPIRY = "albert_gpu_lease_expiry_timestamp_seconds"
 
-#: names the rules and the dashboard use that nothing exposes yet (the live test knows)
-PENDING = (API_REJECTIONS, GPU_LEASE_EXPIRY)
+#: names the rules and the dashboard use that the local stack does not expose (no node exporter)
+PENDING = (GPU_LEASE_EXPIRY,)
 
 PROXIED_ROUTES = 'route=~"chat|completions|embeddings"'
 

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from pyalbert.engine.operations import deploy_env
+from pyalbert.engine.operations import deploy_env, rollback_env
 from tests.integration.test_venv_runtime import wait_for
 
 pytestmark = [
@@ -28,6 +28,13 @@ def up(env) -> dict[str, float]:
     out = env.host.run(["curl", "-fsS", "http://127.0.0.1:18490/api/v1/query?query=up"]).stdout
     return {f"{r['metric']['job']}/{r['metric']['instance']}": float(r["value"][1])
             for r in json.loads(out)["data"]["result"]}
+
+
+def ttft_threshold(env) -> str:
+    """The TTFT alert's expression as Prometheus serves it now (its threshold is the last token)."""
+    out = env.host.run(["curl", "-fsS", "http://127.0.0.1:18490/api/v1/rules?type=alert"]).stdout
+    rules = [r for g in json.loads(out)["data"]["groups"] for r in g["rules"]]
+    return next(r["query"] for r in rules if r["name"] == "AlbertSlowFirstToken").split()[-1]
 
 
 def test_deploy_brings_prometheus_up_scraping_every_target_then_noop_then_refuses_bad_rules(env):
@@ -54,6 +61,17 @@ def test_deploy_brings_prometheus_up_scraping_every_target_then_noop_then_refuse
     first = env.running()
     again = deploy_env(env.spec(), quiet=True)
     assert [r.status for r in again] == ["unchanged"] and env.running() == first
+
+    # a new threshold changes its files, not its command: reloaded in place (same process), and a
+    # rollback reloads the previous files
+    name, before = f"albert-{n}-prometheus", ttft_threshold(env)
+    pid = env.supervised()[name]["pid"]
+    env.write(MODELS, api_port=18480, extra=METRICS + "[metrics.alerts]\nttft_p95_s = 7.5\n")
+    assert [r.status for r in deploy_env(env.spec(), quiet=True)] == ["deployed"]
+    assert env.supervised()[name]["pid"] == pid and ttft_threshold(env) == "7.5" != before
+    assert [r.status for r in rollback_env(env.spec(), quiet=True)] == ["rolled back to"]
+    assert env.supervised()[name]["pid"] == pid and ttft_threshold(env) == before
+    first = env.running()
 
     # a rate window promtool refuses: the deploy fails in the preflight, nothing restarts
     env.write(MODELS, api_port=18480, extra=METRICS + "[metrics.alerts]\nrate_window = '0s'\n")

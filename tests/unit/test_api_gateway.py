@@ -219,6 +219,32 @@ def test_key_models_rate_limit_and_max_tokens_cap(gateway, up):
     assert gw.client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+def test_rejections_are_counted_per_key_name_status_and_reason_never_the_secret(gateway, up):
+    gw = gateway(max_body_bytes=1024)
+    limited = {"Authorization": f"Bearer {LIMITED}"}
+    HTTP.post(gw.server.url + "/v1/chat/completions", json=CHAT)  # no key
+    HTTP.post(gw.server.url + "/v1/chat/completions", json=CHAT,
+              headers={"Authorization": "Bearer wrong-key-0123456789"})
+    gw.client.post("/v1/chat/completions", json={**CHAT, "model": "solo"}, headers=limited)
+    for _ in range(3):  # 2 requests per minute: the third is a 429
+        gw.client.post("/v1/chat/completions", json=CHAT, headers=limited)
+    gw.client.post("/v1/chat/completions", json={**CHAT, "pad": "x" * 2048})
+    gw.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": "many"})
+    gw.client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    text = HTTP.get(gw.server.url + "/metrics", headers=SCRAPER).text
+    counted = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in text.splitlines()
+               if line.startswith("albert_rejections_total{")}
+    assert counted == {
+        'albert_rejections_total{key="",status="401",reason="invalid_api_key"}': "2",
+        'albert_rejections_total{key="limited",status="403",reason="model_not_allowed"}': "1",
+        'albert_rejections_total{key="limited",status="429",reason="rate_limit_exceeded"}': "1",
+        'albert_rejections_total{key="main",status="413",reason="request_too_large"}': "1",
+        'albert_rejections_total{key="main",status="400",reason="invalid_type"}': "1",
+        'albert_rejections_total{key="main",status="404",reason="model_not_found"}': "1",
+    }
+    assert LIMITED not in text and KEY not in text and "wrong-key" not in text
+
+
 def sent_bodies(up) -> list[dict]:
     return [body for f in up for _, body in f.requests]
 

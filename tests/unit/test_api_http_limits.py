@@ -96,6 +96,8 @@ def test_request_heads_over_the_cap_are_431(serve, where):
     assert status_of(answer) == 431
     assert b"connection: close" in answer.lower()
     assert httpx.get(server.url + "/health").status_code == 200
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'albert_rejections_total{key="",status="431",reason="header_too_large"} 1' in metrics
 
 
 def test_a_64_mib_header_is_cut_off_early_and_others_are_served(serve):
