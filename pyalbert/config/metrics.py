@@ -90,6 +90,9 @@ class MetricsSpec(_Spec):
     scrape_key_file: str | None = None
     #: a node exporter on every host (its textfile collector carries the GPU lease metric)
     node_exporter_port: int | None = Field(None, ge=1, le=65535)
+    #: the node exporter's textfile folder on the GPU hosts (Debian's package reads this one):
+    #: ``link-gpu`` writes the lease there, ``unlink-gpu`` removes it (the deploy user writes it)
+    textfile_dir: str = "/var/lib/prometheus/node-exporter"
     alerts: AlertsSpec = AlertsSpec()
     alertmanager: AlertmanagerSpec | None = None
 

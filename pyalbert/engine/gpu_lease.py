@@ -15,6 +15,7 @@ from pyalbert.engine.context import RunContext
 from pyalbert.engine.fanout import RunnerFactory, raise_errors
 from pyalbert.engine.operations import on_hosts
 from pyalbert.errors import AlbertError
+from pyalbert.observability import commands as oc
 from pyalbert.remote import Runner
 from pyalbert.runtimes import Runtime, facts, runtime_for
 
@@ -89,6 +90,24 @@ def _take(r: Runner, host, spec, ctx: RunContext, now: datetime):
     return decision, current, lease
 
 
+def lease_metric(r: Runner, spec, lease: gpu.Lease | None) -> str | None:
+    """Write (``lease``) or remove (None) the lease's node-exporter textfile, where a node exporter
+    runs (``metrics.node_exporter_port``): the data of the "GPU lease held past its time" alert.
+    A note when it could not be written (the lease itself stands)."""
+    metrics = spec.env.metrics
+    if not (metrics.enabled and metrics.node_exporter_port):
+        return None
+    cmd = (oc.write_lease_textfile(metrics.textfile_dir, lease) if lease is not None
+           else oc.remove_lease_textfile(metrics.textfile_dir))
+    res = r.run(cmd, check=False)
+    if res.ok:
+        return None
+    said = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+    return (f"the lease metric was not {'written to' if lease else 'removed from'} "
+            f"{metrics.textfile_dir} ({said[0]}): let the deploy user write there "
+            "(metrics.textfile_dir)")
+
+
 def link_gpu_env(spec, runners: RunnerFactory | None = None, now: datetime | None = None,
                  ctx: RunContext | None = None) -> dict[str, object]:
     """Take (or renew) this pipeline's lease; refuse while another live pipeline holds it.
@@ -114,6 +133,8 @@ def link_gpu_env(spec, runners: RunnerFactory | None = None, now: datetime | Non
         if link.attach_hook:
             run_hook(r, host, "attach", link.attach_hook, _hook_env(spec, host, pipeline))
             notes.append("attach hook run")
+        metric = lease_metric(r, spec, lease)
+        notes += [metric] if metric else []
         said = {"take": f"lease taken for pipeline {pipeline}",
                 "renew": f"already linked: lease of pipeline {pipeline} renewed",
                 "takeover": f"expired lease of {current.describe() if current else '?'} taken over "
@@ -159,6 +180,8 @@ def unlink_gpu_env(spec, runners: RunnerFactory | None = None, now: datetime | N
         if link.detach_hook:
             run_hook(r, host, "detach", link.detach_hook, _hook_env(spec, host, pipeline))
         hook = "; detach hook run" if link.detach_hook else ""
+        metric = lease_metric(r, spec, None)
+        hook += f"; {metric}" if metric else ""
         if not stopped and current is None:
             return f"already unlinked: no vLLM server running, {lease}{hook}"
         return f"stopped {len(stopped)} vLLM server(s); {lease}{hook}"
