@@ -107,11 +107,27 @@ def status(c, env, config_dir=None):
         for line in value.get("ray_nodes", []):  # a host group's cluster, on its head
             console.print(f"  {line}", highlight=False)
         not_serving.extend(f"{host} {what}" for what in value["not_serving"])
+    _print_figures(spec)
     if failed:
         raise Exit(f"status: could not read {', '.join(failed)} (see above)", code=1)
     if not_serving:
         raise Exit(f"status: declared by the current release but NOT serving: {'; '.join(not_serving)}. "
                    f"Fix: read `fab logs --env {env}` for them, then redeploy or `fab rollback`.", code=1)
+
+
+def _print_figures(spec) -> None:
+    """The headline figures per model (Prometheus, else the servers' /metrics); never fails status."""
+    from pyalbert.cli.top_cmd import table
+    from pyalbert.engine.status_figures import status_figures
+    from pyalbert.errors import AlbertError
+    from pyalbert.ui import console
+
+    try:
+        source, rows = status_figures(spec, _runners(spec))
+    except AlbertError as exc:
+        console.print(f"[yellow]figures per model: {exc}[/]", highlight=False)
+        return
+    console.print(table(rows, source, title="figures per model"))
 
 
 @task(help={**_ENV, "service": "vllm, api or ray (a host group's nodes)", "model": "model id",

@@ -36,8 +36,8 @@ def _num(value: float, fmt: str, scale: float = 1.0) -> str:
     return fmt.format(value * scale)
 
 
-def table(rows: Sequence, source: str) -> Table:
-    t = Table(title=f"albert top: {source}")
+def table(rows: Sequence, source: str, title: str = "albert top") -> Table:
+    t = Table(title=f"{title}: {source}", title_justify="left")
     for col, justify in (("model", "left"), ("replicas up", "right"), ("TTFT p50", "right"),
                          ("TTFT p95", "right"), ("tok/s in", "right"), ("tok/s out", "right"),
                          ("running", "right"), ("waiting", "right"), ("KV cache", "right")):

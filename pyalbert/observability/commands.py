@@ -82,6 +82,17 @@ def reload_signal(pid_file: str) -> Cmd:
     return Cmd.of("pkill", "-HUP", "-F", pid_file)
 
 
+def query(base_url: str, expr: str) -> Cmd:
+    """An instant query (JSON on stdout), asked on the Prometheus host (``fab status``)."""
+    return Cmd.of("curl", "-fsS", "--max-time", "10", "-G", "--data-urlencode", f"query={expr}",
+                  f"{base_url.rstrip('/')}/api/v1/query")
+
+
+def scrape(address: str) -> Cmd:
+    """A server's own ``/metrics`` (``host:port``), read on its host."""
+    return Cmd.of("curl", "-fsS", "--max-time", "5", f"http://{address}/metrics")
+
+
 def is_ready(base_url: str) -> Cmd:
     """Exit 0 once Prometheus serves queries."""
     return Cmd.of("curl", "-fsS", "-o", "/dev/null", f"{base_url.rstrip('/')}/-/ready")

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from pyalbert.engine.operations import deploy_env, rollback_env
+from pyalbert.engine.status_figures import status_figures
 from tests.integration.test_venv_runtime import wait_for
 
 pytestmark = [
@@ -55,6 +56,10 @@ def test_deploy_brings_prometheus_up_scraping_every_target_then_noop_then_refuse
     assert targets and all(v == 1 for v in targets.values()), targets
     assert sum(1 for k in targets if "18401" in k or "18402" in k) == 2
     assert any("18480" in k for k in targets)
+    # fab status's figures per model come from this Prometheus, asked on its host
+    source, rows = status_figures(env.spec())
+    assert source.startswith("Prometheus on ")
+    assert {(r.model, r.replicas_up, r.replicas) for r in rows} == {("m-a", 1, 1), ("m-b", 1, 1)}
     data = env.host.run(f"ls {env.base}/prometheus-{n}/data").stdout
     assert "wal" in data.split()
 
