@@ -105,8 +105,15 @@ class LocalEnv:
             _write_secret(key_file, secrets.token_urlsafe(32))
             made.append("api key")
         key = key_file.read_text().strip()
+        scrape_file = secrets_dir / "prometheus-scrape-key"
+        if not scrape_file.exists():
+            _write_secret(scrape_file, secrets.token_urlsafe(32))
+            made.append("Prometheus scrape key")
+        scrape = scrape_file.read_text().strip()
         keys_file = secrets_dir / "keys.json"
-        keys = json.dumps({"keys": [{"name": "local", "sha256": hash_key(key), "models": ["*"]}]},
+        keys = json.dumps({"keys": [{"name": "local", "sha256": hash_key(key), "models": ["*"]},
+                                    {"name": "prometheus", "sha256": hash_key(scrape), "models": [],
+                                     "scrape": True}]},
                           indent=2)
         if not keys_file.exists() or keys_file.read_text() != keys + "\n":
             _write_secret(keys_file, keys)
@@ -158,6 +165,8 @@ class LocalEnv:
         with self.phase("deploy api") as p:
             p.detail = _summary(deploy_env(self.spec, service="api", quiet=True,
                                            runners=self.runners(host)))
+        with self.phase("deploy prometheus") as p:
+            p.detail = self._prometheus(host)
         with self.phase("smoke") as p:
             p.detail = self._smoke()
         console.print(self.report.table())
@@ -186,6 +195,39 @@ class LocalEnv:
 
         return _summaries(setup_env(self.spec, service="all", extra_env={"HF_ENDPOINT": hub_url},
                                     runners=self.runners(host)))
+
+    def _prometheus(self, host) -> str:
+        """The environment's Prometheus (``[metrics]``): the gateway's scrape key where
+        ``metrics.scrape_key_file`` says (written only when it differs), then a deploy of the
+        whole plan, in which only Prometheus is new."""
+        from pyalbert.commands.base import Cmd
+        from pyalbert.commands.release import put
+        from pyalbert.engine.operations import deploy_env
+
+        metrics = self.spec.env.metrics
+        if not metrics.enabled:
+            return "off ([metrics] enabled = false)"
+        said = []
+        if metrics.scrape_key_file:
+            key = (self.state / "secrets" / "prometheus-scrape-key").read_text().strip()
+            runner = self.runners(host)(self.spec.env.hosts[0])
+            try:
+                if runner.run(Cmd.of("cat", metrics.scrape_key_file), check=False).stdout.strip() != key:
+                    runner.run(put(metrics.scrape_key_file, key, secret=True))
+                    said.append("scrape key written")
+            finally:
+                runner.close()
+        said.append(_summary(deploy_env(self.spec, service="all", quiet=True,
+                                        runners=self.runners(host))))
+        return "; ".join(said)
+
+    def prometheus_url(self) -> str | None:
+        from pyalbert.observability.render import hostport, prometheus_host
+
+        metrics = self.spec.env.metrics
+        if not metrics.enabled:
+            return None
+        return f"http://{hostport(prometheus_host(self.spec.placement, metrics).address, metrics.port)}"
 
     def _smoke(self) -> str:
         from pyalbert.cli import main
@@ -216,7 +258,9 @@ class LocalEnv:
             f"  eval \"$(.venv/bin/albert testhost up --name {self.spec.env.hosts[0].name} --index "
             f"{self.index} --quiet)\"\n"
             "  .venv/bin/fab -r deploy status --env local     # also: logs, releases, rollback\n\n"
-            "Stop it with: [bold]./scripts/local-down[/] (or `fab -r deploy down --env local` for "
+            + (f"Prometheus: {prom} (targets: {prom}/targets); live figures: "
+               f"`.venv/bin/albert top --env local`\n\n" if (prom := self.prometheus_url()) else "")
+            + "Stop it with: [bold]./scripts/local-down[/] (or `fab -r deploy down --env local` for "
             "the services only).",
             soft_wrap=True,
         )

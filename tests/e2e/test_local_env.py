@@ -41,7 +41,8 @@ def local_env():
 def test_local_up_serves_a_real_model(local_env):
     assert local_env.returncode == 0, local_env.stderr
     out = local_env.stdout
-    for phase in ("host", "provision", "setup", "deploy vllm", "deploy api", "smoke"):
+    for phase in ("host", "provision", "setup", "deploy vllm", "deploy api", "deploy prometheus",
+                  "smoke"):
         assert f"==> {phase}" in out
     assert "ok: 6 check(s) passed" in out
     assert "curl -s http://10.210.0.2:8080/v1/chat/completions" in out
@@ -52,6 +53,7 @@ def test_second_run_is_a_no_op(local_env):
     assert again.returncode == 0, again.stderr
     assert "deploy vllm: local: unchanged" in again.stdout
     assert "deploy api: local: unchanged" in again.stdout
+    assert "deploy prometheus: local: unchanged" in again.stdout
     assert "provision: no change" in again.stdout
     assert "tools and config unchanged" in again.stdout
 
@@ -76,3 +78,22 @@ def test_openai_client_gets_an_answer_through_the_gateway(local_env):
     with pytest.raises(Exception) as info:
         bad.models.list()
     assert getattr(info.value, "status_code", None) == 401
+
+
+def test_prometheus_scrapes_every_target_with_the_scrape_key(local_env):
+    import time
+
+    import httpx
+
+    assert "Prometheus: http://10.210.0.2:9090" in local_env.stdout
+    ups: dict[str, float] = {}
+    for _ in range(60):  # a few scrape intervals (5 s) after the deploy
+        result = httpx.get("http://10.210.0.2:9090/api/v1/query", params={"query": "up"},
+                           timeout=10).json()["data"]["result"]
+        ups = {f"{r['metric']['job']}/{r['metric']['instance']}": float(r["value"][1]) for r in result}
+        if {k.split("/")[0] for k in ups} >= {"vllm", "api", "prometheus"} and all(
+                v == 1 for v in ups.values()):
+            break
+        time.sleep(1)
+    assert {k.split("/")[0] for k in ups} >= {"vllm", "api", "prometheus"}, ups
+    assert all(v == 1 for v in ups.values()), ups  # the gateway's /metrics took the scrape key
