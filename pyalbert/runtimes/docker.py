@@ -49,8 +49,8 @@ class DockerRuntime:
                            port=inst.port, extra_args=env.vllm.extra_args,
                            **({"host": inst.address} if split else {}))
         args += ray_units.vllm_args(inst)
-        environ = vllm_environ(env, inst, inputs, {"VLLM_CACHE_ROOT": vllm_cache.IN_CONTAINER,
-                                                   **ray_units.vllm_env(inst)})
+        environ = vllm_cache.with_compile_defaults(vllm_environ(
+            env, inst, inputs, {"VLLM_CACHE_ROOT": vllm_cache.IN_CONTAINER, **ray_units.vllm_env(inst)}))
         cache = vllm_cache.docker_tree(env.storage_dir, env.images.vllm)
         head = ray_units.node_cmd(inst.group, inst.host, self.ray_bin(env)).render() if split else None
         digest = config_hash({"image": env.images.vllm, "args": args, "port": inst.port,

