@@ -46,3 +46,58 @@ def chat_load(base_url: str, model: str, clients: int = 3) -> Iterator[Load]:
         stop.set()
         for t in threads:
             t.join(30)
+
+
+@dataclass
+class OpenAILoad:
+    """What clients of the openai library saw: answers, and each failure as (status, Retry-After)."""
+
+    ok: int = 0
+    streamed: int = 0
+    failures: list[tuple[object, str | None]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def openai_load(base_url: str, model: str, clients: int = 4) -> Iterator[OpenAILoad]:
+    """``clients`` threads of the openai client (no retries): even ones stream, odd ones not."""
+    import openai
+
+    load, stop, lock = OpenAILoad(), threading.Event(), threading.Lock()
+
+    def client(i: int) -> None:
+        c = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=30)
+        messages = [{"role": "user", "content": "one two three four five six"}]
+        while not stop.is_set():
+            outcome: tuple[object, str | None] | None = None
+            try:
+                if i % 2 == 0:
+                    chunks = list(c.chat.completions.create(model=model, messages=messages,
+                                                            stream=True))
+                    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                    if "six" not in text:
+                        outcome = ("cut stream", text)
+                else:
+                    answer = c.chat.completions.create(model=model, messages=messages)
+                    if "six" not in (answer.choices[0].message.content or ""):
+                        outcome = ("bad answer", None)
+            except openai.APIStatusError as exc:
+                outcome = (exc.status_code, exc.response.headers.get("retry-after"))
+            except openai.APIError as exc:
+                outcome = (type(exc).__name__, None)
+            with lock:
+                if outcome is None:
+                    load.ok += 1
+                    load.streamed += i % 2 == 0
+                else:
+                    load.failures.append(outcome)
+                    stop.wait(0.05)  # a client told to retry does not spin
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield load
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
