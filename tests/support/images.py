@@ -25,6 +25,8 @@ ROOT_SOCKET = "/run/docker.sock"
 BASE_IMAGE = "albert-test/bookworm:base"
 PYTHON_IMAGE = "albert-test/python:bookworm"
 PYTHON_DEBS = ("python3", "python3-venv", "python3-pip", "ca-certificates", "curl", "procps")
+#: the front door of the docker runtime's tests (``images.edge``): Debian's HAProxy
+HAPROXY_IMAGE = "albert-test/haproxy:bookworm"
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -150,6 +152,25 @@ def ensure_python_image(socket: str = ROOT_SOCKET) -> str:
                 )
                 build(context, PYTHON_IMAGE, socket)
     return PYTHON_IMAGE
+
+
+def ensure_haproxy_image(socket: str = ROOT_SOCKET) -> str:
+    """``albert-test/haproxy:bookworm``: Debian's haproxy package, no network needed."""
+    ensure_base_image(socket)
+    with build_lock("haproxy-image"):
+        if not image_exists(HAPROXY_IMAGE, socket):
+            with tempfile.TemporaryDirectory(prefix="albert-haproxy-image-") as tmp:
+                context = Path(tmp)
+                fetch_debs(("haproxy",), context / "debs")
+                (context / "Dockerfile").write_text(
+                    f"FROM {BASE_IMAGE}\n"
+                    "COPY debs /tmp/debs\n"
+                    "RUN apt-get install -y -qq --no-install-recommends /tmp/debs/*.deb "
+                    "&& rm -rf /tmp/debs /var/lib/apt/lists/* /var/cache/apt/*\n"
+                    'ENTRYPOINT ["haproxy"]\n'
+                )
+                build(context, HAPROXY_IMAGE, socket)
+    return HAPROXY_IMAGE
 
 
 def save(tag: str, socket: str = ROOT_SOCKET) -> Path:

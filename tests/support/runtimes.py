@@ -22,6 +22,7 @@ import pytest
 
 from pyalbert.config import load_spec
 from tests.support.hosts import environment_toml, ssh_environ
+from tests.support.images import HAPROXY_IMAGE, ensure_haproxy_image
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/albert-test")
@@ -66,7 +67,8 @@ def environment_text(rh: RuntimeHost, name: str, *, base: str, models: dict, api
     shutil.chown(cache, "gitlab", "gitlab")
     env_line = json.dumps(vllm_env or {}).replace('": ', '" = ')
     if rh.runtime == "docker":
-        runtime = f'[images]\nvllm = "{rh.vllm}"\napi = "{rh.vllm}"\n[vllm]\nenv = {env_line}\n'
+        runtime = (f'[images]\nvllm = "{rh.vllm}"\napi = "{rh.vllm}"\nedge = "{HAPROXY_IMAGE}"\n'
+                   f"[vllm]\nenv = {env_line}\n")
     else:
         runtime = (f'runtime = "venv"\n[vllm]\npython = "{python or rh.vllm}"\n'
                    f"env = {env_line}\n")
@@ -109,6 +111,7 @@ def make_runtime_host(runtime: str, make_host, tmp_path_factory) -> RuntimeHost:
         h.load_image(image)
         return RuntimeHost("docker", h, image)
     python = fake_vllm_python()
+        h.load_image(ensure_haproxy_image())  # the front door (images.edge)
     h = make_host(docker=False)
     tools_on(h, python, tmp_path_factory.mktemp("venv-tools-config"))
     return RuntimeHost("venv", h, python)

@@ -32,6 +32,7 @@ def test_staging_secrets_are_protected_and_only_known_hosts_is_not():
         "SSH_KNOWN_HOSTS": ("file", False, False, True),  # public host keys, not a secret
         "HF_TOKEN": ("env_var", True, True, False),
         "ALBERT_API_KEYS": ("file", True, False, False),
+        "ALBERT_TLS_CERT": ("file", True, False, False),
         "ALBERT_API_KEY": ("env_var", True, True, False),
         # optional: derived from SSH_PRIVATE_KEY when unset (issue 14)
         "ALBERT_VLLM_API_KEY": ("env_var", True, True, False),

@@ -1,0 +1,161 @@
+"""The api's front door as a unit of the release: HAProxy in front of the blue/green gateways.
+
+Its files (``haproxy.cfg`` rendered from ``[api]``/``[edge]``, the TLS certificate from the File
+variable of the ``tls_cert`` secret, 0600) go into the release folder (``<release>/edge/``) and
+HAProxy reads them through a link (``<base>/edge-<env>/config``), so a release and its rollback
+carry their own front door. Changed files are a graceful reload in place (link, then ``SIGUSR2``
+to HAProxy's master: the old worker finishes its connections), never a restart; the unit restarts
+only when its own command or image changes. Before anything changes, the preflight check
+:class:`HaproxyAccepts` has ``haproxy -c`` read the files in a private scratch folder on the host.
+
+venv runtime: the host's ``/usr/sbin/haproxy`` (Debian's package) under ``albert supervise``;
+docker runtime: ``images.edge`` with ``--network host``, as the deploy user. The stats socket and
+the servers' state live in ``<base>/edge-<env>/`` (the blue/green switch: :mod:`pyalbert.commands.edge`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pyalbert.commands import api as api_cmd
+from pyalbert.commands import docker, process
+from pyalbert.commands import edge as edge_cmd
+from pyalbert.commands.base import Cmd, Secret, combine
+from pyalbert.config.environment import EnvironmentSpec
+from pyalbert.remote import Result
+from pyalbert.runtimes.base import (
+    DeployInputs,
+    FileSpec,
+    Reload,
+    Unit,
+    config_hash,
+    edge_dir,
+    edge_name,
+    labels,
+)
+from pyalbert.runtimes.checks import Check, HostFacts
+
+CONFIG, CERT, DIGEST_FILE = "haproxy.cfg", "cert.pem", "files.sha"
+#: writes each file of a JSON object read on stdin into a fresh private folder, replaces @DIR@ in
+#: them and in argv[1:] with it, runs argv[1:] there, removes the folder, exits with its status
+CHECK_IN_SCRATCH = (
+    "import json,os,shutil,subprocess,sys,tempfile\n"
+    "d=tempfile.mkdtemp(prefix='albert-edge-check-')\n"
+    "try:\n"
+    " for n,t in json.load(sys.stdin).items():\n"
+    "  open(os.path.join(d,n),'w').write(t.replace('@DIR@',d))\n"
+    " sys.exit(subprocess.run([a.replace('@DIR@',d) for a in sys.argv[1:]]).returncode)\n"
+    "finally:\n"
+    " shutil.rmtree(d,ignore_errors=True)\n"
+)
+
+
+def config_link(env: EnvironmentSpec) -> str:
+    """The folder HAProxy reads its files from: a link to one release's ``edge/``."""
+    return f"{edge_dir(env)}/config"
+
+
+def upstream_file(env: EnvironmentSpec) -> str:
+    return f"{edge_dir(env)}/upstream"
+
+
+def edge_config(env: EnvironmentSpec, folder: str, scratch: bool = False) -> edge_cmd.EdgeConfig:
+    """The config HAProxy reads from ``folder`` (``scratch``: the check's own socket and state)."""
+    place = folder if scratch else edge_dir(env)
+    servers = tuple((c, api_cmd.spare_port(env.api.port, c)) for c in api_cmd.COLOURS)
+    return edge_cmd.EdgeConfig(
+        env=env.name, port=env.api.port, servers=servers, socket=f"{place}/haproxy.sock",
+        state_file=f"{place}/servers.state",
+        tls_pem=f"{folder}/{CERT}" if env.edge.tls == "file" else None,
+        redirect_port=env.edge.redirect_port, max_body_bytes=env.api.max_body_bytes,
+        max_header_bytes=env.api.max_header_bytes, read_timeout_s=env.api.read_timeout_s,
+        stream_timeout_s=env.edge.stream_timeout_s, threads=env.edge.threads)
+
+
+def edge_material(env: EnvironmentSpec, inputs: DeployInputs, folder: str) -> dict[str, str]:
+    """File name -> content of the edge's files read from ``folder``."""
+    files = {CONFIG: edge_cmd.render_config(edge_config(env, folder, scratch=folder == "@DIR@"))}
+    if env.edge.tls == "file":
+        cert = inputs.secrets.get("tls_cert", "")
+        files[CERT] = cert.strip() + "\n"
+    return files
+
+
+def files_digest(material: dict[str, str]) -> str:
+    return config_hash({n: (config_hash({"s": t}) if n == CERT else t) for n, t in material.items()})
+
+
+@dataclass(frozen=True)
+class HaproxyAccepts(Check):
+    """``haproxy -c`` accepts the rendered config and certificate (in a private scratch folder)."""
+
+    files: tuple[tuple[str, str], ...]
+    #: the checker's argv, ``@DIR@`` for the scratch folder (the host's haproxy, or the image's)
+    argv: tuple[str, ...]
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return "haproxy -c accepts the front door's config and certificate"
+
+    @property
+    def cmd(self) -> Cmd:
+        return Cmd.of("python3", "-c", CHECK_IN_SCRATCH, list(self.argv),
+                      stdin=Secret(json.dumps(dict(self.files))))
+
+    def judge(self, res: Result, host: HostFacts) -> str | None:
+        if res.ok:
+            return None
+        lines = [line for line in (res.stderr + "\n" + res.stdout).splitlines()
+                 if "ALERT" in line or "rror" in line][-3:]
+        said = " ".join(line.strip() for line in lines) or f"exit {res.exit_code}"
+        return (f"haproxy refused the front door's config rendered from [edge]/[api] ({said}); "
+                f"nothing was changed. Fix: correct [edge] of environments/{host.env}.toml, or the "
+                "certificate file of $ALBERT_TLS_CERT (PEM: the certificate chain then its private "
+                "key), and deploy again.")
+
+
+def edge_unit(env: EnvironmentSpec, runtime: str, inputs: DeployInputs, release_dir: str, *,
+              albert: str = "", state: str = "") -> tuple[Unit, list[FileSpec], list[Check]]:
+    """The unit, its release files, its preflight check."""
+    name, folder = edge_name(env.name), f"{release_dir}/edge"
+    material = edge_material(env, inputs, config_link(env))
+    digest_files = files_digest(material)
+    release_files = [FileSpec(f"{folder}/{n}", text, secret=n == CERT) for n, text in material.items()]
+    release_files.append(FileSpec(f"{folder}/{DIGEST_FILE}", digest_files + "\n"))
+    unit_labels_for = lambda digest: labels(env.name, "edge", None, inputs.release_id, digest)  # noqa: E731
+    config = f"{config_link(env)}/{CONFIG}"
+    if runtime == "docker":
+        argv = edge_cmd.serve_argv(config, "haproxy")
+        digest = config_hash({"runtime": runtime, "image": env.images.edge, "argv": argv})
+        base = env.deploy.base_dir
+        start = docker.run(name, env.images.edge, argv[1:], entrypoint=argv[0], network="host",
+                           volumes=[f"{edge_dir(env)}:{edge_dir(env)}", f"{base}/releases:{base}/releases:ro"],
+                           user=docker.AS_DEPLOY_USER, labels=unit_labels_for(digest))
+        stop, probe, logs = docker.stop(name, 5), docker.inspect_state(name), docker.logs(name, 40)
+        signal = docker.kill_signal(name, "USR2")
+        checker = ("docker", "run", "--rm", "--network", "none", "-v", "@DIR@:@DIR@:ro",
+                   "--entrypoint", "haproxy", env.images.edge, "-c", "-q", "-f", f"@DIR@/{CONFIG}")
+    else:
+        argv = edge_cmd.serve_argv(config)
+        digest = config_hash({"runtime": runtime, "argv": argv})
+        start = process.start(albert, state, name, argv, labels=unit_labels_for(digest), stop_timeout=5)
+        stop, probe = process.stop(albert, state, name, 5), process.status(albert, state, [name])
+        logs, signal = process.logs(state, name, 40), process.signal(albert, state, name, "USR2")
+        checker = (*edge_cmd.check(f"@DIR@/{CONFIG}").tokens,)  # type: ignore[assignment]
+    point = point_at(env, release_dir)
+    unit = Unit(name=name, service="edge", config_hash=digest, start=combine(point, start),
+                stop=stop, probe=probe, logs=logs, ready=None, port=env.api.port,
+                reload=Reload(digest=digest_files, probe=Cmd.of("cat", f"{config_link(env)}/{DIGEST_FILE}"),
+                              apply=combine(point, signal)))
+    check = HaproxyAccepts(tuple(sorted(edge_material(env, inputs, "@DIR@").items())),
+                           tuple(str(t) for t in checker))
+    return unit, release_files, [check]
+
+
+def point_at(env: EnvironmentSpec, release_dir: str) -> Cmd:
+    """Point :func:`config_link` at ``release_dir``'s edge files atomically (symlink + rename)."""
+    link = config_link(env)
+    return combine(Cmd.of("mkdir", "-p", edge_dir(env)),
+                   Cmd.of("ln", "-sfn", f"{release_dir}/edge", f"{link}.tmp"),
+                   Cmd.of("mv", "-Tf", f"{link}.tmp", link))
