@@ -99,21 +99,3 @@ def switch(socket: str, state_file: str, upstream_file: str, target: str, port: 
                 *(f"set server {BACKEND}/{o} state maint" for o in others)]
     return Cmd.of("python3", "-c", RUNTIME_API, socket, "; ".join(commands), state_file,
                   upstream_file, str(port))
-
-
-def sessions(socket: str, server: str) -> Cmd:
-    """Probe: the server's current sessions (``show stat``'s ``scur``): 0 once drained."""
-    return runtime_api(socket, f"show stat {BACKEND} 4 -1")
-
-
-def parse_sessions(stdout: str, server: str) -> int | None:
-    """``scur`` of ``server`` in ``show stat`` CSV output; None when it is not there."""
-    lines = stdout.splitlines()
-    if not lines or not lines[0].startswith("# "):
-        return None
-    header = lines[0][2:].split(",")
-    for line in lines[1:]:
-        row = dict(zip(header, line.split(","), strict=False))
-        if row.get("svname") == server:
-            return int(row.get("scur") or 0)
-    return None
