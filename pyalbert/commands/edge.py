@@ -95,7 +95,8 @@ def switch(socket: str, state_file: str, upstream_file: str, target: str, port: 
            others: tuple[str, ...]) -> Cmd:
     """New requests to ``target`` at once (``ready``), the others drain (``maint``); the state
     is saved for reloads and the live port to ``upstream_file`` (what the deploy reads back)."""
-    commands = [f"set server {BACKEND}/{target} state ready",
+    # health up: the new colour is ready (the deploy checked) before the next health check says so
+    commands = [f"set server {BACKEND}/{target} state ready", f"set server {BACKEND}/{target} health up",
                 *(f"set server {BACKEND}/{o} state maint" for o in others)]
     return Cmd.of("python3", "-c", RUNTIME_API, socket, "; ".join(commands), state_file,
                   upstream_file, str(port))

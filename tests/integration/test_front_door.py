@@ -9,6 +9,8 @@ client's address (never the one a client claims) reaches the gateway's access lo
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import threading
 
@@ -77,7 +79,24 @@ def test_ten_thousand_requests_across_five_switches_fail_none(env):
                 break
             load.stop.wait(0.5)
     assert load.errors == [] and load.ok >= 10_000
+    assert half_closed_answer(env.host.address, 18480) == "echo: hi"
     down_env(env.spec())
+
+
+def half_closed_answer(address: str, port: int) -> str:
+    """A client that sends its request, closes its sending side, then reads the whole answer."""
+    body = json.dumps(BODY).encode()
+    with socket.create_connection((address, port), timeout=20) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, rest = answer.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200"), head
+    found = re.search(r'"content":\s*"([^"]*)"', rest)
+    return found.group(1) if found else rest
 
 
 def gateway_log(env) -> str:

@@ -79,7 +79,7 @@ def test_redirect_without_tls_is_refused(config_factory):
 def test_switch_is_one_runtime_api_batch():
     cmd = edge_cmd.switch("/e/haproxy.sock", "/e/servers.state", "/e/upstream", "blue", 20887, ("green",))
     assert cmd.tokens[:2] == ("python3", "-c") and cmd.tokens[3:] == (
-        "/e/haproxy.sock", "set server api/blue state ready; set server api/green state maint",
+        "/e/haproxy.sock", "set server api/blue state ready; set server api/blue health up; set server api/green state maint",
         "/e/servers.state", "/e/upstream", "20887")
 
 

@@ -115,7 +115,7 @@ def test_api_swap_colours_edge_and_files(plan):
     # the switch: HAProxy's runtime API (new colour ready, the old one drains), state saved
     assert swap.switch("green").tokens[3:] == (
         "/srv/albert/edge-test/haproxy.sock",
-        "set server api/green state ready; set server api/blue state maint",
+        "set server api/green state ready; set server api/green health up; set server api/blue state maint",
         "/srv/albert/edge-test/servers.state", "/srv/albert/edge-test/upstream", "24161")
     assert [c.what for c in swap.checks] == ["haproxy -c accepts the front door's config and certificate"]
     files = {f.path.rsplit("/releases/20250101-000000-abcdef/", 1)[-1]: f for f in cpu.files}
