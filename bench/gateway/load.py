@@ -126,12 +126,14 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, stream
         client.send()
     await asyncio.sleep(warmup)
     bench.recording = True
-    cpu0 = cpu_seconds(cpu_pid)
+    pids = cpu_pid or []
+    each0 = [cpu_seconds([p]) for p in pids]
     start = time.perf_counter()
     await asyncio.sleep(duration)
     bench.recording = False
     seconds = time.perf_counter() - start
-    cpu = cpu_seconds(cpu_pid) - cpu0
+    each = [cpu_seconds([p]) - c0 for p, c0 in zip(pids, each0, strict=True)]
+    cpu = sum(each)
     bench.stopping = True
     for client in clients:
         client.transport.close()
@@ -144,7 +146,9 @@ async def run(url: str, concurrency: int, duration: float, warmup: float, stream
             "rps": round(len(lat) / seconds, 1), "p50_ms": pct(0.5), "p90_ms": pct(0.9),
             "p99_ms": pct(0.99), "chunks": bench.chunks,
             "chunks_per_s": round(bench.chunks / seconds, 1),
-            "cpu_ms_per_req": round(cpu * 1000 / len(lat), 3) if lat and cpu_pid else None}
+            "cpu_ms_per_req": round(cpu * 1000 / len(lat), 3) if lat and cpu_pid else None,
+            # each pid's own share (a proxy and its gateway, measured over the same requests)
+            "cpu_ms_per_req_each": [round(c * 1000 / len(lat), 3) for c in each] if lat else []}
 
 
 def main() -> None:
