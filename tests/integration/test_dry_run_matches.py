@@ -32,6 +32,7 @@ from pyalbert.engine.report import Printer
 from pyalbert.engine.setup import setup_env
 from pyalbert.remote import Result, SshMaterial, SSHRunner
 from pyalbert.runtimes.base import ApiSwap, DeployInputs
+from tests.support.images import HAPROXY_IMAGE
 from tests.support.runtimes import STORAGE, Env
 
 if sys.version_info >= (3, 11):
@@ -68,7 +69,7 @@ def point_at(config_env: str, env: Env, root: Path) -> None:
     data["storage_dir"] = str(STORAGE)
     data["deploy"] = {**data.get("deploy", {}), "base_dir": env.base, "ready_timeout_s": 60}
     if env.runtime == "docker":
-        data["images"] = {"vllm": env.rh.vllm, "api": env.rh.vllm}
+        data["images"] = {"vllm": env.rh.vllm, "api": env.rh.vllm, "edge": HAPROXY_IMAGE}
     else:
         data["vllm"] = {**data.get("vllm", {}), "python": env.rh.vllm}
     (root / "environments" / f"{config_env}.yaml").write_text(yaml.safe_dump(data))
