@@ -170,6 +170,7 @@ storage_dir = "/home/gitlab/models"
 [images]
 vllm = "overridden-by-the-pipeline"
 api = "overridden-by-the-pipeline"
+edge = "{images.HAPROXY_IMAGE}"
 [api]
 port = {API_PORT}
 [deploy]
@@ -254,6 +255,7 @@ def stage(make_host, tmp_path_factory):
         subprocess.run(host.docker_cmd("load", "-q"), stdin=save.stdout, check=True,
                        capture_output=True, timeout=300)
         assert save.wait() == 0
+        host.load_image(images.ensure_haproxy_image())  # the front door (images.edge)
         s = Stage(host, root, built, hub, kept)
         copy_project(s.project)
         s.shims.mkdir()
