@@ -73,9 +73,10 @@ def edge_config(env: EnvironmentSpec, folder: str, scratch: bool = False) -> edg
         stream_timeout_s=env.edge.stream_timeout_s, threads=env.edge.threads)
 
 
-def edge_material(env: EnvironmentSpec, inputs: DeployInputs, folder: str) -> dict[str, str]:
+def edge_material(env: EnvironmentSpec, inputs: DeployInputs, folder: str,
+                  scratch: bool = False) -> dict[str, str]:
     """File name -> content of the edge's files read from ``folder``."""
-    files = {CONFIG: edge_cmd.render_config(edge_config(env, folder, scratch=folder == "@DIR@"))}
+    files = {CONFIG: edge_cmd.render_config(edge_config(env, folder, scratch))}
     if env.edge.tls == "file":
         cert = inputs.secrets.get("tls_cert", "")
         files[CERT] = cert.strip() + "\n"
@@ -123,7 +124,10 @@ def edge_unit(env: EnvironmentSpec, runtime: str, inputs: DeployInputs, release_
     digest_files = files_digest(material)
     release_files = [FileSpec(f"{folder}/{n}", text, secret=n == CERT) for n, text in material.items()]
     release_files.append(FileSpec(f"{folder}/{DIGEST_FILE}", digest_files + "\n"))
-    unit_labels_for = lambda digest: labels(env.name, "edge", None, inputs.release_id, digest)  # noqa: E731
+
+    def unit_labels_for(digest: str) -> dict[str, str]:
+        return labels(env.name, "edge", None, inputs.release_id, digest)
+
     config = f"{config_link(env)}/{CONFIG}"
     if runtime == "docker":
         argv = edge_cmd.serve_argv(config, "haproxy")
@@ -148,7 +152,7 @@ def edge_unit(env: EnvironmentSpec, runtime: str, inputs: DeployInputs, release_
                 stop=stop, probe=probe, logs=logs, ready=None, port=env.api.port,
                 reload=Reload(digest=digest_files, probe=Cmd.of("cat", f"{config_link(env)}/{DIGEST_FILE}"),
                               apply=combine(point, signal)))
-    check = HaproxyAccepts(tuple(sorted(edge_material(env, inputs, "@DIR@").items())),
+    check = HaproxyAccepts(tuple(sorted(edge_material(env, inputs, "@DIR@", scratch=True).items())),
                            tuple(str(t) for t in checker))
     return unit, release_files, [check]
 
