@@ -13,9 +13,13 @@ from pyalbert.commands.base import Cmd, Op, any_of, pipe
 
 
 def http_status(url: str, timeout_s: float = 3) -> Cmd:
-    """``curl`` printing only the HTTP status; ``000`` when the connection is refused."""
+    """``curl`` printing only the HTTP status; ``000`` when the connection is refused. An
+    ``https://`` URL on the host itself (the front door by its address, not the certificate's
+    name) is asked without checking the certificate: the question is whether it answers."""
+    insecure = "-k" if url.startswith("https://") else None
     return any_of(
-        Cmd.of("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", f"{timeout_s:g}", url),
+        Cmd.of("curl", "-s", insecure, "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+               f"{timeout_s:g}", url),
         Cmd.of("true"),
     )
 
@@ -80,10 +84,12 @@ class ReadyCheck:
     header_file: str | None = None
     #: answers 200 once the server is up (Prometheus: ``/-/ready``)
     path: str = "/health"
+    #: ``https``: the front door with TLS (``[edge] tls``)
+    scheme: str = "http"
 
     @property
     def base(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def health(self) -> Cmd:
         return http_status(f"{self.base}{self.path}")

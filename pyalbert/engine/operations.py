@@ -327,7 +327,8 @@ def status_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
                 port, mid = spec.env.api.port, None
             else:
                 continue
-            check = health.ReadyCheck(port, mid, host=where)
+            scheme = "https" if row["service"] == "edge" and spec.env.edge.tls != "off" else "http"
+            check = health.ReadyCheck(port, mid, host=where, scheme=scheme)
             code = health.parse_status(r.run(check.health(), check=False).stdout)
             row["health"] = "ok" if code == 200 else f"http {code or 'refused'}"
         # nothing of this env listed: not deployed yet or `fab down` ran (not a unit that died)
