@@ -21,7 +21,6 @@ from pyalbert.engine.vllm_replace import Gateways, ModelRoll, VllmReplace
 from pyalbert.errors import AlbertError
 from pyalbert.runtimes import facts
 from pyalbert.runtimes.base import ApiSwap, Unit
-from pyalbert.runtimes.slots import url_of
 
 
 class HostDeploy(HostSession):
@@ -157,7 +156,7 @@ class HostDeploy(HostSession):
             if now.running and now.config_hash == slot.config_hash:
                 if u.slots is not None:
                     self.serving[u.name] = slot
-                    self.gateways.point(u.slots, url_of(slot), check_first=True)
+                    VllmReplace(self).settle(u, slot)
                 return slot, now.release
         return None
 

@@ -143,6 +143,17 @@ class VllmReplace:
         self._restart(u.slots, live)
         return live
 
+    def settle(self, u: Unit, serving: Unit) -> None:
+        """``serving`` already runs ``u``'s config: make the route point at it and stop the
+        other slot if it still runs (a replace killed between its switch and its stop)."""
+        assert u.slots is not None
+        self.hd.gateways.point(u.slots, url_of(serving), check_first=True)
+        other = u.slots.other if serving is u else u
+        if self.hd.state(other).running:
+            self.hd.say(f"{other.name} still runs beside {serving.name}: draining and stopping it")
+            self.drain(other)
+            self.r.run(other.stop, check=False)
+
     def _start_fresh(self, u: Unit) -> None:
         hd, slots = self.hd, u.slots
         assert slots is not None

@@ -259,3 +259,14 @@ def test_nothing_running_starts_the_first_slot():
     host = ScriptedHost()
     assert VllmReplace(host).run(planned("new")).name == "vllm-m"
     assert steps(host) == ["stop vllm-m", "start vllm-m (new)", "route -> http://127.0.0.1:8000"]
+
+
+def test_a_replace_killed_after_its_switch_converges_on_the_next_run():
+    """Both slots run (the deployer died before stopping the old one): the route is made to point
+    at the one with the wanted config and the other is drained and stopped."""
+    host = ScriptedHost(running={"vllm-m", "vllm-m-spare"}, in_flight=[1, 0])
+    u = planned("new")
+    VllmReplace(host).settle(u, u.slots.other)
+    assert steps(host) == ["route -> http://127.0.0.1:28000", "in flight 1", "in flight 0",
+                           "stop vllm-m"]
+    assert host.running == {"vllm-m-spare"}
