@@ -22,6 +22,7 @@ from pyalbert.observability import prometheus_host
 from pyalbert.runtimes import DockerRuntime, Runtime, ray_units, runtime_for
 from pyalbert.runtimes.base import ApiSwap, DeployInputs, FileSpec, Reload, Unit, config_hash
 from pyalbert.runtimes.checks import Check, DiskFree, ModelPresent, PortFree
+from pyalbert.runtimes.gpu_fit import GpuMemoryFit
 from pyalbert.runtimes.model_args import ModelArgsFit
 from pyalbert.runtimes.prometheus import prometheus_unit
 from pyalbert.runtimes.slots import ReplaceSettings, VllmSlots, replace_settings, slots_for
@@ -94,6 +95,9 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
                            _model_args_fit(inst.model_id, inst.model, f"{env.storage_dir}/{inst.model_id}",
                                            env.vllm.extra_args),
                            PortFree(inst.port, inst.name)]
+                if inst.gpu_ids and inst.group is None:
+                    checks.append(_gpu_memory_fit(inst, unit, f"{env.storage_dir}/{inst.model_id}",
+                                                  env.vllm.extra_args))
         if inputs.service in ("api", "all") and not inputs.model and placement.api_on(host.name):
             swap, api_files = runtime.api_swap(placement, host, inputs, rel_dir)
             units.append(swap)
@@ -123,6 +127,15 @@ def _with_slots(unit: Unit, inst, placement: Placement, runtime: Runtime, inputs
     spare, files = runtime.vllm_unit(inst.spare_slot(), placement, inputs, rel_dir)
     environ = {**placement.spec.env.vllm.env, **inst.model.env}
     return replace(unit, slots=slots_for(placement, inst, spare, environ)), files
+
+
+def _gpu_memory_fit(inst, unit: Unit, model_dir: str, env_extra: tuple[str, ...]) -> GpuMemoryFit:
+    """The GPUs' free memory (nvidia-smi) and the will-it-fit estimate, refused before a stop."""
+    slots = unit.slots
+    return GpuMemoryFit(inst.model_id, (unit.name, *((slots.other.name,) if slots else ())), model_dir,
+                        inst.gpu_ids, inst.model.gpu_mem_use, inst.model.max_model_len,
+                        inst.model.quantization, (*env_extra, *inst.model.extra_args),
+                        beside=slots is not None and slots.gpu_no_room is None)
 
 
 def _refuse_bad_inputs(placement: Placement, inputs: DeployInputs) -> None:

@@ -143,13 +143,18 @@ def test_checks_name_docker_disk_models_and_ports(plan):
     assert gpu.checks == (
         DockerAnswers(), DiskFree("/srv/albert", 1024),
         ModelPresent("small", "/data/models/small"), *gpu.checks[3:4], PortFree(8001, "albert-test-vllm-small"),
-        ModelPresent("big", "/data/models/big"), *gpu.checks[6:7], PortFree(8002, "albert-test-vllm-big"),
-        *gpu.checks[8:9], PortFree(8080, "albert-test-api"))
-    assert gpu.checks[8].what == "haproxy -c accepts the front door's config and certificate"
+        *gpu.checks[5:6],
+        ModelPresent("big", "/data/models/big"), *gpu.checks[7:8], PortFree(8002, "albert-test-vllm-big"),
+        *gpu.checks[9:11], PortFree(8080, "albert-test-api"))
+    assert gpu.checks[10].what == "haproxy -c accepts the front door's config and certificate"
     # the routing table's arguments against each model's config.json (refused before a stop)
-    assert [c.what for c in (gpu.checks[3], gpu.checks[6])] == [
+    assert [c.what for c in (gpu.checks[3], gpu.checks[7])] == [
         "small: arguments fit /data/models/small/config.json",
         "big: arguments fit /data/models/big/config.json"]
+    # on a GPU host: the free GPU memory of the GPUs each server uses, and will it fit
+    assert [c.what for c in (gpu.checks[5], gpu.checks[9])] == [
+        "small: GPU memory on GPU(s) 0", "big: GPU memory on GPU(s) 0,1"]
+    assert gpu.checks[5].units == ("albert-test-vllm-small", "albert-test-vllm-small-spare")
     assert [c.what for c in gpu.checks[:3]] == [
         "docker answers", "1024 MiB free under /srv/albert", "model small is in /data/models/small"]
     assert gpu.checks[2].cmd.render() == "test -e /data/models/small"
