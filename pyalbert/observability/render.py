@@ -75,7 +75,8 @@ def prometheus_config(plan: Placement, metrics: MetricsSpec, *, rule_files: tupl
         self_address = hostport("127.0.0.1", metrics.port)
     text = _jinja().get_template("prometheus.yml.j2").render(
         env=plan.spec.env.name, metrics=metrics, vllm=vllm, api=api, hosts=plan.hosts,
-        rule_files=rule_files, drop=DROP, self_address=self_address)
+        rule_files=rule_files, drop=DROP, self_address=self_address,
+        api_tls=plan.spec.env.edge.tls != "off")
     yaml.safe_load(text)  # a template bug must not reach promtool on a host
     return text
 

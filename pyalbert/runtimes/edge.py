@@ -36,7 +36,7 @@ from pyalbert.runtimes.base import (
 )
 from pyalbert.runtimes.checks import Check, HostFacts
 
-CONFIG, CERT, DIGEST_FILE = "haproxy.cfg", "cert.pem", "files.sha"
+CONFIG, CERT, DIGEST_FILE = "haproxy.cfg", "cert.pem", "edge.sha"
 #: writes each file of a JSON object read on stdin into a fresh private folder, replaces @DIR@ in
 #: them and in argv[1:] with it, runs argv[1:] there, removes the folder, exits with its status
 CHECK_IN_SCRATCH = (

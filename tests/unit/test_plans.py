@@ -121,7 +121,7 @@ def test_api_swap_colours_edge_and_files(plan):
     files = {f.path.rsplit("/releases/20250101-000000-abcdef/", 1)[-1]: f for f in cpu.files}
     assert set(files) == {"backends.json", "keys.json", "config/environments/test.toml",
                           "config/llm_routing_table.json", "/srv/albert/routes-test/README",
-                          "edge/haproxy.cfg", "edge/files.sha"}
+                          "edge/haproxy.cfg", "edge/edge.sha"}
     assert "server green 127.0.0.1:24161 check" in files["edge/haproxy.cfg"].content
     assert files["keys.json"].secret and not files["backends.json"].secret
     assert json.loads(files["backends.json"].content) == {
