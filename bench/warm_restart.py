@@ -292,6 +292,7 @@ def main() -> int:
     started = time.monotonic()
     rows: list[Row] = []
     tmp = Path(tempfile.mkdtemp(prefix="albert-warm-", dir="/var/tmp"))
+    tmp.chmod(0o755)  # the venv row's host user (gitlab) reads the models in it
     try:
         for name in wanted:
             try:
