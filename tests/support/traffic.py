@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ def chat_load(base_url: str, model: str, clients: int = 3) -> Iterator[Load]:
     """``clients`` threads posting chats (a new connection each) until the block ends."""
     load, stop, lock = Load(), threading.Event(), threading.Lock()
 
-    def client() -> None:
+    def client(_: int) -> None:
         with httpx.Client(timeout=10) as c:
             while not stop.is_set():
                 try:
@@ -37,15 +38,8 @@ def chat_load(base_url: str, model: str, clients: int = 3) -> Iterator[Load]:
                     else:
                         load.errors.append(outcome)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    try:
+    with running(client, clients, stop):
         yield load
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
 
 
 @dataclass
@@ -55,6 +49,8 @@ class OpenAILoad:
     ok: int = 0
     streamed: int = 0
     failures: list[tuple[object, str | None]] = field(default_factory=list)
+    #: when each answer ended (time.monotonic): the longest gap between two is the outage
+    answered_at: list[float] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -88,15 +84,23 @@ def openai_load(base_url: str, model: str, clients: int = 4) -> Iterator[OpenAIL
                 if outcome is None:
                     load.ok += 1
                     load.streamed += i % 2 == 0
+                    load.answered_at.append(time.monotonic())
                 else:
                     load.failures.append(outcome)
                     stop.wait(0.05)  # a client told to retry does not spin
 
+    with running(client, clients, stop):
+        yield load
+
+
+@contextlib.contextmanager
+def running(client, clients: int, stop: threading.Event) -> Iterator[None]:
+    """``client(i)`` in ``clients`` threads until the block ends (then ``stop`` is set)."""
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     try:
-        yield load
+        yield
     finally:
         stop.set()
         for t in threads:
