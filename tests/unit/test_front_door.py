@@ -60,7 +60,8 @@ def test_tls_config_h2_redirect_and_secret_certificate(config_factory):
     cfg = by_name["haproxy.cfg"].content
     assert ("bind 0.0.0.0:8443 ssl crt /srv/albert/edge-test/config/cert.pem alpn h2,http/1.1"
             in cfg)
-    assert "bind 0.0.0.0:8080\n    http-request redirect scheme https code 308" in cfg
+    assert ("bind 0.0.0.0:8080\n    http-request redirect location "
+            "https://%[req.hdr(host),regsub(:[0-9]+$,)]:8443%[capture.req.uri] code 308") in cfg
     assert "ssl-min-ver TLSv1.2" in cfg and "timeout server 7200s" in cfg
     assert by_name["cert.pem"].secret and by_name["cert.pem"].content == "CERT AND KEY\n"
     assert "CERT AND KEY" not in check.cmd.display() and "CERT AND KEY" not in edge.start.display()
