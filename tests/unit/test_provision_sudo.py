@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 ALLOWED = {
     ("pyalbert/commands/base.py", "sudo"): "the builder itself",
     ("pyalbert/commands/provision.py", "init_vm"): "the admin user (not the deploy user) runs init_vm.sh",
+    ("pyalbert/engine/provision.py", "admin"):
+        "the admin user (not the deploy user) installs a host group's Ray firewall",
 }
 
 
