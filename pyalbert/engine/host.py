@@ -102,11 +102,16 @@ class HostDeploy(HostSession):
         started, todo = self._unchanged_and_todo(prev_id)
         stale = self._stale_files(started)
         gone = orphans(facts.units(self.r, self.rt, hp.env, check=False), hp)
-        if not todo and not gone and not stale:
+        unrecorded = not todo and self._unrecorded(prev_manifest, started, prev_id)
+        if not todo and not gone and not stale and not unrecorded:
             self.say(f"nothing changed: {len(hp.units)} unit(s) already run this config; "
                      "restarted nothing", "green")
             self.result.status, self.result.release = "unchanged", prev_id
             return
+        if unrecorded:  # a deploy died (kill -9) between its starts and its record
+            self.say(f"every unit already runs this config but release {prev_id or '(none)'} "
+                     "does not record it (a deploy died before recording its release); "
+                     "recording it, restarting nothing", "yellow")
         self.say(f"release {hp.release_id}: {len(todo)} unit(s) to start"
                  + (f", {len(stale)} to reload" if stale else "")
                  + (f", {len(gone)} to remove" if gone else ""))
@@ -129,6 +134,14 @@ class HostDeploy(HostSession):
             self.say(f"removing {name} (no longer in the plan)")
             self.r.run(self.rt.stop(name))
         self._record(started, prev_id)
+
+    def _unrecorded(self, prev_manifest: dict, started: dict[str, str], prev_id: str) -> bool:
+        """True when the ``current`` release's manifest does not record the config hashes of the
+        units this plan runs (what a deploy killed after its starts leaves)."""
+        doc = manifest(self.hp, started, who="", when="", previous=prev_id or None,
+                       serving=self.serving)
+        recorded = {u.get("name"): u.get("config_hash") for u in prev_manifest.get("units", [])}
+        return any(recorded.get(u["name"]) != u["config_hash"] for u in doc["units"])
 
     def _unchanged_and_todo(self, prev_id: str) -> tuple[dict[str, str], list[Unit | ApiSwap]]:
         """Units already running this config (name -> their release), and the others."""
