@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import threading
+import time
 
 import httpx
 import pytest
@@ -131,9 +132,14 @@ def test_tls_http2_redirect_client_address_and_rotation(env, tmp_path, monkeypat
     # plain HTTP on the redirect port: 308 to HTTPS
     r = httpx.get(f"http://{env.host.address}:18482/v1/models", timeout=10)
     assert r.status_code == 308 and r.headers["location"] == f"{url}/v1/models"
-    log = gateway_log(env)
-    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    clients = {r.get("client") for r in records if r.get("path") == "/v1/models"}
+    clients: set = set()
+    for _ in range(20):  # the access log is flushed about every second
+        log = gateway_log(env)
+        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        clients = {r.get("client") for r in records if r.get("path") == "/v1/models"}
+        if clients:
+            break
+        time.sleep(0.5)
     assert clients == {_peer_of(env.host.address)} and "6.6.6.6" not in log
     # a bad certificate: refused by the preflight, the front door still serves the old one
     (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnot a cert\n-----END CERTIFICATE-----\n")
