@@ -1,6 +1,6 @@
 """Replace without downtime (issue 15): a routing-table change under constant client load.
 
-    sudo .venv/bin/python bench/zero_downtime.py
+    sudo .venv/bin/python bench/zero_downtime.py ["2 replicas"]   # optional: only the cases named so
 
 Namespace hosts, the venv runtime (the real gateway behind the edge, the fake vLLM streaming a
 chunk every 50 ms, 1 s to load), 4 clients of the openai library (2 streaming, 2 plain, no
@@ -33,11 +33,14 @@ import pytest  # noqa: E402
 from pyalbert.engine import host_plans, vllm_replace  # noqa: E402
 from pyalbert.engine.operations import deploy_env, down_env  # noqa: E402
 from pyalbert.runtimes import runtime_for  # noqa: E402
+from tests.integration.test_ray_cluster import link_hosts  # noqa: E402
 from tests.support.hosts import HostFactory  # noqa: E402
 from tests.support.runtimes import Env, RuntimeHost, fake_vllm_python, tools_on  # noqa: E402
 from tests.support.traffic import openai_load  # noqa: E402
 
 SLOW = {"FAKE_VLLM_TOKEN_DELAY": "0.05", "FAKE_VLLM_START_DELAY": "1"}
+#: the two hosts' ends of the link between them (10.211.<index>.1 and .2)
+LINK: list[str] = []
 CASES = [("1 replica, room", 1, "0"), ("1 replica, no room", 1, "100000"),
          ("2 replicas, 2 hosts, no room", 2, "100000")]
 
@@ -61,6 +64,17 @@ def reload_lags(env: Env, spec, writes: list[float]) -> list[float]:
     return [min((s for s in seen if s >= w), default=float("nan")) - w for w in writes]
 
 
+def private(env: Env, rhs: list[RuntimeHost]) -> None:
+    """Hosts reach each other only over the link the bench made (``link_hosts``): their private
+    addresses go in the environment file (gateways call the other host's server there)."""
+    path = env.root / "environments" / f"{env.name}.toml"
+    text = path.read_text()
+    for i, rh in enumerate(rhs if len(rhs) > 1 else ()):
+        text = text.replace(f'address = "{rh.host.address}"\n',
+                            f'address = "{rh.host.address}"\nprivate_address = "{LINK[i]}"\n')
+    path.write_text(text)
+
+
 def run_case(rhs: list[RuntimeHost], title: str, replicas: int, kv: str, mode: str,
              n: int) -> dict:
     writes: list[float] = []
@@ -80,6 +94,7 @@ def run_case(rhs: list[RuntimeHost], title: str, replicas: int, kv: str, mode: s
         models = {"m-b": {"model": "org/b", "port": port, "replicas": replicas,
                           "env": {**SLOW, "VLLM_CPU_KVCACHE_SPACE": kv}}}
         env.write(models, api_port=18690 + n)
+        private(env, rhs[:replicas])
         spec = env.spec()
         try:
             deploy_env(spec, quiet=True)
@@ -87,6 +102,7 @@ def run_case(rhs: list[RuntimeHost], title: str, replicas: int, kv: str, mode: s
                 time.sleep(2)
                 models["m-b"]["extra_args"] = ["--max-num-seqs", "8"]
                 env.write(models, api_port=18690 + n)
+                private(env, rhs[:replicas])
                 writes.clear()
                 t0 = time.monotonic()
                 results = deploy_env(env.spec(), service="vllm", quiet=True)
@@ -112,9 +128,11 @@ def main() -> int:
             h = factory(docker=False)
             tools_on(h, python, Path(tempfile.mkdtemp(prefix=f"albert-zd-tools{i}-")))
             rhs.append(RuntimeHost("venv", h, python))
+        LINK.extend(link_hosts(rhs[0].host, rhs[1].host))
         rows = []
         n = 0
-        for title, replicas, kv in CASES:
+        only = sys.argv[1] if len(sys.argv) > 1 else ""
+        for title, replicas, kv in [c for c in CASES if only in c[0]]:
             row = {}
             for mode in ("today", "now"):
                 n += 1
