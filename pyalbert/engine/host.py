@@ -169,6 +169,8 @@ class HostDeploy(HostSession):
             if now.running and now.config_hash == slot.config_hash:
                 if u.slots is not None:
                     self.serving[u.name] = slot
+                    # a start that a killed run did not see through: ready before it is routed to
+                    self.wait_ready(slot, quiet=True)
                     VllmReplace(self).settle(u, slot)
                 return slot, now.release
         return None
