@@ -32,6 +32,8 @@ FAKE_VENV = CACHE / f"fake-vllm-venv-{hashlib.sha256(str(REPO).encode()).hexdige
 STORAGE = Path("/var/tmp/albert-runtime-tests/models")
 TOOLS_BASE = "/home/gitlab/albert-vt-tools"
 RUNTIMES = ("docker", "venv")
+#: a KV cache no host has RAM for twice: the engine restarts a changed server in place
+NO_ROOM_KV_GIB = "100000"
 
 
 def fake_vllm_python() -> str:
@@ -65,7 +67,10 @@ def environment_text(rh: RuntimeHost, name: str, *, base: str, models: dict, api
     cache = STORAGE / ".vllm-cache"
     cache.mkdir(exist_ok=True)
     shutil.chown(cache, "gitlab", "gitlab")
-    env_line = json.dumps(vllm_env or {}).replace('": ', '" = ')
+    # no room for a second server unless a test asks for it (a model's env with
+    # VLLM_CPU_KVCACHE_SPACE=0): the scenarios were written for a replace in place
+    environ = {"VLLM_CPU_KVCACHE_SPACE": NO_ROOM_KV_GIB, **(vllm_env or {})}
+    env_line = json.dumps(environ).replace('": ', '" = ')
     if rh.runtime == "docker":
         runtime = (f'[images]\nvllm = "{rh.vllm}"\napi = "{rh.vllm}"\nedge = "{HAPROXY_IMAGE}"\n'
                    f"[vllm]\nenv = {env_line}\n")
