@@ -20,6 +20,7 @@ import pytest
 
 from pyalbert.devtools.test_ca import make_test_ca
 from pyalbert.engine.operations import deploy_env, down_env
+from pyalbert.errors import AlbertError
 
 MODEL = {"m-a": {"model": "org/a", "port": 18401}}
 BODY = {"model": "m-a", "messages": [{"role": "user", "content": "hi"}]}
@@ -132,20 +133,21 @@ def test_tls_http2_redirect_client_address_and_rotation(env, tmp_path, monkeypat
     # plain HTTP on the redirect port: 308 to HTTPS
     r = httpx.get(f"http://{env.host.address}:18482/v1/models", timeout=10)
     assert r.status_code == 308 and r.headers["location"] == f"{url}/v1/models"
-    clients: set = set()
-    for _ in range(20):  # the access log is flushed about every second
-        log = gateway_log(env)
-        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-        clients = {r.get("client") for r in records if r.get("path") == "/v1/models"}
-        if clients:
-            break
-        time.sleep(0.5)
-    assert clients == {_peer_of(env.host.address)} and "6.6.6.6" not in log
+    if env.runtime == "venv":  # the real gateway (the docker tests' api image is a fake one)
+        clients: set = set()
+        for _ in range(20):  # the access log is flushed about every second
+            log = gateway_log(env)
+            records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+            clients = {r.get("client") for r in records if r.get("path") == "/v1/models"}
+            if clients:
+                break
+            time.sleep(0.5)
+        assert clients == {_peer_of(env.host.address)} and "6.6.6.6" not in log
     # a bad certificate: refused by the preflight, the front door still serves the old one
     (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnot a cert\n-----END CERTIFICATE-----\n")
     monkeypatch.setenv("ALBERT_TLS_CERT", str(tmp_path / "bad.pem"))
-    (res,) = deploy_env(env.spec(), quiet=True)
-    assert res.status == "failed" and "haproxy refused" in res.error
+    with pytest.raises(AlbertError, match="haproxy refused the front door's config"):
+        deploy_env(env.spec(), quiet=True)
     assert httpx.get(f"{url}/health", verify=cacert, timeout=10).status_code == 200
     # rotation: a new certificate is a reload; an open keep-alive connection keeps working
     monkeypatch.setenv("ALBERT_TLS_CERT", str(cert))
