@@ -28,14 +28,12 @@ from pyalbert.devtools.testhosts import NamespaceHost
 from pyalbert.engine.operations import deploy_env, down_env, status_env
 from tests.integration.test_ray_cluster import RAY_BIN, link_hosts
 from tests.support.hosts import ssh_environ
-from tests.support.runtimes import STORAGE, TOOLS_BASE, fake_vllm_python, tools_on
+from tests.support.ray_group import API_PORT, GCS, NODE_MANAGER, write_config
+from tests.support.runtimes import TOOLS_BASE, fake_vllm_python, tools_on
 
 pytestmark = pytest.mark.skipif(not Path(RAY_BIN).exists(), reason=f"no Ray at {RAY_BIN}")
 
 ENV = "raygrp"
-GCS = 47379
-MODEL_PORT = 18461
-API_PORT = 18490
 
 
 @dataclass
@@ -71,57 +69,6 @@ class Group:
         return ray.parse_status(res.stdout) if res.returncode == 0 else None
 
 
-def environment(a: NamespaceHost, b: NamespaceHost, head_ip: str, worker_ip: str) -> str:
-    return f"""
-tier = "testing"
-runtime = "venv"
-storage_dir = "{STORAGE}"
-placement = {{ "tiny" = {{ group = "ab" }} }}
-
-[vllm]
-python = "{fake_vllm_python()}"
-
-[api]
-port = {API_PORT}
-
-[deploy]
-ready_timeout_s = 150
-base_dir = "{TOOLS_BASE}"
-
-[ray]
-executable = "{RAY_BIN}"
-interface = "priv0"
-num_cpus = 1
-
-[ray.ports]
-gcs = {GCS}
-client_server = 47380
-object_manager = 47381
-node_manager = 47382
-runtime_env_agent = 47383
-dashboard_agent_grpc = 47384
-dashboard_agent_listen = 47385
-metrics_export = 47386
-min_worker = 47400
-max_worker = 47420
-
-[groups.ab]
-hosts = ["{a.name}", "{b.name}"]
-
-[[hosts]]
-name = "{a.name}"
-address = "{a.address}"
-private_address = "{head_ip}"
-services = ["vllm", "api"]
-
-[[hosts]]
-name = "{b.name}"
-address = "{b.address}"
-private_address = "{worker_ip}"
-services = ["vllm"]
-"""
-
-
 @pytest.fixture(scope="module")
 def group(make_host, tmp_path_factory):
     a, b = make_host(docker=False), make_host(docker=False)
@@ -129,13 +76,7 @@ def group(make_host, tmp_path_factory):
     python = fake_vllm_python()
     for host in (a, b):
         tools_on(host, python, tmp_path_factory.mktemp(f"tools-{host.name}"))
-    root = tmp_path_factory.mktemp("raygrp-config")
-    (root / "environments").mkdir()
-    (root / "environments" / f"{ENV}.toml").write_text(environment(a, b, head_ip, worker_ip))
-    (root / "llm_routing_table.json").write_text(json.dumps({"tiny": {
-        "model": "albert-test/tiny", "port": MODEL_PORT, "pipeline_parallel_size": 2,
-        "max_model_len": 512}}))
-    (STORAGE / "tiny").mkdir(parents=True, exist_ok=True)
+    root = write_config(tmp_path_factory.mktemp("raygrp-config"), ENV, a, b, head_ip, worker_ip)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in ssh_environ([a, b], root).items():
             mp.setenv(key, value)
@@ -228,7 +169,7 @@ def test_down_leaves_no_ray_process(group):
     for host in (group.a, group.b):
         wait_for(f"no Ray process on {host.name}", lambda h=host: not ray_processes(h), 60)
         listening = host.run(["ss", "-Htln"]).stdout
-        assert f":{GCS} " not in listening and ":47382 " not in listening, listening
+        assert f":{GCS} " not in listening and f":{NODE_MANAGER} " not in listening, listening
 
 
 def ray_processes(host: NamespaceHost) -> list[str]:
