@@ -222,7 +222,6 @@ def test_prometheus_scrapes_the_plan_answers_every_query_and_fires_model_down(st
                 if name not in upstream and not pending(expr) and not query(prom, expr)]
     wait_until("every recording rule and dashboard query to return series",
                lambda: not missing() or None, 90)
-    assert [n for n, e in exprs.items() if pending(e)], "the pending list names something"
     for name, expr in exprs.items():
         if pending(expr):
             assert query(prom, expr) == [], f"{name} now has data: drop it from promql.PENDING"
