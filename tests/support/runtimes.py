@@ -58,7 +58,9 @@ class RuntimeHost:
 
 
 def environment_text(rh: RuntimeHost, name: str, *, base: str, models: dict, api_port: int,
-                     timeout: float, vllm_env: dict | None, extra: str, python: str | None) -> str:
+                     timeout: float, vllm_env: dict | None, extra: str, python: str | None,
+                     hosts: tuple = ()) -> str:
+    """``hosts``: every host of the environment (default: ``rh``'s alone)."""
     for model_id in models:
         (STORAGE / model_id).mkdir(parents=True, exist_ok=True)
     STORAGE.parent.chmod(0o755)
@@ -77,7 +79,7 @@ def environment_text(rh: RuntimeHost, name: str, *, base: str, models: dict, api
     else:
         runtime = (f'runtime = "venv"\n[vllm]\npython = "{python or rh.vllm}"\n'
                    f"env = {env_line}\n")
-    return environment_toml([rh.host], f"""
+    return environment_toml(list(hosts) or [rh.host], f"""
 storage_dir = "{STORAGE}"
 {runtime}
 [api]
@@ -123,20 +125,25 @@ def make_runtime_host(runtime: str, make_host, tmp_path_factory) -> RuntimeHost:
 
 
 class Env:
-    """One test environment on a runtime host: write config, deploy, look, clean up."""
+    """One test environment on a runtime host: write config, deploy, look, clean up.
 
-    def __init__(self, rh: RuntimeHost, root: Path, monkeypatch, name: str):
+    ``others``: more hosts of the same runtime in the environment (``host`` is the first)."""
+
+    def __init__(self, rh: RuntimeHost, root: Path, monkeypatch, name: str,
+                 others: tuple[RuntimeHost, ...] = ()):
         self.rh, self.host, self.root, self.name = rh, rh.host, root, name
+        self.hosts = (rh.host, *(o.host for o in others))
         self.runtime = rh.runtime
         self.base = f"/home/gitlab/albert-{name}"
         self.state = f"{self.base}/run-{name}"
         (root / "environments").mkdir(parents=True, exist_ok=True)
-        for key, value in ssh_environ([self.host], root).items():
+        for key, value in ssh_environ(list(self.hosts), root).items():
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("ALBERT_READY_POLL_S", "0.2")
-        if self.runtime == "venv":  # the tools venv `fab setup` installed, shared by every test
-            self.host.run(f"mkdir -p {self.base} && ln -sfn {TOOLS_BASE}/tools {self.base}/tools && "
-                          f"chown -h gitlab: {self.base} {self.base}/tools")
+        # venv: the tools venv `fab setup` installed, shared by every test
+        for host in self.hosts if self.runtime == "venv" else ():
+            host.run(f"mkdir -p {self.base} && ln -sfn {TOOLS_BASE}/tools {self.base}/tools && "
+                     f"chown -h gitlab: {self.base} {self.base}/tools")
 
     def write(self, models: dict, *, api_port: int, timeout: float = 20, extra: str = "",
               vllm_env: dict | None = None, python: str | None = None) -> None:
@@ -144,7 +151,7 @@ class Env:
         (self.root / "llm_routing_table.json").write_text(json.dumps(models))
         (self.root / "environments" / f"{self.name}.toml").write_text(environment_text(
             self.rh, self.name, base=self.base, models=models, api_port=api_port, timeout=timeout,
-            vllm_env=vllm_env, extra=extra, python=python))
+            vllm_env=vllm_env, extra=extra, python=python, hosts=self.hosts))
 
     def spec(self):
         return load_spec(self.name, self.root)
