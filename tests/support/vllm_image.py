@@ -21,8 +21,8 @@ from pathlib import Path
 from tests.support.images import (
     CACHE,
     ROOT_SOCKET,
-    build_lock,
     build,
+    build_lock,
     docker,
     ensure_python_image,
     fetch_debs,
