@@ -78,7 +78,7 @@ class Source:
         self.models = list(dict.fromkeys(t.model for t in self.vllm))
         self.before: dict = {}
         self.name = (f"Prometheus {prometheus} (window {window})" if prometheus
-                     else f"{len(self.vllm)} vLLM server(s), /metrics")
+                     else f"{sum(not t.slot for t in self.vllm)} vLLM server(s), /metrics")
 
     def rows(self) -> list:
         from pyalbert.observability import figures as f

@@ -66,4 +66,4 @@ def status_figures(spec, runners: RunnerFactory | None = None) -> tuple[str, lis
     for value in on_hosts(spec, read, runners, hosts=hosts).values():
         if isinstance(value, dict):  # an unreachable host: its servers count as down
             now.update(value)
-    return f"{len(vllm)} vLLM server(s), /metrics read once (no rates)", f.from_scrapes(vllm, now)
+    return f"{sum(not t.slot for t in vllm)} vLLM server(s), /metrics read once (no rates)", f.from_scrapes(vllm, now)

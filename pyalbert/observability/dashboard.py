@@ -40,7 +40,7 @@ def panels() -> list[tuple[str, list[Panel]]]:
     return [
         ("Models", [
             Panel("Replicas up", "none", (
-                Query(f'sum by (model, host, replica) (up{{job="vllm",{MODEL}}})',
+                Query(f'max by (model, host, replica) (up{{job="vllm",{MODEL}}})',
                       "{{model}} {{host}}/{{replica}}"),),
                 "1 when the vLLM server answers /metrics, per replica", kind="state-timeline"),
             Panel("Gateway: replica health", "none", (

@@ -72,14 +72,18 @@ def from_scrapes(targets: Sequence[Target], now: Mapping[str, Scrape],
     before = before or {}
     rows: dict[str, ModelFigures] = {}
     acc: dict[str, _Acc] = {}
+    replicas: dict[str, set] = {}  # model -> its (host, replica); a replica's slots count once
+    up: dict[str, set] = {}
     for t in targets:
         row = rows.setdefault(t.model, ModelFigures(t.model))
         a = acc.setdefault(t.model, _Acc())
-        row.replicas += 1
+        replicas.setdefault(t.model, set()).add((t.host, t.replica))
+        row.replicas = len(replicas[t.model])
         cur = now.get(t.unit)
         if cur is None or cur.samples is None:
             continue
-        row.replicas_up += 1
+        up.setdefault(t.model, set()).add((t.host, t.replica))
+        row.replicas_up = len(up[t.model])
         samples = cur.samples
         prev = before.get(t.unit)
         prev_samples = prev.samples if prev is not None and prev.samples is not None else None

@@ -81,8 +81,9 @@ def figures(window: str = "5m", match: str = "") -> dict[str, str]:
         RUNNING: f"sum by (model) ({VLLM_RUNNING}{_sel(match)})",
         WAITING: f"sum by (model) ({VLLM_WAITING}{_sel(match)})",
         KV_CACHE: f"max by (model) ({VLLM_KV_CACHE}{_sel(match)})",
-        REPLICAS_UP: f"sum by (model) (up{vllm})",
-        REPLICAS: f"count by (model) (up{vllm})",
+        # a replica is up when either of its slots (primary or spare port) answers
+        REPLICAS_UP: f"sum by (model) (max by (model, host, replica) (up{vllm}))",
+        REPLICAS: f"count by (model) (max by (model, host, replica) (up{vllm}))",
         API_RPS: f"sum by (model, status) (rate({API_REQUESTS}{api}[{window}]))",
         # 0 (not "no data") while there is traffic and no 5xx
         API_5XX_RATIO: (f"(sum by (model) (rate({API_REQUESTS}{api_5xx}[{window}])) or {total} * 0)"

@@ -33,6 +33,7 @@ class Target:
     unit: str  # container/unit name (albert-<env>-vllm-<model>[-N])
     model: str = ""
     replica: str = ""
+    slot: str = ""  # "spare": the replica's second port, where a replace without downtime moves it
 
 
 def hostport(address: str, port: int) -> str:
@@ -41,9 +42,11 @@ def hostport(address: str, port: int) -> str:
 
 def targets(plan: Placement) -> tuple[list[Target], list[Target]]:
     """(vLLM servers, gateways) of the plan, as scrape targets."""
-    # where each server listens (loopback when its only gateway, and Prometheus, are on its host)
-    vllm = [Target(hostport(i.address, i.port), i.host.name, i.name, i.model_id, str(i.replica))
-            for i in plan.vllm]
+    # where each server listens (loopback when its only gateway, and Prometheus, are on its host);
+    # both slots of a replica: after a replace without downtime it serves on its spare port
+    vllm = [Target(hostport(s.address, s.port), s.host.name, s.name, s.model_id, str(s.replica),
+                   "spare" if s.spare else "")
+            for i in plan.vllm for s in ((i,) if i.group is not None else (i, i.spare_slot()))]
     api = [Target(hostport(a.host.address, a.port), a.host.name, a.name) for a in plan.api]
     return vllm, api
 

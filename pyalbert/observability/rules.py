@@ -45,9 +45,9 @@ def alerts(a: AlertsSpec) -> list[Alert]:
               "model {{ $labels.model }}: no replica serves",
               "No vLLM server of {{ $labels.model }} answers /metrics, or the gateway has "
               "ejected every replica, for " + a.model_down_for + "."),
-        Alert("AlbertReplicaDown", 'up{job="vllm"} == 0', a.model_down_for, "warning",
+        Alert("AlbertReplicaDown", 'max by (model, host, replica) (up{job="vllm"}) == 0', a.model_down_for, "warning",
               "model {{ $labels.model }}: replica {{ $labels.replica }} on {{ $labels.host }} is down",
-              "The vLLM server {{ $labels.instance }} does not answer /metrics."),
+              "Neither slot of the vLLM server (its port nor its spare port) answers /metrics."),
         Alert("AlbertApiDown", 'up{job="api"} == 0', a.model_down_for, "critical",
               "gateway on {{ $labels.host }} is down",
               "The gateway's /metrics does not answer (or refuses the scrape key)."),
@@ -107,9 +107,10 @@ def dump(doc: dict) -> str:
 
 
 # -- promtool test rules -------------------------------------------------------------------------
-def _vllm(metric: str, model: str = "m1", replica: str = "0", host: str = "gpu-1") -> str:
+def _vllm(metric: str, model: str = "m1", replica: str = "0", host: str = "gpu-1",
+          port: int = 8000) -> str:
     return (f'{metric}{{job="vllm",model="{model}",host="{host}",replica="{replica}",'
-            f'instance="{host}:8000"}}')
+            f'instance="{host}:{port}"}}')
 
 
 _LABEL_RE = re.compile(r"\{\{ \$labels\.([a-zA-Z_][a-zA-Z0-9_]*) \}\}")
@@ -168,8 +169,20 @@ def rule_tests(a: AlertsSpec, rule_file: str = RULES_FILE) -> dict:
             "alert_rule_test": [
                 *model_down,
                 _fires(by["AlbertReplicaDown"], f"{fired_down}s", {
-                    "model": "m1", "job": "vllm", "host": "gpu-1", "replica": "0",
-                    "instance": "gpu-1:8000"}),
+                    "model": "m1", "host": "gpu-1", "replica": "0"}),
+            ],
+        },
+        {   # m1's replica moved to its spare port (a replace without downtime): its first port
+            # answers no more, the spare does; m2's idle spare slot never answers: nothing fires
+            "input_series": [
+                {"series": _vllm("up", "m1"), "values": f"1 0x{n_down}"},
+                {"series": _vllm("up", "m1", port=26000), "values": f"0 1x{n_down}"},
+                {"series": _vllm("up", "m2", host="gpu-2"), "values": f"1x{n_down}"},
+                {"series": _vllm("up", "m2", host="gpu-2", port=26000), "values": f"0x{n_down}"},
+            ],
+            "alert_rule_test": [
+                _quiet(by["AlbertModelDown"], f"{fired_down}s"),
+                _quiet(by["AlbertReplicaDown"], f"{fired_down}s"),
             ],
         },
         {   # the gateway ejected every replica of m1 although vLLM answers /metrics

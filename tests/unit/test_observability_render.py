@@ -69,8 +69,13 @@ def test_every_vllm_server_and_gateway_is_a_target_with_model_host_replica(plan)
     assert small == [
         {"targets": ["127.0.0.1:8001"], "labels": {"model": "small", "host": "gpu-1", "replica": "0",
                                                   "unit": "albert-test-vllm-small"}},
+        # the spare slot: where a replace without downtime moves the replica
+        {"targets": ["127.0.0.1:28001"], "labels": {"model": "small", "host": "gpu-1", "replica": "0",
+                                                   "unit": "albert-test-vllm-small-spare"}},
         {"targets": ["10.0.0.2:8001"], "labels": {"model": "small", "host": "gpu-2", "replica": "1",
                                                   "unit": "albert-test-vllm-small-1"}},
+        {"targets": ["10.0.0.2:28001"], "labels": {"model": "small", "host": "gpu-2", "replica": "1",
+                                                  "unit": "albert-test-vllm-small-1-spare"}},
     ]
     assert jobs["api"]["static_configs"] == [
         {"targets": ["10.0.0.1:8080"], "labels": {"host": "gpu-1", "unit": "albert-test-api"}}]
@@ -84,8 +89,9 @@ def test_every_vllm_server_and_gateway_is_a_target_with_model_host_replica(plan)
 def test_vllm_targets_follow_the_placement(plan):
     labels = [(c["targets"][0], c["labels"]["model"], c["labels"]["replica"])
               for c in yaml.safe_load(render_all(plan, MetricsSpec())[CONFIG_FILE])["scrape_configs"][0]["static_configs"]]
-    assert labels == [(f"{i.address}:{i.port}", i.model_id, str(i.replica)) for i in plan.vllm]
-    assert len(labels) == 3
+    assert labels == [(f"{s.address}:{s.port}", s.model_id, str(s.replica))
+                      for i in plan.vllm for s in (i, i.spare_slot())]
+    assert len(labels) == 6  # 3 servers, each on its port and its spare port
 
 
 def test_scrape_key_is_a_file_reference_alertmanager_and_node_exporters(plan):
@@ -183,7 +189,7 @@ def test_promtool_accepts_config_and_rules_and_the_rule_tests_pass(plan, tmp_pat
 @needs_promtool
 @pytest.mark.parametrize("mutation", [
     ("vllm:kv_cache_usage_perc > 0.9", "vllm:kv_cache_usage_perc > 0.99"),  # threshold drifted
-    ("up{job=\"vllm\"} == 0", "up{job=\"vllm\"} == 2"),  # replica down never matches
+    ("(up{job=\"vllm\"}) == 0", "(up{job=\"vllm\"}) == 2"),  # replica down never matches
     ("for: 2m", "for: 20m"),  # model down waits too long
     ("sum by (key) (rate(albert_rejections_total", "sum by (model) (rate(albert_rejections_total"),
 ], ids=["kv-threshold", "replica-down-expr", "model-down-for", "rejections-label"])

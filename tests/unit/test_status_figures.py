@@ -101,8 +101,20 @@ def test_without_prometheus_each_server_is_read_on_its_host(config_factory):
     factory, made = hosts({"gpu-1": gpu})
     source, rows = status_figures(spec, factory)
     assert source == "2 vLLM server(s), /metrics read once (no rates)" and set(made) == {"gpu-1"}
-    assert sorted(asked) == ["http://10.0.0.1:8001/metrics", "http://10.0.0.1:8002/metrics"]
+    # each server on its port and its spare port (where a replace without downtime moves it)
+    assert sorted(asked) == ["http://10.0.0.1:28001/metrics", "http://10.0.0.1:28002/metrics",
+                             "http://10.0.0.1:8001/metrics", "http://10.0.0.1:8002/metrics"]
     by = {r.model: r for r in rows}
     assert (by["small"].replicas_up, by["small"].replicas) == (1, 1)
     assert by["small"].ttft_p95 > 0 and by["small"].running == 0 and math.isnan(by["small"].generation_tps)
     assert (by["big"].replicas_up, by["big"].replicas) == (0, 1) and math.isnan(by["big"].ttft_p95)
+
+
+def test_a_replica_moved_to_its_spare_port_counts_once_and_up(config_factory):
+    spec = spec_of(config_factory)
+    both = {"http://10.0.0.1:28001/metrics", "http://10.0.0.1:8002/metrics", "http://10.0.0.1:28002/metrics"}
+    factory, _ = hosts({"gpu-1": lambda tokens: SCRAPE if tokens[-1] in both else None})
+    _, rows = status_figures(spec, factory)
+    by = {r.model: r for r in rows}
+    assert (by["small"].replicas_up, by["small"].replicas) == (1, 1)  # served from the spare port
+    assert (by["big"].replicas_up, by["big"].replicas) == (1, 1)  # both slots answer: one replica
