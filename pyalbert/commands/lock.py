@@ -1,6 +1,6 @@
-"""The deploy lock: an atomic remote ``mkdir`` plus a details file (Kamal's design).
+"""The deploy lock: a folder holding a details file, made atomically (Kamal's design).
 
-``mkdir`` either creates the directory or fails because someone holds it: no race between two
+The rename onto the lock either creates it or fails because someone holds it: no race between two
 deploys. The details say who, when, which release and why, so the loser can name the holder.
 """
 
@@ -24,10 +24,16 @@ def details(*, who: str, when: str, release: str, message: str = "", pid: int | 
 
 
 def acquire(base_dir: str, details_json: str) -> Cmd:
-    """Exit 0: the lock is ours. Non-zero: someone holds it (read :func:`show`)."""
-    d = shlex.quote(lock_dir(base_dir))
-    script = (f"mkdir -p {shlex.quote(base_dir)} && mkdir {d} 2>/dev/null && "
-              f"cat > {d}/details.json")
+    """Exit 0: the lock is ours. Non-zero: someone holds it (read :func:`show`).
+
+    The details are written into a fresh folder first, then renamed onto the lock (``rename`` of a
+    folder onto a non-empty one fails): a lock never exists without its details, even when the
+    deployer is killed half-way (a stray ``.deploy.lock.*`` folder is all it can leave).
+    """
+    b, d = shlex.quote(base_dir), shlex.quote(lock_dir(base_dir))
+    script = (f'mkdir -p {b} && t=$(mktemp -d {b}/.deploy.lock.XXXXXX) && '
+              f'cat > "$t/details.json" && mv -T "$t" {d} 2>/dev/null '
+              f'|| {{ rm -rf "$t"; exit 1; }}')
     return Cmd.of("sh", "-c", script, stdin=details_json)
 
 

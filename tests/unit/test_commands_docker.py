@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from pyalbert.commands import api, docker, gpu, health, lock, release
+from pyalbert.commands.base import Cmd
 from pyalbert.remote import LocalRunner
 
 
@@ -53,10 +54,11 @@ def test_inspect_ps_logs_and_images():
         "docker image inspect --format '{{.Id}}' i:1 >/dev/null || docker pull -q i:1")
 
 
-def test_lock_acquire_is_one_atomic_mkdir_with_details_on_stdin():
+def test_lock_acquire_is_one_atomic_rename_with_details_on_stdin():
     cmd = lock.acquire("/b", '{"who": "me"}')
-    assert cmd.render() == ("sh -c 'mkdir -p /b && mkdir /b/deploy.lock 2>/dev/null && "
-                            "cat > /b/deploy.lock/details.json'")
+    assert cmd.render() == ("sh -c 'mkdir -p /b && t=$(mktemp -d /b/.deploy.lock.XXXXXX) && "
+                            "cat > \"$t/details.json\" && mv -T \"$t\" /b/deploy.lock 2>/dev/null "
+                            "|| { rm -rf \"$t\"; exit 1; }'")
     assert cmd.stdin == '{"who": "me"}'
     assert lock.release("/b").render() == "rm -rf /b/deploy.lock || true"
     assert lock.show("/b").render() == "cat /b/deploy.lock/details.json 2>/dev/null"
@@ -73,6 +75,24 @@ def test_lock_really_excludes_a_second_holder(tmp_path):
     assert holder == "ana since t (release r1): hotfix"
     run.run(lock.release(base))
     assert run.run(lock.acquire(base, first), check=False).ok
+    assert [p.name for p in (tmp_path / "albert").iterdir()] == ["deploy.lock"]  # no leftovers
+
+
+def test_a_lock_never_exists_without_its_details(tmp_path):
+    """A deployer killed while writing its details (here: the details cannot be written) leaves
+    no lock behind, and a stray folder of a killed acquirer does not count as a lock."""
+    run = LocalRunner()
+    base = tmp_path / "albert"
+    base.mkdir()
+    (base / ".deploy.lock.dead01").mkdir()  # what a kill between mktemp and the rename leaves
+    script = str(lock.acquire(str(base), "x").tokens[-1])
+    assert 'cat > "$t/details.json"' in script
+    failing = Cmd.of("sh", "-c", script.replace('cat > "$t/details.json"', "false"))
+    assert not run.run(failing, check=False).ok
+    assert not (base / "deploy.lock").exists()
+    assert run.run(lock.acquire(str(base), lock.details(who="ana", when="t", release="r1")),
+                   check=False).ok
+    assert "ana" in lock.describe_holder(run.run(lock.show(str(base))).stdout)
 
 
 def test_release_put_writes_secret_files_0600_with_content_only_on_stdin(tmp_path):
