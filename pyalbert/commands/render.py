@@ -22,5 +22,5 @@ def render(template: str, **values: object) -> str:
 
 
 def template_text(name: str) -> str:
-    """A template's text as is (a script shipped to hosts, e.g. ``edge.py``)."""
+    """A template's text, not rendered (for a file shipped to hosts unchanged)."""
     return (TEMPLATES / name).read_text()
