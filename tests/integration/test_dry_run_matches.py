@@ -68,6 +68,11 @@ def point_at(config_env: str, env: Env, root: Path) -> None:
                       "gpus": 0}]
     data["storage_dir"] = str(STORAGE)
     data["deploy"] = {**data.get("deploy", {}), "base_dir": env.base, "ready_timeout_s": 60}
+    if data.get("metrics", {}).get("scrape_key_file"):  # as local-up does: the key on the host
+        key = f"{env.base}/scrape-key"
+        data["metrics"]["scrape_key_file"] = key
+        env.host.run(f"mkdir -p {env.base} && printf test-scrape-key > {key} && chmod 600 {key} "
+                     f"&& chown -R gitlab: {env.base}")
     if env.runtime == "docker":
         data["images"] = {"vllm": env.rh.vllm, "api": env.rh.vllm, "edge": HAPROXY_IMAGE}
     else:

@@ -179,10 +179,13 @@ __all__ = ["make_host", "one_host", "host_environment"]
 
 @pytest.fixture(scope="module")
 def fake_vllm_host(make_host):
-    """A host with its own dockerd and the fake vLLM image loaded: ``(host, image tag)``."""
+    """A host with its own dockerd, the fake vLLM image and the front door's HAProxy image
+    (``images.edge`` of the docker runtime) loaded: ``(host, vLLM image tag)``."""
     from tests.support.fake_vllm.image import ensure_fake_vllm_image
+    from tests.support.images import ensure_haproxy_image
 
     image = ensure_fake_vllm_image()
     h = make_host(docker=True)
     h.load_image(image)
+    h.load_image(ensure_haproxy_image())
     return h, image
