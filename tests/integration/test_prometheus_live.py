@@ -244,7 +244,7 @@ def test_prometheus_scrapes_the_plan_answers_every_query_and_fires_model_down(st
     # a bad rule file is refused before the live folder changes; Prometheus keeps its rules
     before = {p.name: p.read_text() for p in live.iterdir()}
     broken = render_all(stack["plan"], stack["metrics"])
-    broken[r.RULES_FILE] = broken[r.RULES_FILE].replace("expr: up{job=\"vllm\"} == 0", "expr: up{job=")
+    broken[r.RULES_FILE] = broken[r.RULES_FILE].replace("(up{job=\"vllm\"}) == 0", "(up{job=")
     assert broken[r.RULES_FILE] != before[r.RULES_FILE]
     with pytest.raises(RemoteError, match="promtool check config"):
         for step in oc.install(broken, str(live)):
