@@ -26,7 +26,7 @@ from pyalbert.commands import ray
 from pyalbert.config import load_spec
 from pyalbert.devtools.testhosts import NamespaceHost
 from pyalbert.engine.operations import deploy_env, down_env, status_env
-from tests.integration.test_ray_cluster import RAY_BIN, link_hosts
+from tests.integration.test_ray_cluster import RAY_BIN, link_hosts, wait_for
 from tests.support.hosts import ssh_environ
 from tests.support.ray_group import API_PORT, GCS, NODE_MANAGER, write_config
 from tests.support.runtimes import TOOLS_BASE, fake_vllm_python, tools_on
@@ -86,17 +86,6 @@ def group(make_host, tmp_path_factory):
             yield g
         finally:
             down_env(g.spec())
-
-
-def wait_for(what: str, check, timeout: float, step: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
