@@ -14,16 +14,14 @@ import io
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import yaml
 
 from pyalbert.api.keys import hash_key
@@ -33,22 +31,12 @@ from pyalbert.observability import AlertsSpec, MetricsSpec, render_all
 from pyalbert.observability import commands as oc
 from pyalbert.observability.snapshot import snapshot
 from pyalbert.remote import LocalRunner
+from tests.support.vllm_server import SMALL_KV_CACHE, SMOLLM2, serving, vllm_server
 
-VLLM_PYTHON = os.environ.get("ALBERT_VLLM_PYTHON", "/opt/albert/vllm-venv/bin/python")
-MODEL_DIR = os.environ.get("ALBERT_TEST_MODEL", "/var/cache/albert-test/models/smollm2-135m")
+MODEL_DIR = Path(os.environ.get("ALBERT_TEST_MODEL", str(SMOLLM2)))
 MODEL = "smollm2"
 KEY, LIMITED, SCRAPE = ("demo-client-key-0123456789abcdef", "demo-limited-key-0123456789abcdef",
                         "demo-scrape-key-0123456789abcdef")
-
-
-def wait(url: str, seconds: float, **kw) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2, **kw).status_code == 200:
-                return
-        time.sleep(1)
-    raise SystemExit(f"{url} not ready after {seconds} s")
 
 
 def load(base: str, seconds: float) -> None:
@@ -93,53 +81,44 @@ def top(args: list[str]) -> str:
 def run(out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="albert-metrics-demo-"))
     vllm_port, api_port, prom_port = 18991, 18992, 18993
-    procs: list[subprocess.Popen] = []
-
-    def start(argv, log, **kw):
-        procs.append(subprocess.Popen(argv, stdout=(tmp / log).open("w"), stderr=subprocess.STDOUT,
-                                      start_new_session=True, **kw))
-
-    try:
-        start([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL_DIR,
-               "--served-model-name", MODEL, "--max-model-len", "2048", "--enforce-eager",
-               "--host", "127.0.0.1", "--port", str(vllm_port)], "vllm.log",
-              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        (tmp / "keys.yaml").write_text(yaml.safe_dump({"keys": [
-            {"name": "team-a", "sha256": hash_key(KEY)},
-            {"name": "limited", "sha256": hash_key(LIMITED), "requests_per_minute": 2},
-            {"name": "prometheus", "sha256": hash_key(SCRAPE), "models": [], "scrape": True}]}))
-        (tmp / "scrape-key").write_text(SCRAPE)
-        config = tmp / "config"
-        (config / "environments").mkdir(parents=True)
-        (config / "environments" / "demo.toml").write_text(textwrap.dedent(f"""
-            [[hosts]]
-            name = "local"
-            address = "127.0.0.1"
-            gpus = 0
-            [api]
-            port = {api_port}
-        """))
-        (config / "llm_routing_table.json").write_text(json.dumps(
-            {MODEL: {"model": "HuggingFaceTB/SmolLM2-135M", "port": vllm_port}}))
-        plan = load_spec("demo", config).placement
-        metrics = MetricsSpec(port=prom_port, scrape_interval="2s", evaluation_interval="2s",
-                              scrape_key_file=str(tmp / "scrape-key"),
-                              alerts=AlertsSpec(rate_window="1m"))
-        runner = LocalRunner()
-        for step in oc.install(render_all(plan, metrics), str(tmp / "prometheus")):
-            runner.run(step)
-        serve = oc.serve(metrics, str(tmp / "prometheus" / "prometheus.yml"), str(tmp / "tsdb"),
-                         listen=f"127.0.0.1:{prom_port}")
-        start(shlex.split(serve.render()), "prometheus.log")
-        wait(f"http://127.0.0.1:{vllm_port}/health", 300)
-        albert_bin = str(Path(sys.executable).with_name("albert"))
-        start([albert_bin, "api", "--backends", json.dumps({MODEL: [f"http://127.0.0.1:{vllm_port}"]}),
-               "--host", "127.0.0.1", "--port", str(api_port), "--keys", str(tmp / "keys.yaml"),
-               "--no-access-log"], "api.log")
-        api = f"http://127.0.0.1:{api_port}"
-        prom = f"http://127.0.0.1:{prom_port}"
-        wait(f"{api}/ready", 60)
-        wait(f"{prom}/-/ready", 60)
+    (tmp / "keys.yaml").write_text(yaml.safe_dump({"keys": [
+        {"name": "team-a", "sha256": hash_key(KEY)},
+        {"name": "limited", "sha256": hash_key(LIMITED), "requests_per_minute": 2},
+        {"name": "prometheus", "sha256": hash_key(SCRAPE), "models": [], "scrape": True}]}))
+    (tmp / "scrape-key").write_text(SCRAPE)
+    config = tmp / "config"
+    (config / "environments").mkdir(parents=True)
+    (config / "environments" / "demo.toml").write_text(textwrap.dedent(f"""
+        [[hosts]]
+        name = "local"
+        address = "127.0.0.1"
+        gpus = 0
+        [api]
+        port = {api_port}
+    """))
+    (config / "llm_routing_table.json").write_text(json.dumps(
+        {MODEL: {"model": "HuggingFaceTB/SmolLM2-135M", "port": vllm_port}}))
+    plan = load_spec("demo", config).placement
+    metrics = MetricsSpec(port=prom_port, scrape_interval="2s", evaluation_interval="2s",
+                          scrape_key_file=str(tmp / "scrape-key"),
+                          alerts=AlertsSpec(rate_window="1m"))
+    for step in oc.install(render_all(plan, metrics), str(tmp / "prometheus")):
+        LocalRunner().run(step)
+    serve = oc.serve(metrics, str(tmp / "prometheus" / "prometheus.yml"), str(tmp / "tsdb"),
+                     listen=f"127.0.0.1:{prom_port}")
+    albert_bin = str(Path(sys.executable).with_name("albert"))
+    api, prom = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prom_port}"
+    with ExitStack() as stack:
+        # each server in its own process group, waited for, stopped on the way out (logs kept)
+        stack.enter_context(vllm_server(vllm_port, "--max-model-len", "2048", "--enforce-eager",
+                                        env=SMALL_KV_CACHE, log=tmp / "vllm.log",
+                                        model_dir=MODEL_DIR, served_name=MODEL))
+        stack.enter_context(serving(shlex.split(serve.render()), f"{prom}/-/ready", 60,
+                                    log=tmp / "prometheus.log"))
+        stack.enter_context(serving(
+            [albert_bin, "api", "--backends", json.dumps({MODEL: [f"http://127.0.0.1:{vllm_port}"]}),
+             "--host", "127.0.0.1", "--port", str(api_port), "--keys", str(tmp / "keys.yaml"),
+             "--no-access-log"], f"{api}/ready", 60, log=tmp / "api.log"))
         loader = threading.Thread(target=load, args=(api, 150))
         loader.start()
         time.sleep(110)
@@ -150,15 +129,7 @@ def run(out: Path) -> None:
         loader.join()
         time.sleep(4)
         (out / "dashboard-snapshot.svg").write_text(snapshot(prom, minutes=3, window="1m"))
-    finally:
-        for p in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        print(f"logs in {tmp}")
+    print(f"logs in {tmp}")
 
 
 if __name__ == "__main__":
