@@ -29,31 +29,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pyalbert.commands.base import Cmd
+from pyalbert.config.environment import RayPortsSpec
 
 #: the ``ray`` executable when none is given (the image's or the venv's ``bin/ray`` otherwise)
 RAY = "ray"
 
 
-@dataclass(frozen=True)
-class RayPorts:
-    """Every port a Ray node listens on (Ray's defaults where Ray has one).
+class RayPorts(RayPortsSpec):
+    """The ``[ray.ports]`` of the config (fields and defaults: :class:`RayPortsSpec`, the one
+    source), with what the builders, the checks and the firewall ask of them.
 
     ``gcs`` (``--port``) and ``client_server`` listen on the head only; ``dashboard`` only when the
     dashboard is on. Workers of a task listen on ``min_worker..max_worker``: one port per worker
     process, so the range bounds how many run at once on a node.
     """
 
-    gcs: int = 6379
-    client_server: int = 10001
-    dashboard: int = 8265
-    object_manager: int = 8076
-    node_manager: int = 8077
-    runtime_env_agent: int = 8078
-    dashboard_agent_grpc: int = 8079
-    dashboard_agent_listen: int = 52365
-    metrics_export: int = 8080
-    min_worker: int = 10002
-    max_worker: int = 10100
+    @classmethod
+    def of(cls, spec: RayPortsSpec) -> RayPorts:
+        return cls(**spec.model_dump())
 
     def node_ports(self) -> dict[str, int]:
         """Single ports every node (head or worker) listens on, by their ``ray start`` flag."""
@@ -80,13 +73,7 @@ class RayPorts:
     def problems(self) -> list[str]:
         """Mistakes in these ports, each naming the field and the fix (empty: fine)."""
         out: list[str] = []
-        named = {"gcs": self.gcs, "client_server": self.client_server, "dashboard": self.dashboard,
-                 "object_manager": self.object_manager, "node_manager": self.node_manager,
-                 "runtime_env_agent": self.runtime_env_agent,
-                 "dashboard_agent_grpc": self.dashboard_agent_grpc,
-                 "dashboard_agent_listen": self.dashboard_agent_listen,
-                 "metrics_export": self.metrics_export, "min_worker": self.min_worker,
-                 "max_worker": self.max_worker}
+        named = self.model_dump()
         for name, port in named.items():
             if not 1024 <= port <= 65535:
                 out.append(f"ray port {name} = {port} is outside 1024-65535: pick an unprivileged port")
@@ -118,6 +105,10 @@ class RayPorts:
                 out.append(f"{what} = {port} is inside the ray worker range "
                            f"{self.min_worker}-{self.max_worker}: move it out of the range")
         return out
+
+
+#: Ray's ports when none are given (the config's defaults)
+DEFAULT_PORTS = RayPorts()
 
 
 def _node_env(node_ip: str, interface: str | None) -> list[str]:
@@ -155,7 +146,7 @@ def _common(node_ip: str, ports: RayPorts, num_cpus: int | None, num_gpus: int |
     ]
 
 
-def start_head(node_ip: str, ports: RayPorts = RayPorts(), *, ray: str = RAY,
+def start_head(node_ip: str, ports: RayPorts = DEFAULT_PORTS, *, ray: str = RAY,
                num_cpus: int | None = None, num_gpus: int | None = None,
                dashboard: bool = False, temp_dir: str | None = None, block: bool = False,
                interface: str | None = None) -> Cmd:
@@ -176,7 +167,7 @@ def start_head(node_ip: str, ports: RayPorts = RayPorts(), *, ray: str = RAY,
     )
 
 
-def start_worker(head_address: str, node_ip: str, ports: RayPorts = RayPorts(), *,
+def start_worker(head_address: str, node_ip: str, ports: RayPorts = DEFAULT_PORTS, *,
                  ray: str = RAY, num_cpus: int | None = None, num_gpus: int | None = None,
                  temp_dir: str | None = None, block: bool = False,
                  interface: str | None = None) -> Cmd:
@@ -188,7 +179,7 @@ def start_worker(head_address: str, node_ip: str, ports: RayPorts = RayPorts(), 
     )
 
 
-def head_address(head_ip: str, ports: RayPorts = RayPorts()) -> str:
+def head_address(head_ip: str, ports: RayPorts = DEFAULT_PORTS) -> str:
     """``ip:port`` of the head's GCS: what workers join, ``ray status`` and vLLM connect to."""
     return f"{head_ip}:{ports.gcs}"
 
@@ -216,7 +207,7 @@ def vllm_multinode_args(pipeline_parallel_size: int, tensor_parallel_size: int |
     return [*args, "--distributed-executor-backend", "ray"]
 
 
-def vllm_env(head_ip: str, ports: RayPorts = RayPorts()) -> dict[str, str]:
+def vllm_env(head_ip: str, ports: RayPorts = DEFAULT_PORTS) -> dict[str, str]:
     """Environment of the vLLM server on the head: join the group's cluster, never start one."""
     return {"RAY_ADDRESS": head_address(head_ip, ports), "VLLM_HOST_IP": head_ip}
 

@@ -246,7 +246,8 @@ class GroupPlacement(_Spec):
 
 
 class RayPortsSpec(_Spec):
-    """Every port a Ray node listens on (``commands.ray.RayPorts``; Ray's defaults)."""
+    """Every port a Ray node listens on (Ray's defaults but one); the one source of them:
+    ``commands.ray.RayPorts`` adds behaviour, no field."""
 
     gcs: int = 6379
     client_server: int = 10001

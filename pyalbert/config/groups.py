@@ -61,7 +61,7 @@ class RayGroup:
 
 
 def ray_ports(env: EnvironmentSpec) -> RayPorts:
-    return RayPorts(**env.ray.ports.model_dump())
+    return RayPorts.of(env.ray.ports)
 
 
 def devices(host: HostSpec) -> int:

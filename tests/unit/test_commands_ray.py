@@ -29,7 +29,7 @@ def test_start_head_whole_string():
         "/opt/albert/ray-venv/bin/ray start --head --port 6379 --ray-client-server-port 10001 "
         "--include-dashboard false --node-ip-address 10.0.0.1 --object-manager-port 8076 "
         "--node-manager-port 8077 --runtime-env-agent-port 8078 --dashboard-agent-grpc-port 8079 "
-        "--dashboard-agent-listen-port 52365 --metrics-export-port 8080 --min-worker-port 10002 "
+        "--dashboard-agent-listen-port 52365 --metrics-export-port 8085 --min-worker-port 10002 "
         "--max-worker-port 10100 --num-gpus 8 --disable-usage-stats --block")
 
 
@@ -118,7 +118,7 @@ def test_node_ip_is_quoted_not_interpreted():
 def test_firewall_opens_gcs_on_the_head_only_and_never_client_or_dashboard():
     ports = ray.RayPorts()
     head, worker = ports.between_nodes(head=True), ports.between_nodes(head=False)
-    assert head == [6379, 8076, 8077, 8078, 8079, 8080, 52365, (10002, 10100)]
+    assert head == [6379, 8076, 8077, 8078, 8079, 8085, 52365, (10002, 10100)]
     assert worker == head[1:]
     assert ports.client_server not in head and ports.dashboard not in head
 
@@ -275,3 +275,12 @@ def test_a_busy_node_and_a_lost_one():
     assert status.nodes[1].resources["CPU"] == ray.Usage(2.0, 2.0)
     assert status.failures == ("node_8c2846da: NodeTerminated (ip: 10.211.100.2)",)
     assert status.demands == ("{'CPU': 1.0}: 1+ pending tasks/actors",)
+
+
+def test_the_builders_ports_are_the_configs():
+    """One source of the ports and their defaults: the config's ``[ray.ports]``."""
+    from pyalbert.config.environment import RayPortsSpec
+
+    assert ray.RayPorts().model_dump() == RayPortsSpec().model_dump()
+    assert ray.RayPorts.of(RayPortsSpec(gcs=7000)) == ray.RayPorts(gcs=7000)
+    assert "--metrics-export-port 8085" in ray.start_head("10.0.0.1").render()  # not the api's 8080
