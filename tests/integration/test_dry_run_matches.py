@@ -19,6 +19,7 @@ import yaml
 
 from pyalbert.commands.base import Cmd
 from pyalbert.config import load_spec
+from pyalbert.devtools.test_ca import make_test_ca
 from pyalbert.engine.context import RunContext
 from pyalbert.engine.host_plans import deploy_plans
 from pyalbert.engine.operations import (
@@ -110,6 +111,8 @@ def test_dry_run_equals_what_a_real_deploy_sent(config_env, runtime_host, tmp_pa
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": []}\n')
     monkeypatch.setenv("ALBERT_API_KEYS", str(keys))  # staging's api needs its keys file
+    # as local-up does: local's front door serves a test CA's certificate (a File variable)
+    monkeypatch.setenv("ALBERT_TLS_CERT", str(make_test_ca(tmp_path / "ca", (env.host.address,)) / "server.pem"))
     spec = load_spec(config_env, root)
     if env.runtime == "venv":  # as local-up does: the whitelist is built on the host first
         assert not [o.error for o in setup_env(spec, service="api") if o.error]
