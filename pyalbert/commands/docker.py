@@ -5,9 +5,11 @@ Pure: every function returns a :class:`Cmd`. The deployer runs them; tests compa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 
-from pyalbert.commands.base import Cmd, Op, Raw, any_of, combine, group
+from pyalbert.commands.base import Cmd, Op, Raw, any_of, combine, group, pipe
 
 #: labels every container of ours carries (``albert.<key>``)
 LABELS = ("env", "service", "model", "release", "config-hash")
@@ -104,6 +106,53 @@ def ps(env: str, service: str | None = None) -> Cmd:
         ("--filter", f"label=albert.service={service}") if service else None,
         "--format", "{{json .}}",
     )
+
+
+#: one JSON object a container: its name, restarts by its restart policy (since its last start by
+#: hand), when it last started and when it was created (docker's RFC 3339 times)
+RESTARTS_FORMAT = ('{"Name": {{json .Name}}, "RestartCount": {{.RestartCount}}, '
+                   '"StartedAt": {{json .State.StartedAt}}, "Created": {{json .Created}}}')
+
+
+def restarts_of(env: str) -> Cmd:
+    """Probe: how each container of an environment was restarted (``docker ps`` does not say):
+    one :data:`RESTARTS_FORMAT` line a container; a container removed meanwhile is skipped."""
+    ids = Cmd.of("docker", "ps", "-aq", "--no-trunc", "--filter", f"label=albert.env={env}")
+    inspect = Cmd.of("xargs", "-r", "docker", "inspect", "--format", RESTARTS_FORMAT, Op("2>/dev/null"))
+    return any_of(pipe(ids, inspect), Cmd.of("true"))
+
+
+def _epoch(stamp: str) -> float | None:
+    """Seconds since the epoch of a docker time (nanoseconds, ``Z``); None for its zero time."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    digits = "".join(c for c in frac if c.isdigit())
+    offset = frac[len(digits):] or "+00:00"
+    try:
+        when = datetime.fromisoformat(f"{head}.{(digits or '0')[:6]:0<6}{offset}")
+    except ValueError:
+        return None
+    return when.timestamp() if when.year > 1 else None
+
+
+def parse_restarts_of(stdout: str) -> dict[str, list[float]]:
+    """Container name -> when it was restarted (epoch s, oldest first) from :func:`restarts_of`.
+
+    Docker keeps the count and the last start only: the last restart is dated by ``StartedAt``,
+    the earlier ones by the container's creation (they came after it: a lower bound, so a
+    "restarts in the last minutes" count never counts too many)."""
+    out: dict[str, list[float]] = {}
+    for line in stdout.splitlines():
+        try:
+            row = json.loads(line)
+            count = int(row["RestartCount"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        started, created = _epoch(str(row.get("StartedAt", ""))), _epoch(str(row.get("Created", "")))
+        if count <= 0 or started is None:
+            out[str(row.get("Name", "")).lstrip("/")] = []
+            continue
+        out[str(row.get("Name", "")).lstrip("/")] = [created or started] * (count - 1) + [started]
+    return out
 
 
 def logs(name: str, tail: int = 100, *, follow: bool = False) -> Cmd:

@@ -6,7 +6,7 @@ import json
 
 from pyalbert.commands import api as api_cmd
 from pyalbert.commands import docker, health, routes, vllm_cache
-from pyalbert.commands.base import Cmd, any_of, combine
+from pyalbert.commands.base import Cmd, any_of, combine, group
 from pyalbert.commands.vllm import server_args
 from pyalbert.config.environment import EnvironmentSpec, HostSpec
 from pyalbert.config.groups import RayGroup
@@ -148,22 +148,27 @@ class DockerRuntime:
         return docker.inspect_state(name)
 
     def list_units(self, env: str) -> Cmd:
-        return docker.ps(env)
+        """The containers (``docker ps``), then how each was restarted (a crash loop shows)."""
+        return combine(docker.ps(env), group(docker.restarts_of(env)))
 
     def parse_units(self, stdout: str) -> list[dict[str, str]]:
         rows = []
+        restarts = docker.parse_restarts_of(stdout)
         for line in stdout.splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
+            if "Names" not in row:
+                continue  # a restarts line
             labels = dict(kv.split("=", 1) for kv in row.get("Labels", "").split(",") if "=" in kv)
             rows.append({"name": row.get("Names", ""), "image": row.get("Image", ""),
                          "state": row.get("State", ""), "status": row.get("Status", ""),
                          "ports": row.get("Ports", ""), "service": labels.get("albert.service", ""),
                          "model": labels.get("albert.model", ""),
                          "release": labels.get("albert.release", ""),
-                         "config_hash": labels.get("albert.config-hash", "")})
+                         "config_hash": labels.get("albert.config-hash", ""),
+                         "restart_times": restarts.get(row.get("Names", ""), [])})
         return rows
 
     def parse_state(self, stdout: str) -> tuple[bool, str, str]:
