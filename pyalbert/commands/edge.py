@@ -67,6 +67,11 @@ class EdgeConfig:
     stream_timeout_s: int = 3600
     threads: int = 1
     maxconn: int = 4096
+    #: ``[edge] tls = "acme"``: lego's loopback port for http-01 challenges, the renewal loop
+    #: (HAProxy's ``program``, :func:`pyalbert.commands.acme.program_command`), the master's pidfile
+    acme_port: int | None = None
+    acme_program: str | None = None
+    pid_file: str | None = None
 
     @property
     def bufsize(self) -> int:

@@ -162,18 +162,45 @@ class EdgeSpec(_Spec):
     """The front door (HAProxy) in front of the api, on ``[api] port``."""
 
     #: ``off``: plain HTTP; ``file``: HTTPS with the certificate chain + key of the secret
-    #: ``tls_cert`` (a File variable, written 0600 on the host)
-    tls: Literal["off", "file"] = "off"
+    #: ``tls_cert`` (a File variable, written 0600 on the host); ``acme``: HTTPS with a certificate
+    #: obtained and renewed automatically (lego, http-01 through ``redirect_port``)
+    tls: Literal["off", "file", "acme"] = "off"
     #: with TLS: a plain HTTP port that answers every request with a redirect (308) to HTTPS
+    #: (with ``acme``: also the port the CA's http-01 challenges arrive on, 80 in production)
     redirect_port: int | None = Field(None, ge=1, le=65535)
     #: the longest a stream may stay silent, and how long old connections drain after a reload
     stream_timeout_s: int = Field(3600, ge=60)
     threads: int = Field(1, ge=1, le=64)
+    #: ``acme``: the names on the certificate (each must resolve to the host), the account's e-mail
+    acme_domains: tuple[str, ...] = ()
+    acme_email: str | None = None
+    #: ``acme``: the CA's ACME directory (Let's Encrypt staging, or a test CA such as pebble)
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    #: ``acme``: a CA bundle on the host that the directory's own TLS certificate is checked with
+    #: (a test CA); unset: the system's roots
+    acme_ca_file: str | None = None
+    #: ``acme``: the loopback port where lego answers the challenges HAProxy passes on
+    acme_port: int = Field(8402, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _redirect_needs_tls(self) -> EdgeSpec:
         if self.redirect_port and self.tls == "off":
-            raise ValueError("redirect_port redirects to HTTPS: set tls = \"file\" too, or remove it")
+            raise ValueError("redirect_port redirects to HTTPS: set tls = \"file\" (or \"acme\") too, "
+                             "or remove it")
+        if self.tls != "acme":
+            return self
+        missing = [k for k, v in (("acme_domains", self.acme_domains), ("acme_email", self.acme_email),
+                                  ("redirect_port", self.redirect_port)) if not v]
+        if missing:
+            raise ValueError(f"tls = \"acme\" needs {', '.join(missing)}: the names on the certificate "
+                             "(acme_domains = [\"api.example.org\"]), the account's e-mail "
+                             "(acme_email), and the plain HTTP port the CA's http-01 challenges "
+                             "arrive on (redirect_port = 80)")
+        bad = [d for d in self.acme_domains if not re.fullmatch(r"(?=.{1,253}$)([a-z0-9-]{1,63}\.)+[a-z]{2,63}",
+                                                               d.lower())]
+        if bad:
+            raise ValueError(f"acme_domains holds {', '.join(bad)}: ACME certificates name DNS "
+                             "names (api.example.org), not addresses or wildcards")
         return self
 
 

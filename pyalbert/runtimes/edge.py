@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from pyalbert.commands import acme, docker, process
 from pyalbert.commands import api as api_cmd
-from pyalbert.commands import docker, process
 from pyalbert.commands import edge as edge_cmd
 from pyalbert.commands.base import Cmd, Secret, combine
 from pyalbert.config.environment import EnvironmentSpec
@@ -37,6 +37,9 @@ from pyalbert.runtimes.base import (
 from pyalbert.runtimes.checks import Check, HostFacts
 
 CONFIG, CERT, DIGEST_FILE = "haproxy.cfg", "cert.pem", "edge.sha"
+#: ``tls = "acme"``: the renewal script (release file), the PEM HAProxy reads and lego's folder
+#: (in ``<base>/edge-<env>/``: they outlive releases, a rollback keeps the certificate)
+ACME_SCRIPT, ACME_PEM, ACME_DIR = "acme-renew.sh", "tls.pem", "acme"
 #: writes each file of a JSON object read on stdin into a fresh private folder, replaces @DIR@ in
 #: them and in argv[1:] with it, runs argv[1:] there, removes the folder, exits with its status
 CHECK_IN_SCRATCH = (
@@ -60,17 +63,57 @@ def upstream_file(env: EnvironmentSpec) -> str:
     return f"{edge_dir(env)}/upstream"
 
 
+def acme_config(env: EnvironmentSpec) -> acme.AcmeConfig:
+    """What lego asks for (``[edge] tls = "acme"``) and where it keeps it on the host."""
+    e = env.edge
+    return acme.AcmeConfig(
+        state_dir=f"{edge_dir(env)}/{ACME_DIR}", live_pem=f"{edge_dir(env)}/{ACME_PEM}",
+        pid_file=f"{edge_dir(env)}/haproxy.pid", domains=e.acme_domains, email=e.acme_email or "",
+        directory=e.acme_directory, port=e.acme_port, ca_file=e.acme_ca_file)
+
+
+def renew_now(env: EnvironmentSpec, runtime: str) -> Cmd:
+    """Renew the ACME certificate now (whatever its expiry), install it and reload HAProxy."""
+    cmd = acme.renew_now(f"{config_link(env)}/{ACME_SCRIPT}")
+    return Cmd.of("docker", "exec", edge_name(env.name), *cmd.tokens) if runtime == "docker" else cmd
+
+
 def edge_config(env: EnvironmentSpec, folder: str, scratch: bool = False) -> edge_cmd.EdgeConfig:
     """The config HAProxy reads from ``folder`` (``scratch``: the check's own socket and state)."""
     place = folder if scratch else edge_dir(env)
     servers = tuple((c, api_cmd.spare_port(env.api.port, c)) for c in api_cmd.COLOURS)
+    tls, auto = env.edge.tls, env.edge.tls == "acme"
+    pem = {"file": f"{folder}/{CERT}", "acme": f"{place}/{ACME_PEM}"}.get(tls)
     return edge_cmd.EdgeConfig(
         env=env.name, port=env.api.port, servers=servers, socket=f"{place}/haproxy.sock",
-        state_file=f"{place}/servers.state",
-        tls_pem=f"{folder}/{CERT}" if env.edge.tls == "file" else None,
+        state_file=f"{place}/servers.state", tls_pem=pem,
         redirect_port=env.edge.redirect_port, max_body_bytes=env.api.max_body_bytes,
         max_header_bytes=env.api.max_header_bytes, read_timeout_s=env.api.read_timeout_s,
-        stream_timeout_s=env.edge.stream_timeout_s, threads=env.edge.threads)
+        stream_timeout_s=env.edge.stream_timeout_s, threads=env.edge.threads,
+        acme_port=env.edge.acme_port if auto else None,
+        acme_program=acme.program_command(f"{folder}/{ACME_SCRIPT}") if auto else None,
+        pid_file=f"{place}/haproxy.pid" if auto else None)
+
+
+def placeholder_pem() -> str:
+    """A self-signed certificate + key: what ``haproxy -c`` reads in the scratch folder before
+    the CA signed the real one (the host makes its own: :func:`acme.ensure_placeholder`)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, acme.PLACEHOLDER_CN)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return (cert.public_bytes(pem) + key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption())).decode()
 
 
 def edge_material(env: EnvironmentSpec, inputs: DeployInputs, folder: str,
@@ -80,6 +123,10 @@ def edge_material(env: EnvironmentSpec, inputs: DeployInputs, folder: str,
     if env.edge.tls == "file":
         cert = inputs.secrets.get("tls_cert", "")
         files[CERT] = cert.strip() + "\n"
+    if env.edge.tls == "acme":
+        files[ACME_SCRIPT] = acme.render_loop(acme_config(env))
+        if scratch:
+            files[ACME_PEM] = placeholder_pem()
     return files
 
 
@@ -131,11 +178,13 @@ def edge_unit(env: EnvironmentSpec, runtime: str, inputs: DeployInputs, release_
     config = f"{config_link(env)}/{CONFIG}"
     if runtime == "docker":
         argv = edge_cmd.serve_argv(config, "haproxy")
-        digest = config_hash({"runtime": runtime, "image": env.images.edge, "argv": argv})
+        digest = config_hash({"runtime": runtime, "image": env.images.edge, "argv": argv,
+                              **({"volumes": acme_volumes(env)} if acme_volumes(env) else {})})
         base = env.deploy.base_dir
+        volumes = [f"{edge_dir(env)}:{edge_dir(env)}", f"{base}/releases:{base}/releases:ro",
+                   *acme_volumes(env)]
         start = docker.run(name, env.images.edge, argv[1:], entrypoint=argv[0], network="host",
-                           volumes=[f"{edge_dir(env)}:{edge_dir(env)}", f"{base}/releases:{base}/releases:ro"],
-                           user=docker.AS_DEPLOY_USER, labels=unit_labels_for(digest))
+                           volumes=volumes, user=docker.AS_DEPLOY_USER, labels=unit_labels_for(digest))
         stop, probe, logs = docker.stop(name, 5), docker.inspect_state(name), docker.logs(name, 40)
         signal = docker.kill_signal(name, "USR2")
         checker = ("docker", "run", "--rm", "--network", "none", "-v", "@DIR@:@DIR@:ro",
@@ -148,6 +197,8 @@ def edge_unit(env: EnvironmentSpec, runtime: str, inputs: DeployInputs, release_
         logs, signal = process.logs(state, name, 40), process.signal(albert, state, name, "USR2")
         checker = (*edge_cmd.check(f"@DIR@/{CONFIG}").tokens,)  # type: ignore[assignment]
     point = point_at(env, release_dir)
+    if env.edge.tls == "acme":  # HAProxy needs a certificate to start with: a placeholder
+        point = combine(point, acme.ensure_placeholder(acme_config(env).live_pem))
     unit = Unit(name=name, service="edge", config_hash=digest, start=combine(point, start),
                 stop=stop, probe=probe, logs=logs, ready=None, port=env.api.port,
                 reload=Reload(digest=digest_files, probe=Cmd.of("cat", f"{config_link(env)}/{DIGEST_FILE}"),
@@ -155,6 +206,15 @@ def edge_unit(env: EnvironmentSpec, runtime: str, inputs: DeployInputs, release_
     check = HaproxyAccepts(tuple(sorted(edge_material(env, inputs, "@DIR@", scratch=True).items())),
                            tuple(str(t) for t in checker))
     return unit, release_files, [check]
+
+
+def acme_volumes(env: EnvironmentSpec) -> list[str]:
+    """docker: the host's lego (one static binary), system roots and the directory's CA bundle."""
+    if env.edge.tls != "acme":
+        return []
+    ca = env.edge.acme_ca_file
+    return [f"{acme.LEGO_BIN}:{acme.LEGO_BIN}:ro", "/etc/ssl/certs:/etc/ssl/certs:ro",
+            *([f"{ca}:{ca}:ro"] if ca else [])]
 
 
 def point_at(env: EnvironmentSpec, release_dir: str) -> Cmd:

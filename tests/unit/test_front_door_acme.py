@@ -1,0 +1,208 @@
+"""``[edge] tls = "acme"`` (issue 16): the config keys and their errors, lego's commands (whole
+strings), the HAProxy config (challenge route, program, pidfile), the renewal script run for real
+against a fake lego, the placeholder made by the host's openssl, ``haproxy -c`` of the lot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from pyalbert.commands import acme
+from pyalbert.commands import edge as edge_cmd
+from pyalbert.config import load_spec
+from pyalbert.errors import AlbertError
+from pyalbert.remote import Result
+from pyalbert.runtimes.base import DeployInputs
+from pyalbert.runtimes.checks import HostFacts
+from pyalbert.runtimes.edge import HaproxyAccepts, acme_config, edge_unit, renew_now
+
+ENV = """
+[deploy]
+base_dir = "/srv/albert"
+[api]
+port = 8443
+[[hosts]]
+name = "h"
+address = "10.0.0.1"
+"""
+ACME = """[edge]
+tls = "acme"
+redirect_port = 80
+acme_domains = ["api.example.org", "llm.example.org"]
+acme_email = "ops@example.org"
+"""
+HOST = HostFacts("gitlab", "test", "/srv/albert", lambda: set())
+LEGO = ("/usr/bin/lego --path /srv/albert/edge-test/acme --server "
+        "https://acme-v02.api.letsencrypt.org/directory --accept-tos --email ops@example.org "
+        "--domains api.example.org --domains llm.example.org --key-type ec256 --pem --http "
+        "--http.port 127.0.0.1:8402")
+needs_tools = pytest.mark.skipif(not (shutil.which(edge_cmd.HAPROXY_BIN) and shutil.which("openssl")),
+                                 reason="no haproxy or openssl here")
+
+
+def spec(config_factory, extra: str = ACME):
+    config_factory.env(ENV + extra)
+    config_factory.routing({"m": {"model": "org/m", "port": 8001}})
+    return load_spec("test", config_factory.root).env
+
+
+def unit(env, runtime="venv"):
+    return edge_unit(env, runtime, DeployInputs(release_id="r1", secrets={}), "/srv/albert/releases/r1",
+                     albert="/srv/albert/tools/bin/albert", state="/srv/albert/run-test")
+
+
+@pytest.mark.parametrize("extra, named", [
+    ('[edge]\ntls = "acme"\nredirect_port = 80\nacme_email = "a@b.org"\n', "needs acme_domains:"),
+    ('[edge]\ntls = "acme"\nredirect_port = 80\nacme_domains = ["a.b.org"]\n', "needs acme_email:"),
+    ('[edge]\ntls = "acme"\nacme_domains = ["a.b.org"]\nacme_email = "a@b.org"\n', "needs redirect_port:"),
+    ('[edge]\ntls = "acme"\nredirect_port = 80\nacme_email = "a@b.org"\nacme_domains = ["10.0.0.1"]\n',
+     "acme_domains holds 10.0.0.1"),
+    ('[edge]\ntls = "acme"\nredirect_port = 80\nacme_email = "a@b.org"\nacme_domains = ["*.b.org"]\n',
+     r"acme_domains holds \*.b.org"),
+], ids=["no-domains", "no-email", "no-plain-port", "an-address", "a-wildcard"])
+def test_acme_config_errors_name_the_key_and_fix(config_factory, extra, named):
+    with pytest.raises(AlbertError, match=named):
+        spec(config_factory, extra)
+
+
+def test_lego_commands_whole_strings(config_factory):
+    c = acme_config(spec(config_factory))
+    assert acme.obtain(c).render() == f"{LEGO} run"
+    assert acme.renew(c).render() == f"{LEGO} renew --days 30 --no-random-sleep"
+    assert acme.renew(c, acme.FORCE_DAYS).render() == f"{LEGO} renew --days 100000 --no-random-sleep"
+    test_ca = acme.AcmeConfig(**{**c.__dict__, "ca_file": "/etc/albert/pebble.pem",
+                                 "directory": "https://10.0.0.9:14000/dir"})
+    assert acme.obtain(test_ca).render().startswith(
+        "env LEGO_CA_CERTIFICATES=/etc/albert/pebble.pem /usr/bin/lego --path /srv/albert/edge-test/acme "
+        "--server https://10.0.0.9:14000/dir ")
+    assert c.lego_pem == "/srv/albert/edge-test/acme/certificates/api.example.org.pem"
+
+
+def test_haproxy_routes_challenges_to_lego_and_runs_the_loop(config_factory):
+    edge, files, _ = unit(spec(config_factory))
+    by_name = {f.path.rsplit("/", 1)[1]: f for f in files}
+    cfg = by_name["haproxy.cfg"].content
+    assert "bind 0.0.0.0:8443 ssl crt /srv/albert/edge-test/tls.pem alpn h2,http/1.1" in cfg
+    assert (
+        "    bind 0.0.0.0:80\n"
+        "    # the CA's http-01 challenges (plain HTTP only) go to lego on the loopback, never redirected\n"
+        "    acl acme_challenge path_beg /.well-known/acme-challenge/\n"
+        "    use_backend acme if acme_challenge !{ ssl_fc }\n"
+        "    http-request redirect location https://%[req.hdr(host),regsub(:[0-9]+$,)]:8443"
+        "%[capture.req.uri] code 308 if !{ ssl_fc } !acme_challenge\n") in cfg
+    assert "backend acme\n    timeout server 30s\n    server lego 127.0.0.1:8402\n" in cfg
+    assert ("program acme\n    command 'sh' '/srv/albert/edge-test/config/acme-renew.sh' 'loop'\n" in cfg)
+    assert "pidfile /srv/albert/edge-test/haproxy.pid" in cfg
+    script = by_name["acme-renew.sh"].content
+    assert f"then {LEGO} renew --days 30 --no-random-sleep; else {LEGO} run; fi && install" in script
+    # the placeholder comes before HAProxy, at start and at a reload
+    assert "openssl req -x509" in edge.start.render().split("supervise start")[0]
+    assert "openssl req -x509" in edge.reload.apply.render().split("supervise signal")[0]
+    assert renew_now(spec(config_factory), "venv").render() == \
+        "sh /srv/albert/edge-test/config/acme-renew.sh now"
+
+
+def test_plain_tls_file_config_has_no_acme(config_factory):
+    _, files, _ = unit(spec(config_factory, '[edge]\ntls = "file"\nredirect_port = 80\n'))
+    cfg = next(f.content for f in files if f.path.endswith("haproxy.cfg"))
+    assert "acme" not in cfg and "pidfile" not in cfg
+    assert "%[capture.req.uri] code 308 unless { ssl_fc }\n" in cfg
+
+
+def test_docker_mounts_lego_and_the_directory_ca(config_factory):
+    env = spec(config_factory, ACME + 'acme_ca_file = "/etc/albert/pebble.pem"\n')
+    edge, _, _ = unit(env, "docker")
+    start = edge.start.render()
+    for volume in ("/usr/bin/lego:/usr/bin/lego:ro", "/etc/ssl/certs:/etc/ssl/certs:ro",
+                   "/etc/albert/pebble.pem:/etc/albert/pebble.pem:ro"):
+        assert f"-v {volume}" in start
+    assert renew_now(env, "docker").render() == \
+        "docker exec albert-test-api sh /srv/albert/edge-test/config/acme-renew.sh now"
+
+
+def test_second_render_is_identical(config_factory):
+    env = spec(config_factory)
+    (a, files_a, _), (b, files_b, _) = unit(env), unit(env)
+    assert a.config_hash == b.config_hash and a.reload.digest == b.reload.digest
+    assert [f.content for f in files_a] == [f.content for f in files_b]
+
+
+def run(check: HaproxyAccepts) -> Result:
+    cmd = check.cmd
+    res = subprocess.run(cmd.render(), shell=True, input=cmd.stdin_text, capture_output=True, text=True)
+    return Result(cmd, res.returncode, res.stdout, res.stderr)
+
+
+@needs_tools
+def test_haproxy_accepts_the_acme_config_with_a_placeholder(config_factory):
+    _, _, (check,) = unit(spec(config_factory))
+    res = run(check)
+    assert res.ok, res.stderr
+    assert check.judge(res, HOST) is None
+
+
+@needs_tools
+def test_host_placeholder_is_made_once_and_is_a_pem_haproxy_reads(tmp_path):
+    live = tmp_path / "edge" / "tls.pem"
+    cmd = acme.ensure_placeholder(str(live))
+    assert subprocess.run(cmd.render(), shell=True).returncode == 0
+    first = live.read_text()
+    assert "BEGIN CERTIFICATE" in first and "PRIVATE KEY" in first
+    assert oct(live.stat().st_mode & 0o777) == "0o600"
+    assert subprocess.run(cmd.render(), shell=True).returncode == 0
+    assert live.read_text() == first  # present: left alone
+
+
+FAKE_LEGO = """#!/bin/sh
+# a fake lego: records its arguments, writes a PEM named after the call count
+echo "$*" >> "$LOG"
+n=$(wc -l < "$LOG")
+dir=$(dirname "$PEM")
+mkdir -p "$dir"
+case " $* " in *" renew "*) [ -n "$RENEW_WRITES" ] || exit 0 ;; esac
+echo "PEM $n" > "$PEM"; echo "CRT $n" > "$dir/$(basename "$PEM" .pem).crt"
+"""
+
+
+def test_renewal_script_obtains_installs_and_reloads_only_on_change(config_factory, tmp_path):
+    """The real script with a fake lego: first ``run``, then ``renew`` (unchanged PEM: no
+    reload), ``now`` forces a renewal and reloads; the reload is ``SIGUSR2`` to the pidfile's pid."""
+    fake = tmp_path / "lego"
+    fake.write_text(FAKE_LEGO)
+    fake.chmod(0o755)
+    c = acme.AcmeConfig(state_dir=str(tmp_path / "acme"), live_pem=str(tmp_path / "tls.pem"),
+                        pid_file=str(tmp_path / "haproxy.pid"), domains=("api.example.org",),
+                        email="ops@example.org", directory="https://ca.test/dir", port=8402,
+                        binary=str(fake))
+    script = tmp_path / "acme-renew.sh"
+    script.write_text(acme.render_loop(c))
+    # the "master": a sleeper that counts USR2
+    master = subprocess.Popen(["python3", "-c", "import signal,sys,time\n"
+                               "signal.signal(signal.SIGUSR2, lambda *a: print('USR2', flush=True))\n"
+                               "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert master.stdout.readline() == "ready\n"
+    (tmp_path / "haproxy.pid").write_text(f"{master.pid}\n")
+    env = {**os.environ, "LOG": str(tmp_path / "calls"), "PEM": c.lego_pem, "RENEW_WRITES": ""}
+    try:
+        first = subprocess.run(["sh", str(script), "now"], env=env, capture_output=True, text=True)
+        assert first.returncode == 0, first.stderr
+        assert (tmp_path / "tls.pem").read_text() == "PEM 1\n"
+        assert oct((tmp_path / "tls.pem").stat().st_mode & 0o777) == "0o600"
+        again = subprocess.run(["sh", str(script), "now"], env=env, capture_output=True, text=True)
+        assert again.returncode == 0 and "installed" not in again.stdout  # renew wrote nothing new
+        forced = subprocess.run(["sh", str(script), "now"], env={**env, "RENEW_WRITES": "1"},
+                                capture_output=True, text=True)
+        assert forced.returncode == 0 and "installed a new certificate" in forced.stdout
+        assert (tmp_path / "tls.pem").read_text() == "PEM 3\n"
+    finally:
+        master.send_signal(signal.SIGTERM)
+        out, _ = master.communicate(timeout=10)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [line.split(" renew")[0].split()[-1] if " renew" in line else line.split()[-1]
+            for line in calls] == ["run", "127.0.0.1:8402", "127.0.0.1:8402"]
+    assert calls[1].endswith("renew --days 100000 --no-random-sleep")
+    assert out.count("USR2") == 2  # the first certificate and the forced renewal, not the no-op
