@@ -6,35 +6,96 @@ keep-alive, no buffering, X-Forwarded-For set, long timeouts). Every proxy gets 
 of workers (HAProxy ``nbthread 1``, nginx ``worker_processes 1``, Caddy ``GOMAXPROCS=1``), like
 the gateway. ``old_edge.py`` is the Python TCP forwarder the proxy replaced, measured for
 reference. Each context manager yields (url, proxy pid).
+
+HAProxy variants, to measure a tuning before it goes into the template, side by side:
+``haproxy@REV`` renders the template as it was at git revision REV (the "before" of a change),
+``haproxy~TWEAK`` applies one of :data:`TWEAKS` to the rendered config (several: ``~a~b``); both
+combine with ``+tls``.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from pyalbert.commands import edge
+from pyalbert.commands.render import _jinja
 
 HERE = Path(__file__).resolve().parent
 PROXIES = ("edge.py", "haproxy", "nginx", "caddy")
 BINARIES = {"haproxy": edge.HAPROXY_BIN, "nginx": "/usr/sbin/nginx", "caddy": "/usr/bin/caddy"}
 
 
+def _global(line: str):
+    return lambda cfg: cfg.replace("\nglobal\n", f"\nglobal\n    {line}\n", 1)
+
+
+def _defaults(line: str):
+    return lambda cfg: cfg.replace("\ndefaults\n", f"\ndefaults\n    {line}\n", 1)
+
+
+#: candidate tunings of the rendered config (name -> text edit), measured as ``haproxy~NAME``
+TWEAKS = {
+    "nodelay": _defaults("option http-no-delay"),
+    "splice": _defaults("option splice-auto"),
+    "reuse-always": lambda cfg: cfg.replace("http-reuse safe", "http-reuse always"),
+    "buf16k": lambda cfg: re.sub(r"tune\.bufsize \d+", "tune.bufsize 16384", cfg),
+    "chk5s": lambda cfg: cfg.replace("check inter 1s", "check inter 5s"),
+    "nochk": lambda cfg: re.sub(r" check inter .*", "", cfg),
+    "forwardfor": lambda cfg: cfg.replace(
+        "    http-request set-header X-Forwarded-For %[src]\n",
+        "    http-request del-header X-Forwarded-For\n    option forwardfor\n"),
+    "norules": lambda cfg: re.sub(r"    http-(request|response) (deny|set-header).*\n", "", cfg),
+    "lowlat": _global("tune.sched.low-latency on"),
+    "maxpoll": _global("tune.maxpollevents 64"),
+    "recvenough": _global("tune.recv_enough 1024"),
+    "idlepool": _global("tune.idle-pool.shared off"),
+}
+
+
+def base_name(target: str) -> str:
+    """``haproxy@abc~nodelay+tls`` -> ``haproxy``."""
+    return re.split(r"[@~+]", target, maxsplit=1)[0]
+
+
 def missing(name: str) -> str:
     """Why proxy ``name`` cannot run here ("" when it can)."""
-    binary = BINARIES.get(name)
+    binary = BINARIES.get(base_name(name))
     if binary and not shutil.which(binary):
         return f"{binary} not installed (./scripts/bootstrap installs it)"
+    unknown = [t for t in re.findall(r"~([^~@+]+)", name) if t not in TWEAKS]
+    if unknown:
+        return f"unknown tweak {', '.join(unknown)} (known: {', '.join(TWEAKS)})"
     return ""
 
 
-def haproxy_argv(work: Path, port: int, upstream_port: int, ca: Path | None) -> list[str]:
+def haproxy_config(variant: str, config: edge.EdgeConfig) -> str:
+    """The config of ``variant`` (``@REV``: the template at that git revision; ``~TWEAK``...)."""
+    rev = re.search(r"@([^~+]+)", variant)
+    if rev:
+        text = subprocess.run(["git", "show", f"{rev.group(1)}:pyalbert/templates/haproxy.cfg.j2"],
+                              cwd=HERE, check=True, capture_output=True, text=True).stdout
+        cfg = _jinja().from_string(text).render(c=config)
+    else:
+        cfg = edge.render_config(config)
+    for tweak in re.findall(r"~([^~@+]+)", variant):
+        changed = TWEAKS[tweak](cfg)
+        if changed == cfg:
+            raise RuntimeError(f"tweak {tweak} changes nothing in this config")
+        cfg = changed
+    return cfg
+
+
+def haproxy_argv(work: Path, port: int, upstream_port: int, ca: Path | None,
+                 variant: str = "haproxy") -> list[str]:
     config = edge.EdgeConfig(env="bench", port=port, servers=(("gateway", upstream_port),),
                              socket=str(work / "haproxy.sock"), state_file=str(work / "state"),
                              address="127.0.0.1", tls_pem=str(ca / "server.pem") if ca else None)
-    (work / "haproxy.cfg").write_text(edge.render_config(config))
+    (work / "haproxy.cfg").write_text(haproxy_config(variant, config))
     return edge.serve_argv(str(work / "haproxy.cfg"))
 
 
@@ -92,9 +153,13 @@ ARGV = {"edge.py": edge_py_argv, "haproxy": haproxy_argv, "nginx": nginx_argv, "
 
 @contextmanager
 def proxy(name: str, work: Path, port: int, upstream_port: int, ca: Path | None, process):
-    """Run proxy ``name`` on ``port`` (TLS with ``ca``'s server certificate when given)."""
+    """Run proxy ``name`` (a HAProxy variant too) on ``port`` (TLS with ``ca``'s server
+    certificate when given)."""
     work.mkdir(parents=True, exist_ok=True)
-    argv = ARGV[name](work, port, upstream_port, ca)
+    if base_name(name) == "haproxy":
+        argv = haproxy_argv(work, port, upstream_port, ca, name)
+    else:
+        argv = ARGV[name](work, port, upstream_port, ca)
     scheme = "https" if ca else "http"
     url = f"{scheme}://127.0.0.1:{port}"
     env = {"GOMAXPROCS": "1", "HOME": str(work), "XDG_DATA_HOME": str(work), "XDG_CONFIG_HOME": str(work)}

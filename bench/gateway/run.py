@@ -3,6 +3,8 @@
     .venv/bin/python bench/gateway/run.py [--setup] [--duration 4] [--targets direct,gateway,naive,litellm]
     .venv/bin/python bench/gateway/run.py --targets direct,gateway,edge.py,haproxy,haproxy+tls,nginx,nginx+tls,caddy,caddy+tls
                                           [--whitelist-mode off|flag|redact]
+    .venv/bin/python bench/gateway/run.py --targets direct,gateway,haproxy@REV,haproxy,haproxy~nodelay
+                                          (a HAProxy tuning before/after: bench/gateway/proxies.py)
 
 One instant fake upstream (tests/support/fake_upstream.py, its own process), one load tool for
 every target (bench/gateway/load.py: closed-loop keep-alive clients), concurrency 1 and 64, plain
@@ -156,7 +158,7 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
         def behind_proxy():
             with gateway() as (gw_url, gw_pids, gw_key):
                 upstream_port = int(gw_url.rsplit(":", 1)[1])
-                work = workdir / (name + ("-tls" if tls else ""))
+                work = workdir / (name.replace("@", "-").replace("~", "-") + ("-tls" if tls else ""))
                 ca = make_test_ca(workdir / "ca") if tls else None
                 with proxies.proxy(name, work, free_port(), upstream_port, ca, process) as (url, pid):
                     yield url, [*gw_pids, pid], gw_key
@@ -171,6 +173,10 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
         for tls in (False, True):
             if name != "edge.py" or not tls:
                 table[name + ("+tls" if tls else "")] = (front(name, tls), proxies.missing(name))
+    for name in wanted:  # HAProxy variants: haproxy@REV, haproxy~TWEAK (+tls)
+        if name not in table and proxies.base_name(name) == "haproxy":
+            plain = name.removesuffix("+tls")
+            table[name] = (front(plain, plain != name), proxies.missing(plain))
     return [(name, *table[name]) for name in wanted]
 
 
@@ -232,7 +238,7 @@ def front_doors(results: dict) -> None:
     """Issue 16: what each proxy adds to the gateway, side by side, and its targets. The proxy's
     CPU is its own process tree's, as a share of the gateway's over the same requests."""
     g = results.get("gateway", {})
-    doors = [n for n in results if n.split("+")[0] in proxies.PROXIES]
+    doors = [n for n in results if proxies.base_name(n) in proxies.PROXIES]
     if not g or not doors:
         return
     g1, gs64 = g.get("plain c=1"), g.get("stream c=64")
