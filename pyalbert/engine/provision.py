@@ -70,7 +70,7 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
 
 def ray_firewall(placement: Placement, host: HostSpec) -> list[tuple[str, list[str]]]:
     """(chain, rules) for each host group ``host`` is in: the other hosts of the group reach the
-    node's Ray ports (:meth:`~pyalbert.commands.ray.RayPorts.between_nodes`), nobody else does;
+    node's Ray ports (:meth:`~pyalbert.config.ray_ports.RayPortsSpec.between_nodes`), nobody else does;
     the head's client server and dashboard are closed to all. Pure."""
     out = []
     for group in placement.groups_on(host.name):

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from pyalbert.commands import ray, vllm
+from pyalbert.config.ray_ports import RayPortsSpec
 from pyalbert.config.routing import ModelSpec
 from pyalbert.devtools.testhosts import DAEMON_PATH, NamespaceHost, nsenter_argv
 from tests.support.vllm_image import VLLM_VENV, ensure_tiny_model
@@ -34,7 +35,7 @@ RAY_BIN = str(RAY_VENV / "bin" / "ray")
 PYTHON = str(RAY_VENV / "bin" / "python")
 VLLM_PYTHON = str(VLLM_VENV / "bin" / "python")
 TINY_MODEL = Path(os.environ.get("ALBERT_TEST_CACHE", "/var/cache/albert-test")) / "ray-tiny-llama"
-PORTS = ray.RayPorts(gcs=46379, client_server=46380, object_manager=46381, node_manager=46382,
+PORTS = RayPortsSpec(gcs=46379, client_server=46380, object_manager=46381, node_manager=46382,
                      runtime_env_agent=46383, dashboard_agent_grpc=46384,
                      dashboard_agent_listen=46385, metrics_export=46386,
                      min_worker=46400, max_worker=46420)

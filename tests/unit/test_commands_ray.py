@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from pyalbert.commands import ray, vllm
+from pyalbert.config.ray_ports import RayPortsSpec
 from pyalbert.config.routing import ModelSpec
+
+#: the config's defaults
+PORTS = RayPortsSpec()
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "ray"
 GiB = 2**30
@@ -22,7 +26,7 @@ def fixture(name: str) -> str:
 
 
 def test_start_head_whole_string():
-    cmd = ray.start_head("10.0.0.1", ray="/opt/albert/ray-venv/bin/ray", num_gpus=8, block=True,
+    cmd = ray.start_head("10.0.0.1", PORTS, ray="/opt/albert/ray-venv/bin/ray", num_gpus=8, block=True,
                          interface="ens5")
     assert cmd.render() == (
         "env VLLM_HOST_IP=10.0.0.1 GLOO_SOCKET_IFNAME=ens5 NCCL_SOCKET_IFNAME=ens5 "
@@ -34,7 +38,7 @@ def test_start_head_whole_string():
 
 
 def test_start_worker_whole_string():
-    ports = ray.RayPorts(gcs=7000, object_manager=7001, node_manager=7002, runtime_env_agent=7003,
+    ports = RayPortsSpec(gcs=7000, object_manager=7001, node_manager=7002, runtime_env_agent=7003,
                          dashboard_agent_grpc=7004, dashboard_agent_listen=7005,
                          metrics_export=7006, min_worker=7100, max_worker=7199)
     cmd = ray.start_worker(ray.head_address("10.0.0.1", ports), "10.0.0.2", ports, num_cpus=4,
@@ -48,7 +52,7 @@ def test_start_worker_whole_string():
 
 
 def test_dashboard_is_bound_to_the_private_address_never_all_interfaces():
-    argv = shlex.split(ray.start_head("10.0.0.1", dashboard=True).render())
+    argv = shlex.split(ray.start_head("10.0.0.1", PORTS, dashboard=True).render())
     i = argv.index("--include-dashboard")
     assert argv[i:i + 6] == ["--include-dashboard", "true", "--dashboard-host", "10.0.0.1",
                              "--dashboard-port", "8265"]
@@ -56,8 +60,8 @@ def test_dashboard_is_bound_to_the_private_address_never_all_interfaces():
 
 
 @pytest.mark.parametrize("builder", [
-    lambda: ray.start_head("10.0.0.1"),
-    lambda: ray.start_worker("10.0.0.1:6379", "10.0.0.2"),
+    lambda: ray.start_head("10.0.0.1", PORTS),
+    lambda: ray.start_worker("10.0.0.1:6379", "10.0.0.2", PORTS),
 ], ids=["head", "worker"])
 def test_every_listening_port_is_pinned(builder):
     """Ray picks random ports for any it is not given: a firewall could not open exactly them."""
@@ -77,7 +81,7 @@ def test_every_listening_port_is_pinned(builder):
     ({"interface": "eth1"}, ["GLOO_SOCKET_IFNAME=eth1 NCCL_SOCKET_IFNAME=eth1"], []),
 ], ids=["defaults", "block", "zero-gpus-kept", "cpus-and-gpus", "interface"])
 def test_worker_options(kwargs, present, absent):
-    text = ray.start_worker("10.0.0.1:6379", "10.0.0.2", **kwargs).render()
+    text = ray.start_worker("10.0.0.1:6379", "10.0.0.2", PORTS, **kwargs).render()
     for part in present:
         assert part in text
     for part in absent:
@@ -85,8 +89,8 @@ def test_worker_options(kwargs, present, absent):
 
 
 def test_worker_never_says_head_or_gcs_port_and_head_never_says_address():
-    worker = shlex.split(ray.start_worker("10.0.0.1:6379", "10.0.0.2").render())
-    head = shlex.split(ray.start_head("10.0.0.1").render())
+    worker = shlex.split(ray.start_worker("10.0.0.1:6379", "10.0.0.2", PORTS).render())
+    head = shlex.split(ray.start_head("10.0.0.1", PORTS).render())
     assert "--head" not in worker and "--port" not in worker
     assert "--ray-client-server-port" not in worker
     assert "--address" not in head
@@ -108,7 +112,7 @@ def test_status_is_verbose_for_the_per_node_breakdown():
 
 
 def test_node_ip_is_quoted_not_interpreted():
-    text = ray.start_worker("10.0.0.1:6379", "10.0.0.2; reboot").render()
+    text = ray.start_worker("10.0.0.1:6379", "10.0.0.2; reboot", PORTS).render()
     assert "'VLLM_HOST_IP=10.0.0.2; reboot'" in text and "'10.0.0.2; reboot'" in text
 
 
@@ -116,7 +120,7 @@ def test_node_ip_is_quoted_not_interpreted():
 
 
 def test_firewall_opens_gcs_on_the_head_only_and_never_client_or_dashboard():
-    ports = ray.RayPorts()
+    ports = RayPortsSpec()
     head, worker = ports.between_nodes(head=True), ports.between_nodes(head=False)
     assert head == [6379, 8076, 8077, 8078, 8079, 8085, 52365, (10002, 10100)]
     assert worker == head[1:]
@@ -124,18 +128,18 @@ def test_firewall_opens_gcs_on_the_head_only_and_never_client_or_dashboard():
 
 
 @pytest.mark.parametrize("ports, fragment", [
-    (ray.RayPorts(node_manager=8076), "object_manager and node_manager are both 8076"),
-    (ray.RayPorts(min_worker=9000, max_worker=8000), "min_worker = 9000 > max_worker = 8000"),
-    (ray.RayPorts(metrics_export=10050), "metrics_export = 10050 is inside the worker range"),
-    (ray.RayPorts(gcs=80), "gcs = 80 is outside 1024-65535"),
-    (ray.RayPorts(gcs=70000), "gcs = 70000 is outside"),
+    (RayPortsSpec(node_manager=8076), "object_manager and node_manager are both 8076"),
+    (RayPortsSpec(min_worker=9000, max_worker=8000), "min_worker = 9000 > max_worker = 8000"),
+    (RayPortsSpec(metrics_export=10050), "metrics_export = 10050 is inside the worker range"),
+    (RayPortsSpec(gcs=80), "gcs = 80 is outside 1024-65535"),
+    (RayPortsSpec(gcs=70000), "gcs = 70000 is outside"),
 ], ids=["duplicate", "range-reversed", "inside-range", "privileged", "too-high"])
 def test_port_problems_name_the_field(ports, fragment):
     assert any(fragment in p for p in ports.problems()), ports.problems()
 
 
 def test_default_ports_have_no_problem():
-    assert ray.RayPorts().problems() == []
+    assert RayPortsSpec().problems() == []
 
 
 @pytest.mark.parametrize("others, fragment", [
@@ -145,12 +149,12 @@ def test_default_ports_have_no_problem():
     ({"port of m": 10050}, "inside the ray worker range 10002-10100"),
 ], ids=["dashboard", "gcs", "node-manager", "worker-range"])
 def test_vllm_port_clashing_with_ray(others, fragment):
-    problems = ray.RayPorts().clashes_with(others)
+    problems = RayPortsSpec().clashes_with(others)
     assert len(problems) == 1 and fragment in problems[0]
 
 
 def test_vllm_port_apart_from_ray_is_fine():
-    assert ray.RayPorts().clashes_with({"port of m": 8001}) == []
+    assert RayPortsSpec().clashes_with({"port of m": 8001}) == []
 
 
 # --- vLLM across the group -----------------------------------------------------------------------
@@ -185,7 +189,7 @@ def test_multinode_args_refuse_sizes_below_one(pp, tp):
 
 
 def test_vllm_env_joins_the_group_cluster():
-    assert ray.vllm_env("10.0.0.1", ray.RayPorts(gcs=7000)) == {
+    assert ray.vllm_env("10.0.0.1", RayPortsSpec(gcs=7000)) == {
         "RAY_ADDRESS": "10.0.0.1:7000", "VLLM_HOST_IP": "10.0.0.1"}
 
 
@@ -279,8 +283,8 @@ def test_a_busy_node_and_a_lost_one():
 
 def test_the_builders_ports_are_the_configs():
     """One source of the ports and their defaults: the config's ``[ray.ports]``."""
-    from pyalbert.config.environment import RayPortsSpec
+    from pyalbert.config.environment import RaySpec
 
-    assert ray.RayPorts().model_dump() == RayPortsSpec().model_dump()
-    assert ray.RayPorts.of(RayPortsSpec(gcs=7000)) == ray.RayPorts(gcs=7000)
-    assert "--metrics-export-port 8085" in ray.start_head("10.0.0.1").render()  # not the api's 8080
+    assert RaySpec().ports == PORTS
+    assert not hasattr(ray, "RayPorts")
+    assert "--metrics-export-port 8085" in ray.start_head("10.0.0.1", PORTS).render()  # not 8080

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyalbert.commands.ray import RayPorts
 from pyalbert.config.environment import HostSpec
 from pyalbert.config.groups import RayGroup
+from pyalbert.config.ray_ports import RayPortsSpec
 from pyalbert.engine.ray_status import judge
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "ray"
-GROUP = RayGroup(env="test", name="ab", model_id="m", ports=RayPorts(),
+GROUP = RayGroup(env="test", name="ab", model_id="m", ports=RayPortsSpec(),
                  hosts=(HostSpec(name="a", address="10.0.0.1"), HostSpec(name="b", address="10.0.0.2")))
 
 
