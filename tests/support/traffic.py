@@ -51,6 +51,9 @@ class OpenAILoad:
     failures: list[tuple[object, str | None]] = field(default_factory=list)
     #: when each answer ended (time.monotonic): the longest gap between two is the outage
     answered_at: list[float] = field(default_factory=list)
+    #: when each answered request was sent, and when each failure came (time.monotonic)
+    sent_at: list[float] = field(default_factory=list)
+    failed_at: list[float] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -65,6 +68,7 @@ def openai_load(base_url: str, model: str, clients: int = 4) -> Iterator[OpenAIL
         messages = [{"role": "user", "content": "one two three four five six"}]
         while not stop.is_set():
             outcome: tuple[object, str | None] | None = None
+            sent = time.monotonic()
             try:
                 if i % 2 == 0:
                     chunks = list(c.chat.completions.create(model=model, messages=messages,
@@ -85,8 +89,10 @@ def openai_load(base_url: str, model: str, clients: int = 4) -> Iterator[OpenAIL
                     load.ok += 1
                     load.streamed += i % 2 == 0
                     load.answered_at.append(time.monotonic())
+                    load.sent_at.append(sent)
                 else:
                     load.failures.append(outcome)
+                    load.failed_at.append(time.monotonic())
                     stop.wait(0.05)  # a client told to retry does not spin
 
     with running(client, clients, stop):
