@@ -270,3 +270,21 @@ def test_a_replace_killed_after_its_switch_converges_on_the_next_run():
     assert steps(host) == ["route -> http://127.0.0.1:28000", "in flight 1", "in flight 0",
                            "stop vllm-m"]
     assert host.running == {"vllm-m-spare"}
+
+
+# -- the restart's gap: what the host runs while the replica is out of rotation -----------------
+
+def test_albert_supervise_parses_alone_without_the_config_models(tmp_path):
+    """`albert supervise stop|start|status` run on the host during a restart in place: they must
+    not import every command's module (the config models alone took ~0.5 s per call)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pyalbert.cli import main; "
+            f"rc = main(['supervise', 'status', '--state-dir', {str(tmp_path)!r}]); "
+            "print(rc, sorted(m for m in sys.modules if m.startswith('pyalbert.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr
+    full = subprocess.run([sys.executable, "-c", "from pyalbert.cli import main; main(['--help'])"],
+                          capture_output=True, text=True, timeout=60)
+    assert "supervise" in full.stdout and "config" in full.stdout  # every command, as before
