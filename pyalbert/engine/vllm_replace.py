@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 
 #: seconds a client is told to wait while a model's only replica restarts in place
 RESTART_RETRY_AFTER = 5
+#: a route written, every gateway worker has applied it: each scans the folder every POLL_S
+#: (its next scan starts at most POLL_S after the write lands), plus a margin for a busy loop.
+#: For a model's only replica this wait is part of the outage; requests sent before it are
+#: counted by the server's gauges, which the drain waits out.
+GATEWAYS_APPLIED_S = POLL_S + 0.3
 
 
 def choose(live: Unit | None, no_room: str | None) -> Literal["start", "beside", "restart"]:
@@ -162,9 +167,9 @@ class VllmReplace:
         self._start(u)
         hd.gateways.point(slots, url_of(u), check_first=True)
 
-    def _start(self, unit: Unit) -> None:
+    def _start(self, unit: Unit, *, files: bool = True) -> None:
         self.r.run(unit.stop)
-        for f in unit.files:
+        for f in unit.files if files else ():
             self.r.run(f.cmd())
         self.hd._start(unit)
 
@@ -207,19 +212,21 @@ class VllmReplace:
                 hd.gateways.point(slots, url_of(live))
 
             hd.undo.append(undo)
+            for f in live.files:  # before the gap: the server still serves meanwhile
+                self.r.run(f.cmd())
             hd.gateways.point(slots, None, RESTART_RETRY_AFTER)
             self.drain(live)
-            self._start(live)
+            self._start(live, files=False)
             hd.gateways.point(slots, url_of(live))
 
     def drain(self, old: Unit) -> None:
-        """Wait until every gateway re-read its routes (2 polls) and ``old`` holds no request
-        (vLLM's running + waiting gauges), at most ``deploy.drain_timeout_s``."""
+        """Wait until every gateway re-read its routes (:data:`GATEWAYS_APPLIED_S`) and ``old``
+        holds no request (vLLM's running + waiting gauges), at most ``deploy.drain_timeout_s``."""
         hd = self.hd
         timeout = hd.hp.replace.drain_timeout_s if hd.hp.replace else 120
         deadline = time.monotonic() + timeout
         wait: Callable[[float], object] = hd.cancel.wait
-        wait(2 * POLL_S + 0.3)
+        wait(GATEWAYS_APPLIED_S)
         while True:
             res = self.r.run(routes.in_flight(url_of(old)), check=False)
             n = routes.parse_in_flight(res.stdout) if res.known else 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 
 import pytest
 
+from pyalbert.api.backends_reload import POLL_S
 from pyalbert.commands import routes
 from pyalbert.commands.base import Cmd
 from pyalbert.commands.health import ReadyCheck
@@ -14,7 +16,7 @@ from pyalbert.config import load_spec, resolve_placement
 from pyalbert.engine.vllm_replace import ModelRoll, VllmReplace, choose
 from pyalbert.errors import AlbertError, ConfigError
 from pyalbert.remote import Result
-from pyalbert.runtimes.base import Unit
+from pyalbert.runtimes.base import FileSpec, Unit
 from pyalbert.runtimes.slots import ReplaceSettings, VllmSlots, cpu_no_room, gpu_no_room
 
 GIB = 1 << 30
@@ -166,6 +168,8 @@ class ScriptedHost:
             self.running.discard(args[0])
         if verb in ("start", "stop"):
             self.log.append(f"{verb} {args[0]}")
+        if cmd.stdin_text is not None and ".json" not in str(cmd):  # a unit's file (not a route)
+            self.log.append("write " + re.search(r"mv -f \S+ ([^' ]+)", str(cmd))[1])
         if "metrics" in str(cmd):
             n = self.in_flight.pop(0) if self.in_flight else 0
             self.log.append(f"in flight {n}")
@@ -245,14 +249,18 @@ def test_undo_after_the_switch_restarts_the_old_release_and_routes_back():
 
 
 def test_without_room_it_says_so_takes_the_replica_out_then_restarts_in_place():
+    """Its files are written while it still serves: the gap holds only drain, stop and start."""
     host = ScriptedHost(running={"vllm-m"}, in_flight=[1, 0],
                         previous={"vllm-m": unit("vllm-m", 8000, "old")})
-    served = VllmReplace(host).run(planned("new", no_room="GPU 0: 0.90 used + 0.90"))
+    u = planned("new", no_room="GPU 0: 0.90 used + 0.90")
+    u = Unit(**{**u.__dict__, "files": (FileSpec("/srv/auth.header", "key\n", secret=True),)})
+    served = VllmReplace(host).run(u)
     assert served.name == "vllm-m"
     said = [e for e in host.log if e.startswith("say")]
     assert "no room on host h for a second m server (GPU 0: 0.90 used + 0.90)" in said[0]
-    assert steps(host) == ["route -> out of rotation", "in flight 1", "in flight 0",
-                           "stop vllm-m", "start vllm-m (new)", "route -> http://127.0.0.1:8000"]
+    assert steps(host) == ["write /srv/auth.header", "route -> out of rotation", "in flight 1",
+                           "in flight 0", "stop vllm-m", "start vllm-m (new)",
+                           "route -> http://127.0.0.1:8000"]
 
 
 def test_nothing_running_starts_the_first_slot():
@@ -288,3 +296,24 @@ def test_albert_supervise_parses_alone_without_the_config_models(tmp_path):
     full = subprocess.run([sys.executable, "-c", "from pyalbert.cli import main; main(['--help'])"],
                           capture_output=True, text=True, timeout=60)
     assert "supervise" in full.stdout and "config" in full.stdout  # every command, as before
+
+
+def test_the_drain_waits_out_a_gateway_scan_before_reading_the_gauges():
+    """Never stop a server a gateway may still send to: every gateway worker scans the routes
+    folder every POLL_S, so the drain waits longer than that before it trusts the gauges."""
+    host = ScriptedHost(in_flight=[1, 0])
+    waits: list[float] = []
+
+    class Clock:
+        def wait(self, seconds: float) -> bool:
+            waits.append(seconds)
+            host.log.append(f"wait {seconds:g}")
+            return False
+
+        def is_set(self) -> bool:
+            return False
+
+    host.cancel = Clock()
+    VllmReplace(host).drain(unit("vllm-m", 8000, "old"))
+    assert waits[0] > POLL_S
+    assert steps(host) == [f"wait {waits[0]:g}", "in flight 1", "wait 0.2", "in flight 0"]
