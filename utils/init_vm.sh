@@ -143,11 +143,12 @@ apt_get_install() {
 
 ensure_packages() {
   ((SKIP_PACKAGES)) && { note "packages: skipped (--skip-packages)"; return 0; }
-  local wanted=(jq python3 python3-venv fail2ban haproxy docker.io docker-ce docker-compose-plugin docker-compose-v2)
+  local wanted=(jq python3 python3-venv fail2ban haproxy lego openssl docker.io docker-ce docker-compose-plugin docker-compose-v2)
   local have missing=()
   installed_packages "${wanted[@]}"
   have=$INSTALLED
-  for p in jq python3 python3-venv fail2ban haproxy; do  # haproxy: the api's front door (venv runtime)
+  # haproxy: the api's front door (venv runtime); lego, openssl: its ACME certificate ([edge] tls = "acme")
+  for p in jq python3 python3-venv fail2ban haproxy lego openssl; do
     [[ $have == *" $p "* ]] || missing+=("$p")
   done
   local docker_pkg=
