@@ -229,13 +229,13 @@ class HostDeploy(HostSession):
         self._start(u)
         return u
 
-    def _start(self, u: Unit) -> None:
-        """Start ``u`` and wait until ready; a vLLM server says whether its compile cache was warm
-        (probed before the start) and how long it took."""
+    def _start(self, u: Unit, *, poll_s: float | None = None) -> None:
+        """Start ``u`` and wait until ready (``poll_s``: see :meth:`wait_ready`); a vLLM server
+        says whether its compile cache was warm (probed before the start) and how long it took."""
         warm = facts.warm(self.r, u)
         t0 = time.monotonic()
         self.r.run(u.start)
-        self.wait_ready(u)
+        self.wait_ready(u, poll_s=poll_s)
         if warm is not None:
             kind, seconds = "warm" if warm else "cold", time.monotonic() - t0
             self.result.starts[u.name] = (kind, seconds)

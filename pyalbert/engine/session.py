@@ -99,12 +99,17 @@ class HostSession:
         raise NotReady(f"host {self.name}: {u.name} does not listen on port {u.port} after "
                        f"{timeout:g}s. Logs:\n{self.tail(u)}")
 
-    def wait_ready(self, u: Unit, *, quiet: bool = False) -> None:
-        """``/health`` is 200 then ``/v1/models`` lists the model; refused/503 are waited out."""
+    def wait_ready(self, u: Unit, *, quiet: bool = False, poll_s: float | None = None) -> None:
+        """``/health`` is 200 then ``/v1/models`` lists the model; refused/503 are waited out.
+
+        ``poll_s``: a shorter interval than the context's, while the model is out of service (a
+        restart in place); the crash-loop check keeps its own pace (every 4 polls of the context)."""
         if u.ready is None:
             return
         t0 = time.monotonic()
         deadline = t0 + self.hp.ready_timeout_s
+        poll = poll_s or self.ctx.poll_s
+        every = max(4, round(4 * self.ctx.poll_s / poll))
         healthy, polls, last = False, 0, "no answer"
         while True:
             if not quiet:
@@ -113,7 +118,7 @@ class HostSession:
             if ready:
                 break
             polls += 1
-            if polls % 4 == 0:
+            if polls % every == 0:
                 self._refuse_crash_loop(u)
             if time.monotonic() > deadline:
                 raise NotReady(
@@ -121,9 +126,9 @@ class HostSession:
                     f"({last}). Fix: read the log lines below; raise deploy.ready_timeout_s if the "
                     f"model only loads slowly. Last log lines:\n{self.tail(u)}")
             if not quiet:
-                self.cancel.wait(self.ctx.poll_s)
+                self.cancel.wait(poll)
             else:
-                time.sleep(self.ctx.poll_s)
+                time.sleep(poll)
         if not quiet:
             self.say(f"{u.name} ready in {time.monotonic() - t0:.1f}s")
 

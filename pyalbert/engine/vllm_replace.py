@@ -37,6 +37,9 @@ RESTART_RETRY_AFTER = 5
 #: For a model's only replica this wait is part of the outage; requests sent before it are
 #: counted by the server's gauges, which the drain waits out.
 GATEWAYS_APPLIED_S = POLL_S + 0.3
+#: readiness polls while a model's only replica restarts in place (its outage; else the
+#: context's ``ALBERT_READY_POLL_S``, 0.5 s)
+GAP_POLL_S = 0.1
 
 
 def choose(live: Unit | None, no_room: str | None) -> Literal["start", "beside", "restart"]:
@@ -167,11 +170,11 @@ class VllmReplace:
         self._start(u)
         hd.gateways.point(slots, url_of(u), check_first=True)
 
-    def _start(self, unit: Unit, *, files: bool = True) -> None:
+    def _start(self, unit: Unit, *, files: bool = True, poll_s: float | None = None) -> None:
         self.r.run(unit.stop)
         for f in unit.files if files else ():
             self.r.run(f.cmd())
-        self.hd._start(unit)
+        self.hd._start(unit, poll_s=poll_s)
 
     def _beside(self, slots: VllmSlots, live: Unit, new: Unit) -> None:
         hd = self.hd
@@ -216,7 +219,7 @@ class VllmReplace:
                 self.r.run(f.cmd())
             hd.gateways.point(slots, None, RESTART_RETRY_AFTER)
             self.drain(live)
-            self._start(live, files=False)
+            self._start(live, files=False, poll_s=GAP_POLL_S)
             hd.gateways.point(slots, url_of(live))
 
     def drain(self, old: Unit) -> None:

@@ -13,7 +13,7 @@ from pyalbert.commands import routes
 from pyalbert.commands.base import Cmd
 from pyalbert.commands.health import ReadyCheck
 from pyalbert.config import load_spec, resolve_placement
-from pyalbert.engine.vllm_replace import ModelRoll, VllmReplace, choose
+from pyalbert.engine.vllm_replace import GAP_POLL_S, ModelRoll, VllmReplace, choose
 from pyalbert.errors import AlbertError, ConfigError
 from pyalbert.remote import Result
 from pyalbert.runtimes.base import FileSpec, Unit
@@ -183,8 +183,8 @@ class ScriptedHost:
     def say(self, text: str, style: str = "") -> None:
         self.log.append(f"say: {text}")
 
-    def _start(self, u: Unit) -> None:
-        self.log.append(f"start {u.name} ({u.config_hash})")
+    def _start(self, u: Unit, poll_s: float | None = None) -> None:
+        self.log.append(f"start {u.name} ({u.config_hash})" + (f" polls {poll_s:g}s" if poll_s else ""))
         if u.config_hash in self.fail_ready:
             raise AlbertError(f"{u.name} was not ready")
         self.running.add(u.name)
@@ -259,7 +259,7 @@ def test_without_room_it_says_so_takes_the_replica_out_then_restarts_in_place():
     said = [e for e in host.log if e.startswith("say")]
     assert "no room on host h for a second m server (GPU 0: 0.90 used + 0.90)" in said[0]
     assert steps(host) == ["write /srv/auth.header", "route -> out of rotation", "in flight 1",
-                           "in flight 0", "stop vllm-m", "start vllm-m (new)",
+                           "in flight 0", "stop vllm-m", "start vllm-m (new) polls 0.1s",
                            "route -> http://127.0.0.1:8000"]
 
 
@@ -317,3 +317,32 @@ def test_the_drain_waits_out_a_gateway_scan_before_reading_the_gauges():
     VllmReplace(host).drain(unit("vllm-m", 8000, "old"))
     assert waits[0] > POLL_S
     assert steps(host) == [f"wait {waits[0]:g}", "in flight 1", "wait 0.2", "in flight 0"]
+
+
+def test_readiness_polls_faster_during_the_gap_and_checks_crash_loops_at_the_usual_pace():
+    """A restart in place polls every GAP_POLL_S (the outage ends when readiness is seen); the
+    crash-loop check (two status calls) keeps the pace of every 4 polls of the context."""
+    from types import SimpleNamespace
+
+    from pyalbert.engine.context import RunContext
+    from pyalbert.engine.session import HostSession
+
+    log: list[str] = []
+    ready_after = [25]
+
+    def poll_ready(u, healthy, last):
+        ready_after[0] -= 1
+        return ready_after[0] <= 0, False, "503"
+
+    session = HostSession.__new__(HostSession)
+    session.ctx, session.hp = RunContext("me", poll_s=0.5), SimpleNamespace(ready_timeout_s=600)
+    session.cancel = SimpleNamespace(wait=lambda s: log.append(f"wait {s:g}"), is_set=lambda: False)
+    session._poll_ready, session.say = poll_ready, lambda *a: None
+    session._refuse_crash_loop = lambda u: log.append("crash-loop check")
+    u = unit("vllm-m", 8000, "new")
+    session.wait_ready(u, poll_s=GAP_POLL_S)
+    assert log.count("wait 0.1") == 24 and log.count("crash-loop check") == 1  # at poll 20
+    log.clear()
+    ready_after[0] = 9
+    session.wait_ready(u)
+    assert log.count("wait 0.5") == 8 and log.count("crash-loop check") == 2  # polls 4 and 8
