@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +29,10 @@ PYTHON_IMAGE = "albert-test/python:bookworm"
 PYTHON_DEBS = ("python3", "python3-venv", "python3-pip", "ca-certificates", "curl", "procps")
 #: the front door of the docker runtime's tests (``images.edge``): Debian's HAProxy
 HAPROXY_IMAGE = "albert-test/haproxy:bookworm"
+#: where scripts/bootstrap pins the Ray of the venv runtime (``pip install ray==X``)
+BOOTSTRAP = Path(__file__).resolve().parents[2] / "scripts" / "bootstrap"
+#: the Ray image's venv (first on its PATH: ``ray`` and ``python3`` are its own)
+RAY_IMAGE_VENV = "/opt/ray"
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -171,6 +177,67 @@ def ensure_haproxy_image(socket: str = ROOT_SOCKET) -> str:
                 )
                 build(context, HAPROXY_IMAGE, socket)
     return HAPROXY_IMAGE
+
+
+def ray_version() -> str:
+    """The Ray version scripts/bootstrap installs for the venv runtime (one Ray everywhere)."""
+    found = re.search(r"\bray==([0-9][0-9a-z.]*)", BOOTSTRAP.read_text())
+    if not found:
+        raise RuntimeError(f"no `ray==VERSION` in {BOOTSTRAP}: the Ray image follows its pin")
+    return found[1]
+
+
+def ray_image_tag(version: str | None = None) -> str:
+    return f"albert-test/ray:{version or ray_version()}"
+
+
+def fetch_ray_wheels(version: str) -> Path:
+    """Ray and its dependencies as wheels for the image's Python (bookworm: CPython 3.11),
+    downloaded once on the machine (the image build has no network)."""
+    wheels = CACHE / f"ray-wheels-{version}"
+    with build_lock("ray-wheels"):
+        if (wheels / ".albert-complete").exists():
+            return wheels
+        tmp = wheels.with_name(wheels.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+              "--python-version", "3.11", "--implementation", "cp",
+              "--platform", "manylinux2014_x86_64", "-d", str(tmp), f"ray=={version}"])
+        (tmp / ".albert-complete").touch()
+        shutil.rmtree(wheels, ignore_errors=True)
+        tmp.rename(wheels)
+    return wheels
+
+
+def ensure_ray_image(socket: str = ROOT_SOCKET) -> str:
+    """``albert-test/ray:<version>``: the Python image plus a venv with the Ray of the venv
+    runtime (``ray`` on the PATH), the image of the docker runtime's Ray nodes in tests.
+
+    The wheels are installed by a container that mounts them read-only, then committed, so they
+    never become a layer of the image (no BuildKit here for ``RUN --mount``).
+    """
+    ensure_python_image(socket)
+    version = ray_version()
+    tag = ray_image_tag(version)
+    with build_lock("ray-image"):
+        if image_exists(tag, socket):
+            return tag
+        wheels = fetch_ray_wheels(version)
+        name = "albert-test-ray-install"
+        subprocess.run(["docker", "-H", f"unix://{socket}", "rm", "-f", name], capture_output=True)
+        try:
+            docker("run", "--name", name, "--network", "none", "-v", f"{wheels}:/mnt/wheels:ro",
+                   PYTHON_IMAGE, "sh", "-c",
+                   f"python3 -m venv {RAY_IMAGE_VENV} && {RAY_IMAGE_VENV}/bin/pip install -q "
+                   f"--no-index --no-cache-dir --find-links /mnt/wheels ray=={version}",
+                   socket=socket)
+            path = f"{RAY_IMAGE_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            docker("commit", "--change", f"ENV PATH={path}", "--change", 'ENTRYPOINT ["ray"]',
+                   "--change", "CMD []", name, tag, socket=socket)
+        finally:
+            subprocess.run(["docker", "-H", f"unix://{socket}", "rm", "-f", name],
+                           capture_output=True)
+    return tag
 
 
 def save(tag: str, socket: str = ROOT_SOCKET) -> Path:

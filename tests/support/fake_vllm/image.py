@@ -25,17 +25,20 @@ def _sources() -> list[Path]:
     return sorted(p for p in HERE.rglob("*.py") if "__pycache__" not in p.parts and p not in skip)
 
 
-def tag() -> str:
+def tag(base: str = images.PYTHON_IMAGE) -> str:
     digest = hashlib.sha256(DOCKERFILE.encode())
+    if base != images.PYTHON_IMAGE:
+        digest.update(base.encode())
     for path in _sources():
         digest.update(str(path.relative_to(HERE)).encode() + path.read_bytes())
     return f"albert-test/fake-vllm:{digest.hexdigest()[:10]}"
 
 
-def ensure_fake_vllm_image(socket: str = images.ROOT_SOCKET) -> str:
-    """The image in the root-namespace dockerd (built once per content)."""
-    name = tag()
-    base = images.ensure_python_image(socket)
+def ensure_fake_vllm_image(socket: str = images.ROOT_SOCKET, base: str | None = None) -> str:
+    """The image in the root-namespace dockerd (built once per content). ``base``: an image of
+    that dockerd to build on (the Ray image, for Ray groups); default the python image."""
+    base = base or images.ensure_python_image(socket)
+    name = tag(base)
     if images.image_exists(name, socket):
         return name
     with tempfile.TemporaryDirectory(prefix="albert-fake-vllm-") as tmp:
