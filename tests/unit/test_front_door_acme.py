@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -206,3 +207,64 @@ def test_renewal_script_obtains_installs_and_reloads_only_on_change(config_facto
             for line in calls] == ["run", "127.0.0.1:8402", "127.0.0.1:8402"]
     assert calls[1].endswith("renew --days 100000 --no-random-sleep")
     assert out.count("USR2") == 2  # the first certificate and the forced renewal, not the no-op
+
+
+def children(pid: int) -> dict[int, str]:
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(line.split(None, 1)[0]): line.split(None, 1)[1] for line in out.splitlines() if line.strip()}
+
+
+def alive(pid: int) -> bool:
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+    return bool(state.strip()) and not state.startswith("Z")
+
+
+def wait_for(predicate, what: str):
+    for _ in range(100):  # bounded: 10 s
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within 10 s: {what}")
+
+
+@needs_tools
+def test_haproxy_master_runs_the_loop_and_leaves_nothing_behind(tmp_path):
+    """The loop as HAProxy's ``program``: a reload replaces it (SIGUSR1 to the old one), a stop
+    ends it, and neither leaves its sleep behind (a failing fake lego: the loop waits to retry)."""
+    fake = tmp_path / "lego"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    c = acme.AcmeConfig(state_dir=str(tmp_path / "acme"), live_pem=str(tmp_path / "tls.pem"),
+                        pid_file=str(tmp_path / "haproxy.pid"), domains=("api.example.org",),
+                        email="ops@example.org", directory="https://ca.test/dir", port=8402,
+                        binary=str(fake))
+    script = tmp_path / "acme-renew.sh"
+    script.write_text(acme.render_loop(c))
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"global\n    master-worker\n    pidfile {c.pid_file}\n\nprogram acme\n"
+                   f"    command {acme.program_command(str(script))}\n\ndefaults\n    mode http\n"
+                   "    timeout client 5s\n    timeout server 5s\n    timeout connect 1s\n\n"
+                   f"frontend f\n    bind unix@{tmp_path}/f.sock\n    default_backend b\n\nbackend b\n"
+                   "    server s 127.0.0.1:9\n")
+    log = (tmp_path / "haproxy.log").open("w")
+    master = subprocess.Popen(edge_cmd.serve_argv(str(cfg)), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def loop_and_sleep() -> tuple[int, int] | None:
+            loops = [p for p, args in children(master.pid).items() if str(script) in args]
+            sleeps = [p for p in loops for s in children(p) if s] if loops else []
+            return (loops[0], next(iter(children(loops[0])))) if loops and sleeps else None
+
+        old_loop, old_sleep = wait_for(loop_and_sleep, "the loop waits to retry")
+        master.send_signal(signal.SIGUSR2)  # a reload: a new loop, the old one and its sleep end
+        new_loop, new_sleep = wait_for(lambda: (r := loop_and_sleep()) and r[0] != old_loop and r,
+                                       "a new loop after the reload")
+        wait_for(lambda: not alive(old_loop) and not alive(old_sleep), "the old loop and its sleep end")
+        master.send_signal(signal.SIGTERM)
+        master.wait(10)
+        wait_for(lambda: not alive(new_loop) and not alive(new_sleep), "the loop and its sleep end")
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(10)
+        log.close()
