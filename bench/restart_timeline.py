@@ -39,7 +39,9 @@ def procs():
             stat = open(f"/proc/{pid}/stat").read()
         except OSError:
             continue
-        if b"vllm.entrypoints.openai.api_server" in argv and b"--port" in argv \
+        # the server itself (python -m vllm...), not the `albert supervise start ... -- argv`
+        # that launched it (nor its supervisor), which carry the same arguments
+        if argv[1:3] == [b"-m", b"vllm.entrypoints.openai.api_server"] and b"--port" in argv \
                 and argv[argv.index(b"--port") + 1] == port.encode():
             start = int(stat.rsplit(")", 1)[1].split()[19]) / tick
             found[int(pid)] = time.monotonic() - (time.clock_gettime(time.CLOCK_BOOTTIME) - start)
