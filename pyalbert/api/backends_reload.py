@@ -28,8 +28,10 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-#: how often a gateway worker looks at the routes folder (the engine waits 2 polls + a margin)
-POLL_S = 0.2
+#: how often a gateway worker looks at the routes folder (a ``stat`` of a few files; the engine
+#: waits one poll + a margin before it trusts a route is applied, and a model's only replica
+#: restarting in place is back in service within one poll of its route being written)
+POLL_S = 0.1
 #: what a client is told to wait when a model's only replica is out of rotation
 DEFAULT_RETRY_AFTER = 5
 

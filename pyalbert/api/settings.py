@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pyalbert.api.backends_reload import POLL_S
 from pyalbert.errors import AlbertError
 
 SETTINGS_ENV = "ALBERT_API_SETTINGS"
@@ -51,7 +52,7 @@ class GatewaySettings:
     access_log: bool = True
     #: a folder of per-replica routes the deploy writes during a model replace (watched)
     routes_dir: str | None = None
-    routes_poll_s: float = 0.2
+    routes_poll_s: float = POLL_S
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from pyalbert.commands import release
 from pyalbert.engine.fanout import Interrupted, RunnerFactory
@@ -229,10 +230,12 @@ class HostDeploy(HostSession):
         self._start(u)
         return u
 
-    def _start(self, u: Unit, *, poll_s: float | None = None) -> None:
+    def _start(self, u: Unit, *, poll_s: float | None = None,
+               warm: bool | None | Literal["probe"] = "probe") -> None:
         """Start ``u`` and wait until ready (``poll_s``: see :meth:`wait_ready`); a vLLM server
-        says whether its compile cache was warm (probed before the start) and how long it took."""
-        warm = facts.warm(self.r, u)
+        says whether its compile cache was warm (probed before the start, unless ``warm`` was
+        probed earlier) and how long it took."""
+        warm = facts.warm(self.r, u) if warm == "probe" else warm
         t0 = time.monotonic()
         self.r.run(u.start)
         self.wait_ready(u, poll_s=poll_s)

@@ -24,6 +24,7 @@ from pyalbert.api.backends_reload import POLL_S
 from pyalbert.commands import routes
 from pyalbert.engine.fanout import Interrupted, RunnerFactory
 from pyalbert.remote import DryRunner, Runner
+from pyalbert.runtimes import facts
 from pyalbert.runtimes.base import Unit
 from pyalbert.runtimes.slots import VllmSlots, cpu_no_room, url_of
 
@@ -170,11 +171,11 @@ class VllmReplace:
         self._start(u)
         hd.gateways.point(slots, url_of(u), check_first=True)
 
-    def _start(self, unit: Unit, *, files: bool = True, poll_s: float | None = None) -> None:
+    def _start(self, unit: Unit) -> None:
         self.r.run(unit.stop)
-        for f in unit.files if files else ():
+        for f in unit.files:
             self.r.run(f.cmd())
-        self.hd._start(unit, poll_s=poll_s)
+        self.hd._start(unit)
 
     def _beside(self, slots: VllmSlots, live: Unit, new: Unit) -> None:
         hd = self.hd
@@ -215,11 +216,14 @@ class VllmReplace:
                 hd.gateways.point(slots, url_of(live))
 
             hd.undo.append(undo)
-            for f in live.files:  # before the gap: the server still serves meanwhile
+            # before the gap, while the server still serves: its files, its compile cache probed
+            for f in live.files:
                 self.r.run(f.cmd())
+            warm = facts.warm(self.r, live)
             hd.gateways.point(slots, None, RESTART_RETRY_AFTER)
             self.drain(live)
-            self._start(live, files=False, poll_s=GAP_POLL_S)
+            self.r.run(live.stop)
+            hd._start(live, poll_s=GAP_POLL_S, warm=warm)
             hd.gateways.point(slots, url_of(live))
 
     def drain(self, old: Unit) -> None:

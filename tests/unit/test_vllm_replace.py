@@ -170,6 +170,9 @@ class ScriptedHost:
             self.log.append(f"{verb} {args[0]}")
         if cmd.stdin_text is not None and ".json" not in str(cmd):  # a unit's file (not a route)
             self.log.append("write " + re.search(r"mv -f \S+ ([^' ]+)", str(cmd))[1])
+        if verb == "probe-cache":
+            self.log.append("probe compile cache")
+            return Result(cmd, 0, "/cache/m/inductor/x\n", "")
         if "metrics" in str(cmd):
             n = self.in_flight.pop(0) if self.in_flight else 0
             self.log.append(f"in flight {n}")
@@ -183,8 +186,9 @@ class ScriptedHost:
     def say(self, text: str, style: str = "") -> None:
         self.log.append(f"say: {text}")
 
-    def _start(self, u: Unit, poll_s: float | None = None) -> None:
-        self.log.append(f"start {u.name} ({u.config_hash})" + (f" polls {poll_s:g}s" if poll_s else ""))
+    def _start(self, u: Unit, poll_s: float | None = None, warm="probe") -> None:
+        self.log.append(f"start {u.name} ({u.config_hash})" + (f" polls {poll_s:g}s" if poll_s else "")
+                        + ("" if warm == "probe" else f" warm={warm}"))
         if u.config_hash in self.fail_ready:
             raise AlbertError(f"{u.name} was not ready")
         self.running.add(u.name)
@@ -249,18 +253,20 @@ def test_undo_after_the_switch_restarts_the_old_release_and_routes_back():
 
 
 def test_without_room_it_says_so_takes_the_replica_out_then_restarts_in_place():
-    """Its files are written while it still serves: the gap holds only drain, stop and start."""
+    """Its files are written and its compile cache probed while it still serves: the gap holds
+    only the drain, the stop and the start (readiness polled every GAP_POLL_S)."""
     host = ScriptedHost(running={"vllm-m"}, in_flight=[1, 0],
                         previous={"vllm-m": unit("vllm-m", 8000, "old")})
     u = planned("new", no_room="GPU 0: 0.90 used + 0.90")
-    u = Unit(**{**u.__dict__, "files": (FileSpec("/srv/auth.header", "key\n", secret=True),)})
+    u = Unit(**{**u.__dict__, "files": (FileSpec("/srv/auth.header", "key\n", secret=True),),
+                "warm_probe": Cmd.of("probe-cache", "/cache/m")})
     served = VllmReplace(host).run(u)
     assert served.name == "vllm-m"
     said = [e for e in host.log if e.startswith("say")]
     assert "no room on host h for a second m server (GPU 0: 0.90 used + 0.90)" in said[0]
-    assert steps(host) == ["write /srv/auth.header", "route -> out of rotation", "in flight 1",
-                           "in flight 0", "stop vllm-m", "start vllm-m (new) polls 0.1s",
-                           "route -> http://127.0.0.1:8000"]
+    assert steps(host) == ["write /srv/auth.header", "probe compile cache", "route -> out of rotation",
+                           "in flight 1", "in flight 0", "stop vllm-m",
+                           "start vllm-m (new) polls 0.1s warm=True", "route -> http://127.0.0.1:8000"]
 
 
 def test_nothing_running_starts_the_first_slot():
