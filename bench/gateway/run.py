@@ -281,6 +281,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per target and scenario; the one with the most req/s is shown "
                              "(a shared machine's noise hits every target alike)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the whole target list this many times, in turn, keeping each "
+                             "target's best run: a busy spell on the machine hits one round, not one target")
     parser.add_argument("--setup", action="store_true", help="create the venv with litellm and fastapi")
     parser.add_argument("--whitelist-mode", choices=("off", "flag", "redact"), default="off",
                         help="the gateway's answer checks (issue 8's CPU target is for off)")
@@ -296,21 +299,23 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp, process(fake_argv, upstream + "/health"):
         wanted = args.targets.split(",")
-        for name, target, why in targets(upstream, Path(tmp), wanted, args.whitelist_mode):
-            if why:
-                skipped[name] = why
-                continue
-            print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            try:
-                with target() as (url, pids, key):
-                    results[name] = {}
-                    cafile = str(Path(tmp) / "ca" / "ca.pem") if url.startswith("https") else None
-                    for scenario, c in SCENARIOS:
-                        runs = [load(url, scenario, c, args.duration, pids, key, cafile)
-                                for _ in range(args.repeat)]
-                        results[name][f"{scenario} c={c}"] = max(runs, key=lambda r: r["rps"])
-            except (RuntimeError, subprocess.CalledProcessError) as exc:
-                skipped[name] = f"failed: {exc}"
+        for round_no in range(args.rounds):
+            for name, target, why in targets(upstream, Path(tmp), wanted, args.whitelist_mode):
+                if why or name in skipped:
+                    skipped[name] = skipped.get(name) or why
+                    continue
+                print(f"measuring {name} (round {round_no + 1}/{args.rounds}) ...", file=sys.stderr, flush=True)
+                try:
+                    with target() as (url, pids, key):
+                        cafile = str(Path(tmp) / "ca" / "ca.pem") if url.startswith("https") else None
+                        for scenario, c in SCENARIOS:
+                            runs = [load(url, scenario, c, args.duration, pids, key, cafile)
+                                    for _ in range(args.repeat)]
+                            runs += [results[name][f"{scenario} c={c}"]] if round_no else []
+                            results.setdefault(name, {})[f"{scenario} c={c}"] = max(runs, key=lambda r: r["rps"])
+                except (RuntimeError, subprocess.CalledProcessError) as exc:
+                    skipped[name] = f"failed: {exc}"
+                    results.pop(name, None)
     print(f"gateway whitelist mode: {args.whitelist_mode}")
     report(results, skipped)
     if args.json:
