@@ -81,7 +81,8 @@ def renew(c: AcmeConfig, days: int = RENEW_DAYS) -> Cmd:
 
 def render_loop(c: AcmeConfig) -> str:
     """The renewal script HAProxy's master runs (``sh <script> loop``) and :func:`renew_now` calls."""
-    q = {"live": c.live_pem, "crt": c.lego_crt, "pem": c.lego_pem, "pid": c.pid_file}
+    q = {"live": c.live_pem, "crt": c.lego_crt, "pem": c.lego_pem, "pid": c.pid_file,
+         "for_file": f"{c.state_dir}/domains", "want": " ".join(c.domains)}
     return render("acme-renew.sh.j2", c=c, q={k: shlex.quote(v) for k, v in q.items()},
                   days=RENEW_DAYS, obtain=obtain(c).render(), renew=renew(c).render(),
                   force=renew(c, FORCE_DAYS).render())

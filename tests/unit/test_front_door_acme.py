@@ -99,7 +99,9 @@ def test_haproxy_routes_challenges_to_lego_and_runs_the_loop(config_factory):
     assert ("program acme\n    command 'sh' '/srv/albert/edge-test/config/acme-renew.sh' 'loop'\n" in cfg)
     assert "pidfile /srv/albert/edge-test/haproxy.pid" in cfg
     script = by_name["acme-renew.sh"].content
-    assert f"then {LEGO} renew --days 30 --no-random-sleep; else {LEGO} run; fi && install" in script
+    assert f"if obtained; then {LEGO} renew --days 30 --no-random-sleep; else obtain; fi && install" in script
+    assert f"{LEGO} run && echo \"$want\" > \"$for_file\"" in script
+    assert "want='api.example.org llm.example.org'" in script
     # the placeholder comes before HAProxy, at start and at a reload
     assert "openssl req -x509" in edge.start.render().split("supervise start")[0]
     assert "openssl req -x509" in edge.reload.apply.render().split("supervise signal")[0]
@@ -207,6 +209,13 @@ def test_renewal_script_obtains_installs_and_reloads_only_on_change(config_facto
             for line in calls] == ["run", "127.0.0.1:8402", "127.0.0.1:8402"]
     assert calls[1].endswith("renew --days 100000 --no-random-sleep")
     assert out.count("USR2") == 2  # the first certificate and the forced renewal, not the no-op
+    # another name: a new certificate (lego's renew would keep the old names)
+    more = acme.AcmeConfig(**{**c.__dict__, "domains": ("api.example.org", "llm.example.org")})
+    script.write_text(acme.render_loop(more))
+    (tmp_path / "haproxy.pid").unlink()  # the "master" is gone: signal no one
+    subprocess.run(["sh", str(script), "now"], env=env, capture_output=True, text=True)
+    last = (tmp_path / "calls").read_text().splitlines()[-1]
+    assert last.endswith(" run") and "--domains llm.example.org" in last
 
 
 def children(pid: int) -> dict[int, str]:
