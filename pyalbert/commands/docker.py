@@ -42,13 +42,17 @@ def run(
     network: str | None = None,
     entrypoint: str | None = None,
     user: str | Raw | None = None,
+    pid: str | None = None,
 ) -> Cmd:
-    """``docker run -d --name NAME ...``: secrets only through ``--env-file`` (never ``-e``)."""
+    """``docker run -d --name NAME ...``: secrets only through ``--env-file`` (never ``-e``).
+
+    ``pid``: ``--pid`` (``container:OTHER``: see OTHER's processes, as a Ray driver must)."""
     return Cmd.of(
         "docker", "run", "-d", "--name", name,
         ("--restart", restart) if restart else None,
         "--ipc=host" if ipc_host else None,
         ("--network", network) if network else None,
+        ("--pid", pid) if pid else None,
         [("-p", p) for p in ports],
         [("-v", v) for v in volumes],
         gpus_flag(gpu_ids),

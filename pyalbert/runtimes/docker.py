@@ -34,6 +34,19 @@ from pyalbert.runtimes.edge import edge_unit
 MODEL_MOUNT = "/models"
 
 
+def session_volume(group: RayGroup, host: HostSpec) -> str:
+    """The Ray node's session folder (``--temp-dir``), at the same path on the host and in the
+    containers that mount it.
+
+    vLLM on the head is a driver of the head's node: ``ray.init`` finds the node's raylet among
+    the processes it can see (its container shares the node container's PID namespace) and
+    connects to the raylet's and object store's unix sockets in this folder; without either it
+    fails (``No node info found matching attributes``).
+    """
+    temp = group.temp_dir(host)
+    return f"{temp}:{temp}"
+
+
 class DockerRuntime:
     """Containers: ``docker run`` per unit, labels for probes, ``--env-file`` for secrets."""
 
@@ -62,8 +75,10 @@ class DockerRuntime:
             # loopback or private: issue 14
             ports=[] if split else [f"{inst.address}:{inst.port}:{inst.port}"],
             volumes=[f"{env.storage_dir}/{inst.model_id}:{MODEL_MOUNT}/{inst.model_id}:ro",
-                     f"{cache}:{vllm_cache.IN_CONTAINER}"],
+                     f"{cache}:{vllm_cache.IN_CONTAINER}",
+                     *([session_volume(inst.group, inst.host)] if split else [])],
             env_file=file.path, gpu_ids=inst.gpu_ids, ipc_host=True,
+            pid=f"container:{inst.group.unit_name()}" if split else None,
             labels=labels(env.name, "vllm", inst.model_id, inputs.release_id, digest),
         ))
         unit = Unit(
@@ -82,11 +97,13 @@ class DockerRuntime:
     def ray_unit(self, group: RayGroup, placement: Placement, host: HostSpec,
                  inputs: DeployInputs) -> Unit:
         """The group's Ray node on ``host``: a container of the vLLM image (the same Ray and vLLM
-        everywhere) on the host's network, the weights mounted where the head's vLLM names them."""
+        everywhere) on the host's network, the weights mounted where the head's vLLM names them,
+        its session folder on the host (:func:`session_volume`)."""
         env = placement.spec.env
         name = group.unit_name()
         tokens = [str(t) for t in ray_units.node_cmd(group, host, self.ray_bin(env)).tokens]
-        volumes = [f"{env.storage_dir}/{group.model_id}:{MODEL_MOUNT}/{group.model_id}:ro"]
+        volumes = [f"{env.storage_dir}/{group.model_id}:{MODEL_MOUNT}/{group.model_id}:ro",
+                   session_volume(group, host)]
         digest = config_hash({"image": env.images.vllm, "args": tokens, "volumes": volumes,
                               "gpus": host.gpus, "network": "host"})
         start = docker.run(name, env.images.vllm, tokens[1:], entrypoint=tokens[0], network="host",

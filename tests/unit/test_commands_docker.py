@@ -26,6 +26,11 @@ def test_docker_run_without_gpus_has_no_gpus_flag_and_optional_entrypoint():
     assert cmd.render() == "docker run -d --name n --network host --entrypoint python3 img a"
 
 
+def test_run_in_another_containers_pid_namespace():
+    cmd = docker.run("n", "img", network="host", pid="container:node", restart="")
+    assert cmd.render() == "docker run -d --name n --network host --pid container:node img"
+
+
 def test_stop_is_graceful_then_forced_and_never_fails():
     assert docker.stop("c", 7).render() == (
         "{ docker stop -t 7 c >/dev/null 2>&1 && docker rm -f c >/dev/null 2>&1 ; } || "

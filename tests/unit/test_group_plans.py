@@ -120,7 +120,7 @@ def test_docker_nodes_are_containers_of_the_vllm_image_on_the_hosts_network(conf
     text = node.start.render()
     assert text.startswith("docker run -d --name albert-test-ray-ab --restart unless-stopped "
                            "--ipc=host --network host -v /data/models/llama:/models/llama:ro "
-                           "--gpus '\"device=0,1\"'")
+                           "-v /tmp/ray-test-gpu-b:/tmp/ray-test-gpu-b --gpus '\"device=0,1\"'")
     assert "--entrypoint env vllm/vllm-openai:v0.6.3 VLLM_HOST_IP=10.1.0.2" in text
     assert "ray start --address 10.1.0.1:46379" in text
     assert node.ready == ray.ClusterReady("10.1.0.1:46379", 2,
@@ -128,6 +128,28 @@ def test_docker_nodes_are_containers_of_the_vllm_image_on_the_hosts_network(conf
     vllm = units(hps["gpu-a"])[1].start.render()
     assert "--network host" in vllm and " -p 127.0.0.1" not in vllm
     assert "--host 127.0.0.1" in vllm and "--distributed-executor-backend ray" in vllm
+
+
+def test_docker_vllm_on_the_head_is_a_driver_of_the_head_node(config_factory):
+    """Ray's driver finds its node's raylet among the processes it sees and talks to it over
+    unix sockets in the node's session folder: the server's container shares both with the
+    head's node container (else ray.init: 'No node info found matching attributes')."""
+    hps = plans(config_factory, "docker")
+    node, vllm = (u.start.render() for u in units(hps["gpu-a"]))
+    session = "-v /tmp/ray-test-gpu-a:/tmp/ray-test-gpu-a "
+    assert session in node and "--temp-dir /tmp/ray-test-gpu-a " in node
+    assert "--pid container:albert-test-ray-ab " in vllm and session in vllm
+    assert "--pid" not in node
+
+
+def test_docker_model_on_one_host_keeps_its_own_pid_namespace(config_factory):
+    config_factory.env(ENV.format(runtime="docker").replace(
+        'placement = { "llama" = { group = "ab" } }', ""))
+    config_factory.routing({"llama": {**LLAMA, "pipeline_parallel_size": 1}})
+    spec = load_spec("test", config_factory.root)
+    hp = deploy_plans(spec.placement, DeployInputs(release_id="r", service="vllm"))[0]
+    [vllm] = [u for u in hp.units if u.service == "vllm"]
+    assert "--pid" not in vllm.start.render() and "/tmp/ray-" not in vllm.start.render()
 
 
 def test_a_model_deploy_takes_every_host_of_its_group(config_factory):
