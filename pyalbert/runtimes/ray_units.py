@@ -5,6 +5,10 @@ the host's private address, ``ray start --block`` so the runtime restarts a node
 the vLLM server on the head with ``--distributed-executor-backend ray`` and the Ray environment.
 A node unit is ready when ``ray status`` at the head lists every node of the group; the vLLM unit
 comes after the head's node unit on the head, so it starts on a whole cluster.
+
+Docker: the nodes run the vLLM image, whose Ray needs its client extra (``grpcio``: vLLM's own
+packages bring it): the head pins ``--ray-client-server-port`` and a Ray without it refuses to
+start (``ValueError: Ray Client requires pip package `ray[client]```, in the node's log).
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ HAPROXY_IMAGE = "albert-test/haproxy:bookworm"
 BOOTSTRAP = Path(__file__).resolve().parents[2] / "scripts" / "bootstrap"
 #: the Ray image's venv (first on its PATH: ``ray`` and ``python3`` are its own)
 RAY_IMAGE_VENV = "/opt/ray"
+#: Ray's client extra (grpcio): a head told ``--ray-client-server-port`` (the deploy pins every
+#: port) refuses to start without it; the venv runtime's Ray has it from vLLM's packages
+RAY_REQUIREMENT = "ray[client]=={version}"
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -194,7 +197,7 @@ def ray_image_tag(version: str | None = None) -> str:
 def fetch_ray_wheels(version: str) -> Path:
     """Ray and its dependencies as wheels for the image's Python (bookworm: CPython 3.11),
     downloaded once on the machine (the image build has no network)."""
-    wheels = CACHE / f"ray-wheels-{version}"
+    wheels = CACHE / f"ray-wheels-client-{version}"
     with build_lock("ray-wheels"):
         if (wheels / ".albert-complete").exists():
             return wheels
@@ -202,7 +205,8 @@ def fetch_ray_wheels(version: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
               "--python-version", "3.11", "--implementation", "cp",
-              "--platform", "manylinux2014_x86_64", "-d", str(tmp), f"ray=={version}"])
+              "--platform", "manylinux2014_x86_64", "-d", str(tmp),
+              RAY_REQUIREMENT.format(version=version)])
         (tmp / ".albert-complete").touch()
         shutil.rmtree(wheels, ignore_errors=True)
         tmp.rename(wheels)
@@ -229,7 +233,8 @@ def ensure_ray_image(socket: str = ROOT_SOCKET) -> str:
             docker("run", "--name", name, "--network", "none", "-v", f"{wheels}:/mnt/wheels:ro",
                    PYTHON_IMAGE, "sh", "-c",
                    f"python3 -m venv {RAY_IMAGE_VENV} && {RAY_IMAGE_VENV}/bin/pip install -q "
-                   f"--no-index --no-cache-dir --find-links /mnt/wheels ray=={version}",
+                   "--no-index --no-cache-dir --find-links /mnt/wheels "
+                   f"'{RAY_REQUIREMENT.format(version=version)}'",
                    socket=socket)
             path = f"{RAY_IMAGE_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
             docker("commit", "--change", f"ENV PATH={path}", "--change", 'ENTRYPOINT ["ray"]',
