@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from pyalbert.commands.base import Cmd, Op, Raw, any_of
+from pyalbert.commands.base import Cmd, Op, Raw, any_of, group
 
 #: where the trees live, under the storage dir (a dot name: never a model id)
 FOLDER = ".vllm-cache"
@@ -71,6 +71,15 @@ def venv_tree(storage_dir: str, python: str) -> Raw:
     """The tree of the vLLM installed for ``python``, its version read when the command runs."""
     version = f"$({shlex.quote(python)} -c {shlex.quote(VERSION_CODE)} 2>/dev/null)"
     return Raw(f'{shlex.quote(root(storage_dir))}/venv-"{version}"')
+
+
+def read_once(tree: Tree) -> tuple[Cmd | None, Tree]:
+    """A start command that names a venv tree several times reads its version once: the shell
+    assignment to run first, and the tree to use after it (each read starts the venv's python;
+    a restart in place held four of them in its gap). A fixed path is returned as it is."""
+    if not isinstance(tree, Raw):
+        return None, tree
+    return group(Cmd.of(Raw(f"ALBERT_VLLM_TREE={tree.text} || true"))), Raw('"$ALBERT_VLLM_TREE"')
 
 
 def _sub(tree: Tree, name: str) -> Tree:

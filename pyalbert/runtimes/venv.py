@@ -99,10 +99,12 @@ class VenvRuntime:
                               "env": hashed_environ(environ), "cache": cache.text,
                               **({"ray_head": head} if head else {})})
         file = env_file(release_dir, inst, inputs, environ)
+        read_tree, tree = vllm_cache.read_once(cache)
         start = combine(
             self.ensure_vllm(inst.host, ray=inst.group is not None),
-            vllm_cache.ensure(cache),
-            vllm_cache.with_root(cache, process.start(
+            read_tree,
+            vllm_cache.ensure(tree),
+            vllm_cache.with_root(tree, process.start(
                 self.albert, self.state, inst.name, argv, env_file=file.path,
                 labels=self.labels("vllm", inst.model_id, inputs.release_id, digest))),
         )

