@@ -154,8 +154,7 @@ class HostSession:
         return False, healthy, f"/v1/models lists {ids or 'nothing'}"
 
     def _refuse_crash_loop(self, u: Unit) -> None:
-        running = self.state(u).running
-        restarts = facts.restarts(self.r, self.rt, u.name)
+        running, restarts = facts.running_and_restarts(self.r, self.rt, u)
         if not running or restarts > 0:
             raise NotReady(f"host {self.name}: {u.name} exited before it was ready. "
                            f"Last log lines:\n{self.tail(u)}")

@@ -38,6 +38,17 @@ def state(runner: Runner, rt: Runtime, unit: Unit) -> UnitState:
     return UnitState(*rt.parse_state(res.stdout)) if res.ok else UnitState(False, "", "")
 
 
+def running_and_restarts(runner: Runner, rt: Runtime, unit: Unit) -> tuple[bool, int]:
+    """:func:`state`'s running and :func:`restarts`, with one probe when the runtime asks both
+    with the same command (the venv's ``albert supervise status``: a readiness wait's crash-loop
+    check then costs one call, not two)."""
+    res = runner.run(unit.probe, check=False)
+    running = res.ok and rt.parse_state(res.stdout)[0]
+    ask = rt.restarts(unit.name)
+    return running, rt.parse_restarts(res.stdout if ask == unit.probe
+                                      else runner.run(ask, check=False).stdout)
+
+
 def restarts(runner: Runner, rt: Runtime, name: str) -> int:
     """How often the unit crashed and was restarted since its start (a crash loop)."""
     return rt.parse_restarts(runner.run(rt.restarts(name), check=False).stdout)

@@ -352,3 +352,33 @@ def test_readiness_polls_faster_during_the_gap_and_checks_crash_loops_at_the_usu
     ready_after[0] = 9
     session.wait_ready(u)
     assert log.count("wait 0.5") == 8 and log.count("crash-loop check") == 2  # polls 4 and 8
+
+
+def test_the_crash_loop_check_asks_once_when_state_and_restarts_are_one_command():
+    """The venv's supervisor status answers both (one call during the gap); docker asks twice."""
+    from pyalbert.runtimes import facts
+
+    class Rt:
+        def restarts(self, name):
+            return Cmd.of("status", name)
+
+        def parse_state(self, out):
+            return out.startswith("running"), "", ""
+
+        def parse_restarts(self, out):
+            return int(out.split()[1])
+
+    asked: list[str] = []
+
+    class Runner:
+        def run(self, cmd, check=True):
+            asked.append(str(cmd))
+            return Result(cmd, 0, "running 2\n" if cmd.tokens[0] == "status" else "stopped 0\n", "")
+
+    venv = Unit(**{**unit("vllm-m", 8000, "x").__dict__, "probe": Cmd.of("status", "vllm-m")})
+    assert facts.running_and_restarts(Runner(), Rt(), venv) == (True, 2)
+    assert asked == ["status vllm-m"]
+    asked.clear()
+    docker = unit("vllm-m", 8000, "x")  # probe: another command than the restarts count
+    assert facts.running_and_restarts(Runner(), Rt(), docker) == (False, 2)
+    assert asked == ["probe vllm-m", "status vllm-m"]
