@@ -193,17 +193,18 @@ class Env:
                                      request=request)
         return httpx.Response(status, content=text.encode(), request=request)
 
-    def supervised(self) -> dict[str, dict]:
-        """venv: name -> supervisor state of the processes running now (the host's files)."""
-        out = self.host.run(f"cat {self.state}/*.json 2>/dev/null || true").stdout
+    def supervised(self, host=None) -> dict[str, dict]:
+        """venv: name -> supervisor state of the processes running now (the host's files;
+        ``host``: another host of the environment)."""
+        out = (host or self.host).run(f"cat {self.state}/*.json 2>/dev/null || true").stdout
         return {s["name"]: s for s in json_objects(out) if s.get("state") in ("running", "restarting")}
 
-    def running(self) -> dict[str, str]:
+    def running(self, host=None) -> dict[str, str]:
         """Units of this env running now: name -> config hash."""
         if self.runtime == "venv":
-            return {n: s["labels"]["albert.config-hash"] for n, s in self.supervised().items()}
-        out = self.host.run(["docker", "ps", "--filter", f"label=albert.env={self.name}",
-                             "--format", '{{.Names}} {{.Label "albert.config-hash"}}']).stdout
+            return {n: s["labels"]["albert.config-hash"] for n, s in self.supervised(host).items()}
+        out = (host or self.host).run(["docker", "ps", "--filter", f"label=albert.env={self.name}",
+                                       "--format", '{{.Names}} {{.Label "albert.config-hash"}}']).stdout
         return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
 
 

@@ -21,6 +21,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--backends", required=True)
     parser.add_argument("--upstream-key", default=None)
+    parser.add_argument("--routes", default=None)
     args, _ = parser.parse_known_args(argv[1:])
     with open(args.backends) as handle:
         backends = json.load(handle)
@@ -40,24 +41,47 @@ def main(argv=None):
             return self.send_json(404, {"error": "not found"})
 
         def do_POST(self):
-            """Relay to the model's first replica with the servers' key, as the gateway does."""
+            """Relay to the model's first replica that answers, with the servers' key, as the
+            gateway does (where the routes folder moved it: a replica on its spare port; a replica
+            out of rotation is skipped, none left: 503; none reachable: 502)."""
             body = self.body() or {}
             urls = backends.get(body.get("model"))
             if not urls:
                 return self.send_json(404, {"error": f"model {body.get('model')!r} not found"})
-            request = urllib.request.Request(
-                urls[0] + self.path, data=json.dumps(body).encode(), method="POST",
-                headers={"Content-Type": "application/json",
-                         **({"Authorization": f"Bearer {key}"} if key else {})})
-            try:
-                with urllib.request.urlopen(request, timeout=10) as answer:
-                    return self.send_json(answer.status, json.loads(answer.read()))
-            except urllib.error.HTTPError as exc:
-                return self.send_json(exc.code, json.loads(exc.read() or b"{}"))
-            except OSError as exc:
-                return self.send_json(502, {"error": f"upstream: {exc}"})
+            moved = routes(args.routes, body.get("model"))
+            urls = [u for u in (moved.get(u.rstrip("/"), u) for u in urls) if u]
+            if not urls:
+                return self.send_json(503, {"error": "every replica is out of rotation"})
+            errors = []
+            for url in urls:
+                request = urllib.request.Request(
+                    url + self.path, data=json.dumps(body).encode(), method="POST",
+                    headers={"Content-Type": "application/json",
+                             **({"Authorization": f"Bearer {key}"} if key else {})})
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as answer:
+                        return self.send_json(answer.status, json.loads(answer.read()))
+                except urllib.error.HTTPError as exc:
+                    return self.send_json(exc.code, json.loads(exc.read() or b"{}"))
+                except OSError as exc:
+                    errors.append(f"{url}: {exc}")
+            return self.send_json(502, {"error": f"upstream: {'; '.join(errors)}"})
 
     serve(ApiHandler, args.host, args.port, "fake albert api")
+
+
+def routes(folder, model) -> dict:
+    """The routes folder's moves of ``model``'s replicas: base URL -> URL now (None: out)."""
+    out = {}
+    for name in sorted(os.listdir(folder)) if folder and os.path.isdir(folder) else ():
+        try:
+            with open(os.path.join(folder, name)) as handle:
+                route = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if isinstance(route, dict) and route.get("model") == model and route.get("base"):
+            out[route["base"].rstrip("/")] = (route.get("url") or "").rstrip("/") or None
+    return out
 
 
 if __name__ == "__main__":
