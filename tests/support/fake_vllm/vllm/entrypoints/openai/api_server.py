@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import fake_ray
 from fake_http import Handler, chat_answer, serve
 
 METRICS = """\
@@ -51,6 +52,10 @@ def main(argv=None):
         os.makedirs(compiled, exist_ok=True)
         with open(os.path.join(compiled, f"{name}.graph"), "w") as out:
             out.write("compiled\n" * 512)
+    if fake_ray.enabled():  # vLLM's Ray executor: listens once its workers are placed and loaded
+        fake_ray.RayEngine(fake_ray.world_size(rest)).start()
+        time.sleep(delay)
+        delay = 0
     ready_at = time.monotonic() + delay
     # FAKE_VLLM_TOKEN_DELAY: seconds between streamed chunks (and before a plain answer), so that
     # requests are in flight when a deploy drains the server; /metrics counts them as vLLM does
