@@ -282,14 +282,15 @@ class LocalEnv:
         model = self.spec.models.ids()[0]
         key_file = self.state / "secrets" / "api-key"
         cacert = f"--cacert {self.ca_file} " if self.ca_file else ""
-        client = f", http_client=httpx.Client(verify='{self.ca_file}')" if self.ca_file else ""
+        client = (f", http_client=httpx.Client(verify=ssl.create_default_context(cafile='{self.ca_file}'))"
+                  if self.ca_file else "")
         return (
             f"export ALBERT_API_KEY=$(cat {key_file})\n"
             f"curl -s {cacert}{api}/v1/models -H \"Authorization: Bearer $ALBERT_API_KEY\"\n"
             f"curl -s {cacert}{api}/v1/chat/completions -H \"Authorization: Bearer $ALBERT_API_KEY\" \\\n"
             f"  -H 'Content-Type: application/json' \\\n"
             f"  -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Bonjour !\"}}]}}'\n"
-            ".venv/bin/python -c \"import httpx, os; from openai import OpenAI; c = OpenAI(base_url='"
+            ".venv/bin/python -c \"import httpx, os, ssl; from openai import OpenAI; c = OpenAI(base_url='"
             f"{api}/v1', api_key=os.environ['ALBERT_API_KEY']{client}); print(c.chat.completions.create("
             f"model='{model}', messages=[{{'role': 'user', 'content': 'Bonjour !'}}]).choices[0].message.content)\"\n"
         )
@@ -299,7 +300,7 @@ class LocalEnv:
         trust = ""
         if self.ca_file:
             trust = (f"HTTPS with a test CA: clients trust {self.ca_file} (curl --cacert, httpx "
-                     f"verify=, or SSL_CERT_FILE={self.ca_file} for any Python client)"
+                     f"verify=ssl.create_default_context(cafile=...), or SSL_CERT_FILE={self.ca_file} for any Python client)"
                      + (f"; plain HTTP on port {env.edge.redirect_port} is redirected (308)"
                         if env.edge.redirect_port else "") + ".\n")
         examples = "".join(f"  {line}\n" for line in self.examples().splitlines())

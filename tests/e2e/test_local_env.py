@@ -67,7 +67,7 @@ def test_the_printed_examples_work_as_printed(local_env):
     import json
 
     script = printed_examples(local_env.stdout)
-    assert f"--cacert {CA} {URL}/v1/models" in script and f"verify='{CA}'" in script
+    assert f"--cacert {CA} {URL}/v1/models" in script and f"cafile='{CA}'" in script
     env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "CURL_CA_BUNDLE")}
     run = subprocess.run(["bash", "-euc", script], cwd=REPO, capture_output=True, text=True,
                          timeout=300, env=env)
@@ -93,13 +93,19 @@ def test_second_run_is_a_no_op(local_env):
     assert "tools and config unchanged" in again.stdout
 
 
+def trusting_ca():
+    import ssl
+
+    return ssl.create_default_context(cafile=str(CA))
+
+
 def test_openai_client_gets_an_answer_over_https_through_the_gateway(local_env):
     import httpx
     from openai import OpenAI
 
     key = (STATE / "secrets" / "api-key").read_text().strip()
     client = OpenAI(base_url=f"{URL}/v1", api_key=key, timeout=120,
-                    http_client=httpx.Client(verify=str(CA), timeout=120))
+                    http_client=httpx.Client(verify=trusting_ca(), timeout=120))
     models = [m.id for m in client.models.list().data]
     assert models == ["smollm2-135m"]
     answer = client.chat.completions.create(
@@ -111,7 +117,7 @@ def test_openai_client_gets_an_answer_over_https_through_the_gateway(local_env):
         messages=[{"role": "user", "content": "Say hello."}])
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.strip()
-    bad = OpenAI(base_url=f"{URL}/v1", api_key="not-a-key-" * 3, http_client=httpx.Client(verify=str(CA)))
+    bad = OpenAI(base_url=f"{URL}/v1", api_key="not-a-key-" * 3, http_client=httpx.Client(verify=trusting_ca()))
     with pytest.raises(Exception) as info:
         bad.models.list()
     assert getattr(info.value, "status_code", None) == 401
