@@ -15,6 +15,7 @@ from typing import Literal
 
 from pyalbert.commands import release
 from pyalbert.engine.fanout import Interrupted, RunnerFactory
+from pyalbert.engine.group_gate import GroupGate
 from pyalbert.engine.host_plans import manifest, orphans, units_from_manifest
 from pyalbert.engine.report import HostResult
 from pyalbert.engine.session import HostSession
@@ -28,8 +29,10 @@ class HostDeploy(HostSession):
     """Everything one host does in one deploy or rollback."""
 
     def __init__(self, *args, runners: RunnerFactory | None = None, roll: ModelRoll | None = None,
-                 **kwargs):
+                 gate: GroupGate | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        #: the hosts of a Ray group record their release together, or roll back together
+        self.gate = gate
         self.undo: list[Callable[[], None]] = []
         self.prev_id: str | None = None  # known once the lock is held
         self.previous: dict[str, Unit | ApiSwap] = {}
@@ -59,6 +62,8 @@ class HostDeploy(HostSession):
                 try:
                     self._deploy_locked()
                 except BaseException as exc:
+                    if self.gate:  # before the undo: the group's other hosts undo at once too
+                        self.gate.failed(self.name, str(exc))
                     self._roll_back(exc)
                     raise
         except Interrupted as exc:
@@ -66,6 +71,8 @@ class HostDeploy(HostSession):
         except AlbertError as exc:
             self.result.status = "failed" if self.result.status == "pending" else self.result.status
             self.result.error = str(exc)
+        if not self.result.ok and self.gate:  # e.g. the lock was refused
+            self.gate.failed(self.name, self.result.error or self.result.status)
         if not self.result.ok:  # the summary shows what serves now, not the release that failed
             self.result.release = (f"{self.prev_id} (previous)" if self.prev_id else
                                    "-" if self.prev_id is None else "(none)")
@@ -108,6 +115,8 @@ class HostDeploy(HostSession):
             self.say(f"nothing changed: {len(hp.units)} unit(s) already run this config; "
                      "restarted nothing", "green")
             self.result.status, self.result.release = "unchanged", prev_id
+            if self.gate:
+                self.gate.arrive(self.name)
             return
         if unrecorded:  # a deploy died (kill -9) between its starts and its record
             self.say(f"every unit already runs this config but release {prev_id or '(none)'} "
@@ -134,6 +143,8 @@ class HostDeploy(HostSession):
         for name in gone:
             self.say(f"removing {name} (no longer in the plan)")
             self.r.run(self.rt.stop(name))
+        if self.gate:
+            self.gate.wait_all(self.name, self.cancel)
         self._record(started, prev_id)
 
     def _unrecorded(self, prev_manifest: dict, started: dict[str, str], prev_id: str) -> bool:

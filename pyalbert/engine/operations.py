@@ -25,6 +25,7 @@ from pyalbert.engine.fanout import (
     ssh_runners,
     values,
 )
+from pyalbert.engine.group_gate import GroupGate
 from pyalbert.engine.host import HostDeploy
 from pyalbert.engine.host_plans import HostPlan, deploy_plans, release_id, units_from_manifest
 from pyalbert.engine.report import HostResult, Printer, finish, interrupted_text, summary_table
@@ -65,10 +66,11 @@ def run_host_plans(host_plans: Sequence[HostPlan], kind: str, runners: RunnerFac
     """``kind`` (deploy, rollback, check) on every host of ``host_plans`` at once."""
     by_host = {hp.host.name: hp for hp in host_plans}
     roll = ModelRoll(min((hp.replace.max_unavailable for hp in host_plans if hp.replace), default=1))
+    gate = GroupGate.of(host_plans) if kind == "deploy" else None
 
     def work(runner: Runner, host, cancel) -> HostResult:
         hd = HostDeploy(runner, by_host[host.name], out, cancel, ctx, message=message,
-                        runners=runners, roll=roll)
+                        runners=runners, roll=roll, gate=gate)
         return {"deploy": hd.deploy, "rollback": hd.rollback, "check": hd.check}[kind]()
 
     interrupted = None

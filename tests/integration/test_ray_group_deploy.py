@@ -27,10 +27,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pyalbert.commands import ray
+from pyalbert.commands import ray, release
 from pyalbert.config import load_spec
 from pyalbert.devtools.testhosts import NamespaceHost
 from pyalbert.engine.operations import deploy_env, down_env, status_env
+from pyalbert.errors import AlbertError
 from tests.integration.test_ray_cluster import RAY_BIN, link_hosts, wait_for
 from tests.support.hosts import ssh_environ
 from tests.support.ray_group import API_PORT, GCS, NODE_MANAGER, write_config
@@ -191,6 +192,48 @@ def test_a_dead_worker_takes_the_model_out_until_the_group_reforms(group):
                         lambda: (st := group.nodes()) and len(st.nodes) == 2
                         and {n.node_id for n in st.nodes} != old_ids and st, 150)
     assert sorted(n.cpus for n in reformed.nodes) == [1, 1]
+
+
+def test_a_failed_change_rolls_the_whole_group_back(group):
+    """A change of the group's nodes (both hosts) whose server then fails on the head: the worker
+    host does not record the new release while the head rolls back: it rolls back with it, no
+    host records the failed release, and a plain re-run of the previous config serves again."""
+    toml, routing = group.root / "environments" / f"{ENV}.toml", group.root / "llm_routing_table.json"
+    good_toml, good_routing = toml.read_text(), routing.read_text()
+    before = {h.name: current_release(group, h) for h in (group.a, group.b)}
+    table = json.loads(good_routing)
+    table["tiny"]["env"] = {**table["tiny"]["env"], "FAKE_VLLM_FAIL": "exit"}
+    toml.write_text(good_toml.replace("num_cpus = 1", "num_cpus = 2"))  # both nodes change
+    routing.write_text(json.dumps(table))
+    try:
+        with pytest.raises(AlbertError) as failed:
+            deploy_env(group.spec(), quiet=True)
+    finally:
+        toml.write_text(good_toml)
+        routing.write_text(good_routing)
+    text = str(failed.value)
+    log = group.a.run(["sh", "-c", f"tail -n 30 {TOOLS_BASE}/run-{ENV}/albert-{ENV}-ray-ab.log"],
+                      check=False).stdout
+    print(f"\nthe failed deploy: {text}\nthe head's node log:\n{log}")
+    # the worker does not keep a release its group does not run: it rolls back with the head
+    assert f"{group.b.name} (rolled back)" in text, text
+    assert f"{group.a.name} of the same host group" in text, text
+    assert {h.name: current_release(group, h) for h in (group.a, group.b)} == before
+    # a plain re-run of the previous config converges: the group serves it again
+    results = deploy_env(group.spec(), quiet=True)
+    assert all(r.ok for r in results), results
+    answer = wait_for("the group to serve the previous config",
+                      lambda: isinstance(r := group.chat(), httpx.Response)
+                      and r.status_code == 200 and r, 150)
+    assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
+    status = group.nodes()
+    assert status is not None and sorted(n.cpus for n in status.nodes) == [1, 1]
+    assert {r.status for r in deploy_env(group.spec(), quiet=True)} == {"unchanged"}
+
+
+def current_release(group: Group, host: NamespaceHost) -> str:
+    link = host.run(["sh", "-c", release.current(TOOLS_BASE).render()], check=False).stdout
+    return release.parse_current(link)
 
 
 def test_down_leaves_no_ray_process(group):
