@@ -34,7 +34,7 @@ from pyalbert.engine.operations import deploy_env, down_env, status_env
 from pyalbert.errors import AlbertError
 from tests.integration.test_ray_cluster import RAY_BIN, link_hosts, wait_for
 from tests.support.hosts import ssh_environ
-from tests.support.ray_group import API_PORT, GCS, NODE_MANAGER, write_config
+from tests.support.ray_group import API_PORT, GCS, NODE_MANAGER, gateway_chat, write_config
 from tests.support.runtimes import TOOLS_BASE, fake_vllm_python, tools_on
 
 pytestmark = pytest.mark.skipif(not Path(RAY_BIN).exists(), reason=f"no Ray at {RAY_BIN}")
@@ -70,12 +70,7 @@ class Group:
         return found
 
     def chat(self) -> httpx.Response | str:
-        """A chat through the gateway, or why none came back (bounded: never a hang)."""
-        try:
-            return httpx.post(f"http://{self.a.address}:{API_PORT}/v1/chat/completions", timeout=20,
-                              json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"
+        return gateway_chat(self.a.address, API_PORT)
 
     def nodes(self) -> ray.ClusterStatus | None:
         res = self.a.run(["sh", "-c", ray.status(self.address, ray=RAY_BIN).render()],

@@ -29,6 +29,7 @@ from pyalbert.engine.operations import deploy_env, down_env, status_env
 from tests.integration.test_ray_cluster import link_hosts, wait_for
 from tests.support.hosts import environment_toml, ssh_environ
 from tests.support.images import HAPROXY_IMAGE, ensure_haproxy_image, ensure_ray_image
+from tests.support.ray_group import gateway_chat
 from tests.support.runtimes import STORAGE
 
 ENV = "raydock"
@@ -115,12 +116,7 @@ class Group:
         return json.loads(host.run(["docker", "inspect", name]).stdout)[0]
 
     def chat(self) -> httpx.Response | str:
-        """A chat through the gateway, or why none came back (bounded: never a hang)."""
-        try:
-            return httpx.post(f"http://{self.a.address}:{API_PORT}/v1/chat/completions", timeout=20,
-                              json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"
+        return gateway_chat(self.a.address, API_PORT)
 
     def nodes(self) -> ray.ClusterStatus | None:
         """``ray status`` in the head's node container (None: no answer)."""

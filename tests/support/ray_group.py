@@ -9,6 +9,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import httpx
+
 from pyalbert.devtools.testhosts import NamespaceHost
 from tests.integration.test_ray_cluster import RAY_BIN, RAY_VENV
 from tests.support.runtimes import FAKE_VENV, REPO, STORAGE, TOOLS_BASE, fake_vllm_python
@@ -117,3 +119,13 @@ def write_config(root: Path, name: str, a: NamespaceHost, b: NamespaceHost, head
     (root / "llm_routing_table.json").write_text(json.dumps({"tiny": tiny}))
     (STORAGE / "tiny").mkdir(parents=True, exist_ok=True)
     return root
+
+
+def gateway_chat(address: str, port: int) -> httpx.Response | str:
+    """A chat with the group's model ``tiny`` through the gateway at ``address:port``, or why
+    none came back (bounded: never a hang)."""
+    try:
+        return httpx.post(f"http://{address}:{port}/v1/chat/completions", timeout=20,
+                          json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
