@@ -107,6 +107,26 @@ def start_worker(head_address: str, node_ip: str, ports: RayPortsSpec, *,
     )
 
 
+#: where ``ray start`` records, in its temp dir, the address of the last cluster it started or joined
+ADDRESS_FILE = "ray_current_cluster"
+
+
+def forgetting_last_cluster(start: Cmd, temp_dir: str) -> Cmd:
+    """``start`` (a head's ``ray start --head``) run after removing ``TEMP_DIR/ray_current_cluster``.
+
+    ``ray start --head`` refuses (``ConnectionError: Ray is trying to start at IP:PORT, but is
+    already running at IP:PORT``) when that file names its own address *and* any raylet process
+    the machine shows has ``--gcs-address=IP:PORT`` on its command line (``find_gcs_addresses``
+    greps every process). A restarting head (a rollback, the supervisor's restart) meets one
+    whenever a worker of its group is visible (hosts sharing a PID namespace, as the namespace
+    test hosts) or its own previous raylet still exits. No Ray of this head runs then (the unit
+    was stopped; a GCS that really runs keeps the port and the start fails on it); the file is only
+    ``ray.init()``'s "last cluster" pointer, and vLLM is given ``RAY_ADDRESS``. ``ray stop``
+    removes the file the same way.
+    """
+    return Cmd.of("sh", "-c", 'rm -f -- "$0"; exec "$@"', f"{temp_dir}/{ADDRESS_FILE}", start)
+
+
 def head_address(head_ip: str, ports: RayPortsSpec) -> str:
     """``ip:port`` of the head's GCS: what workers join, ``ray status`` and vLLM connect to."""
     return f"{head_ip}:{ports.gcs}"

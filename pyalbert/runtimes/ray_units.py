@@ -24,11 +24,13 @@ from pyalbert.runtimes.checks import Check, PortFree
 
 
 def node_cmd(group: RayGroup, host: HostSpec, ray_bin: str) -> Cmd:
-    """``env VLLM_HOST_IP=... ray start (--head | --address HEAD) --block ...`` for ``host``."""
+    """``env VLLM_HOST_IP=... ray start (--head | --address HEAD) --block ...`` for ``host``
+    (the head's behind :func:`ray.forgetting_last_cluster`)."""
     common = {"ray": ray_bin, "num_cpus": group.num_cpus, "num_gpus": host.gpus or None,
               "temp_dir": group.temp_dir(host), "block": True, "interface": group.interface}
-    if group.is_head(host):
-        return ray.start_head(host.internal_address, group.ports, **common)
+    if group.is_head(host):  # a restart must not trip on the last start's address file
+        return ray.forgetting_last_cluster(
+            ray.start_head(host.internal_address, group.ports, **common), group.temp_dir(host))
     return ray.start_worker(group.address, host.internal_address, group.ports, **common)
 
 

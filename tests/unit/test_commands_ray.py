@@ -51,6 +51,15 @@ def test_start_worker_whole_string():
         "--temp-dir /data/albert/ray --disable-usage-stats")
 
 
+def test_a_head_starts_without_the_last_starts_address_file():
+    """A restarting head would otherwise refuse when another raylet names its address."""
+    cmd = ray.forgetting_last_cluster(ray.start_head("10.0.0.1", PORTS, temp_dir="/tmp/ray-a"),
+                                      "/tmp/ray-a")
+    assert cmd.render().startswith(
+        "sh -c 'rm -f -- \"$0\"; exec \"$@\"' /tmp/ray-a/ray_current_cluster "
+        "env VLLM_HOST_IP=10.0.0.1 ray start --head --port 6379 ")
+
+
 def test_dashboard_is_bound_to_the_private_address_never_all_interfaces():
     argv = shlex.split(ray.start_head("10.0.0.1", PORTS, dashboard=True).render())
     i = argv.index("--include-dashboard")

@@ -76,6 +76,7 @@ def test_venv_units_head_then_vllm_worker_alone(config_factory):
     node = units(head)[0]
     argv = shlex.split(node.start.render().split(" -- ", 1)[1])
     assert argv == [
+        "sh", "-c", 'rm -f -- "$0"; exec "$@"', "/tmp/ray-test-gpu-a/ray_current_cluster",
         "env", "VLLM_HOST_IP=10.1.0.1", "GLOO_SOCKET_IFNAME=priv0", "NCCL_SOCKET_IFNAME=priv0",
         "/opt/vllm/bin/ray", "start", "--head", "--port", "46379",
         "--ray-client-server-port", "10001", "--include-dashboard", "false",
