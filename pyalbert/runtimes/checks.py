@@ -166,10 +166,12 @@ class DiskFree(Check):
 
 @dataclass(frozen=True)
 class PortFree(Check):
-    """The port is free, or held by ``owner`` (or a unit whose name starts with it) of this env."""
+    """The port is free, or held by ``owner`` (or a unit whose name starts with it) of this env.
+    ``key``: the setting that chose the port (``[edge] acme_port``), named in the fix."""
 
     port: int
     owner: str
+    key: str = ""
 
     @property
     def what(self) -> str:  # type: ignore[override]
@@ -187,5 +189,7 @@ class PortFree(Check):
         if {n for n in ours if n == self.owner or n.startswith(self.owner)}:
             return None
         listener = text.splitlines()[0].split()[-1]
+        where = (f"set another {self.key} in environments/{host.env}.toml" if self.key
+                 else "change the port in the configuration")
         return (f"port {self.port} is already taken by another process ({listener}), not by "
-                f"{self.owner}. Fix: stop that process, or change the port in the configuration.")
+                f"{self.owner}. Fix: stop that process, or {where}.")

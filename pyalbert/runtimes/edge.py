@@ -34,7 +34,7 @@ from pyalbert.runtimes.base import (
     edge_name,
     labels,
 )
-from pyalbert.runtimes.checks import Check, HostFacts
+from pyalbert.runtimes.checks import Check, HostFacts, PortFree
 
 CONFIG, CERT, DIGEST_FILE = "haproxy.cfg", "cert.pem", "edge.sha"
 #: ``tls = "acme"``: the renewal script (release file), the PEM HAProxy reads and lego's folder
@@ -203,9 +203,11 @@ def edge_unit(env: EnvironmentSpec, runtime: str, inputs: DeployInputs, release_
                 stop=stop, probe=probe, logs=logs, ready=None, port=env.api.port,
                 reload=Reload(digest=digest_files, probe=Cmd.of("cat", f"{config_link(env)}/{DIGEST_FILE}"),
                               apply=combine(point, signal)))
-    check = HaproxyAccepts(tuple(sorted(edge_material(env, inputs, "@DIR@", scratch=True).items())),
-                           tuple(str(t) for t in checker))
-    return unit, release_files, [check]
+    checks: list[Check] = [HaproxyAccepts(tuple(sorted(edge_material(env, inputs, "@DIR@", scratch=True).items())),
+                                          tuple(str(t) for t in checker))]
+    if env.edge.tls == "acme":  # lego's challenge listener (ours while the front door runs)
+        checks.append(PortFree(env.edge.acme_port, name, key="[edge] acme_port"))
+    return unit, release_files, checks
 
 
 def acme_volumes(env: EnvironmentSpec) -> list[str]:

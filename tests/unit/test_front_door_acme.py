@@ -18,7 +18,7 @@ from pyalbert.config import load_spec
 from pyalbert.errors import AlbertError
 from pyalbert.remote import Result
 from pyalbert.runtimes.base import DeployInputs
-from pyalbert.runtimes.checks import HostFacts
+from pyalbert.runtimes.checks import HostFacts, PortFree
 from pyalbert.runtimes.edge import HaproxyAccepts, acme_config, edge_unit, renew_now
 
 ENV = """
@@ -127,6 +127,21 @@ def test_docker_mounts_lego_and_the_directory_ca(config_factory):
         "docker exec albert-test-api sh /srv/albert/edge-test/config/acme-renew.sh now"
 
 
+def test_preflight_checks_that_legos_port_is_free_naming_the_key(config_factory):
+    _, _, checks = unit(spec(config_factory, ACME + "acme_port = 8499\n"))
+    (port,) = [c for c in checks if isinstance(c, PortFree)]
+    assert port.port == 8499 and port.cmd.render() == PortFree(8499, "x").cmd.render()
+    taken = Result(port.cmd, 0, "LISTEN 0 4096 127.0.0.1:8499 0.0.0.0:* users:((\"nc\",pid=7,fd=3))\n", "")
+    assert port.judge(taken, HOST) == (
+        'port 8499 is already taken by another process (users:(("nc",pid=7,fd=3))), not by '
+        "albert-test-api. Fix: stop that process, or set another [edge] acme_port in "
+        "environments/test.toml.")
+    ours = HostFacts("gitlab", "test", "/srv/albert", lambda: {"albert-test-api"})
+    assert port.judge(taken, ours) is None and port.judge(Result(port.cmd, 0, "", ""), HOST) is None
+    _, _, file_checks = unit(spec(config_factory, '[edge]\ntls = "file"\n'))
+    assert not [c for c in file_checks if isinstance(c, PortFree)]
+
+
 def test_second_render_is_identical(config_factory):
     env = spec(config_factory)
     (a, files_a, _), (b, files_b, _) = unit(env), unit(env)
@@ -142,7 +157,8 @@ def run(check: HaproxyAccepts) -> Result:
 
 @needs_tools
 def test_haproxy_accepts_the_acme_config_with_a_placeholder(config_factory):
-    _, _, (check,) = unit(spec(config_factory))
+    _, _, checks = unit(spec(config_factory))
+    (check,) = [c for c in checks if isinstance(c, HaproxyAccepts)]
     res = run(check)
     assert res.ok, res.stderr
     assert check.judge(res, HOST) is None
