@@ -12,6 +12,9 @@
 #   --storage-dir DIR    model storage (default: /data/models)
 #   --dry-run            check everything, change nothing, print what would change
 #   --skip-packages      leave apt packages alone (hosts whose packages are managed elsewhere)
+#   --edge-port N        the front door (HAProxy, run as the deploy user) binds port N < 1024 (80:
+#                        [edge] redirect_port, where ACME http-01 arrives): unprivileged binding
+#                        from N up (sysctl net.ipv4.ip_unprivileged_port_start, /etc/sysctl.d)
 #
 # Output: "changed: X" per change ("would change: X" in a dry run), "note: X" for things skipped,
 # then "init_vm: N change(s)" or "init_vm: no change". Exit 2: bad input, nothing touched. Exit 3:
@@ -34,6 +37,7 @@ STORAGE_DIR=/data/models
 GPU=auto
 DRY_RUN=0
 SKIP_PACKAGES=0
+EDGE_PORT=
 ENV_FILE=
 CHANGES=0
 APT_UPDATED=0
@@ -63,6 +67,7 @@ parse_args() {
       --env-file) ENV_FILE=${2:?--env-file needs a value}; shift ;;
       --dry-run) DRY_RUN=1 ;;
       --skip-packages) SKIP_PACKAGES=1 ;;
+      --edge-port) EDGE_PORT=${2:?--edge-port needs a value}; shift ;;
       -h | --help) sed -n '2,20p' "$0" 2>/dev/null || true; exit 0 ;;
       *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -97,6 +102,7 @@ validate() {
     die "GITLAB_SSH_PUBLIC_KEY is not one OpenSSH public key line (ssh-ed25519 AAAA... comment); nothing was changed"
   [[ $USER_NAME =~ ^[a-z_][a-z0-9_-]{0,30}$ ]] || die "--user '$USER_NAME' is not a valid user name"
   [[ $STORAGE_DIR == /* && $STORAGE_DIR != *[[:space:]]* ]] || die "--storage-dir must be an absolute path without spaces"
+  [[ -z $EDGE_PORT || $EDGE_PORT =~ ^[1-9][0-9]{0,4}$ && $EDGE_PORT -le 65535 ]] || die "--edge-port must be a port number (1-65535)"
   if [[ -r /etc/os-release ]]; then
     local key value id= version=
     while IFS='=' read -r key value; do  # KEY=value or KEY="value" lines
@@ -313,6 +319,35 @@ ensure_no_sudoers() {
   fi
 }
 
+# --- the front door: its low port --------------------------------------------------------------
+# HAProxy runs as the deploy user (venv runtime: under albert supervise; docker: --network host,
+# --user), so a port below 1024 (80: [edge] redirect_port, where the CA's http-01 challenges
+# arrive) needs the kernel's unprivileged port range to start there. Our own sysctl.d file keeps
+# it across reboots; the live value is lowered when needed, never raised (another setting may
+# want it lower). Ports from N to 1023 become bindable by every local user: the host is the
+# deployment's own.
+readonly EDGE_SYSCTL=/etc/sysctl.d/60-albert-edge.conf
+readonly EDGE_KEY=net.ipv4.ip_unprivileged_port_start
+
+ensure_edge_port() {
+  [[ -n $EDGE_PORT ]] || return 0
+  if ((EDGE_PORT >= 1024)); then note "--edge-port $EDGE_PORT: not a privileged port, nothing to do"; return 0; fi
+  local want current=
+  want="$SUDOERS_MARK: the front door (HAProxy, as $USER_NAME) binds port $EDGE_PORT"$'\n'"$EDGE_KEY = $EDGE_PORT"
+  if [[ ! -f $EDGE_SYSCTL || $(<"$EDGE_SYSCTL") != "$want" ]]; then
+    act "$EDGE_SYSCTL: unprivileged ports from $EDGE_PORT" write_root_file "$EDGE_SYSCTL" "$want"
+  fi
+  read -r current </proc/sys/net/ipv4/ip_unprivileged_port_start || current=1024
+  if ((current > EDGE_PORT)); then
+    act "$EDGE_KEY = $EDGE_PORT (was $current)" sysctl -q -w "$EDGE_KEY=$EDGE_PORT"
+  fi
+}
+
+write_root_file() {  # FILE CONTENT: root's file, mode 644, replaced atomically
+  local t
+  t=$(mktemp "$1.XXXXXXXX") && printf '%s\n' "$2" >"$t" && chmod 644 "$t" && mv -fT -- "$t" "$1"
+}
+
 # --- storage ---------------------------------------------------------------------------------
 ensure_storage() {
   if [[ ! -d $STORAGE_DIR ]]; then
@@ -330,6 +365,7 @@ main() {
   ensure_user
   ensure_no_sudoers
   ensure_storage
+  ensure_edge_port
   if ((CHANGES == 0)); then say "init_vm: no change"
   elif ((DRY_RUN)); then say "init_vm: $CHANGES change(s) would be made (dry run)"
   else say "init_vm: $CHANGES change(s)"; fi

@@ -71,9 +71,11 @@ def init_vm(
     gpu: GpuMode = "auto",
     dry_run: bool = False,
     as_root: bool = True,
+    edge_port: int | None = None,
 ) -> Cmd:
-    """``[sudo -n] bash -s -- --user U --storage-dir D [--gpu|--no-gpu] [--dry-run]``, script and
-    secrets on stdin."""
+    """``[sudo -n] bash -s -- --user U --storage-dir D [--gpu|--no-gpu] [--dry-run]
+    [--edge-port N]``, script and secrets on stdin. ``edge_port``: the lowest privileged port the
+    front door binds on this host (:func:`edge_low_port`)."""
     header = (
         f"{PASSWORD_ENV}={shlex.quote(secrets.password.value)}\n"
         f"{PUBLIC_KEY_ENV}={shlex.quote(secrets.public_key)}\n"
@@ -81,9 +83,17 @@ def init_vm(
     cmd = Cmd.of(
         "bash", "-s", "--", "--user", user, "--storage-dir", storage_dir,
         {"yes": "--gpu", "no": "--no-gpu"}.get(gpu), ("--dry-run" if dry_run else None),
+        (["--edge-port", str(edge_port)] if edge_port else None),
         stdin=Secret(header + script),
     )
     return cmd if as_root else sudo(cmd)
+
+
+def edge_low_port(api_port: int, redirect_port: int | None) -> int | None:
+    """The lowest port below 1024 the front door binds (``[api] port``, ``[edge] redirect_port``):
+    the deploy user runs HAProxy, so provisioning lets it bind from there (None: none is)."""
+    low = [p for p in (api_port, redirect_port) if p and p < 1024]
+    return min(low) if low else None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pyalbert.commands import firewall
 from pyalbert.commands.base import Cmd, sudo
 from pyalbert.commands.provision import (
     InitVmReport,
+    edge_low_port,
     init_vm,
     parse_init_vm,
     provision_secrets,
@@ -37,6 +38,9 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
     env = spec.env
     cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
                   dry_run=dry_run, as_root=admin_user == "root")  # the same on every host
+    edge_port = edge_low_port(env.api.port, env.edge.redirect_port)
+    api_cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
+                      dry_run=dry_run, as_root=admin_user == "root", edge_port=edge_port)  # the front door's host
 
     factory = runners or ssh_runners(spec)
 
@@ -49,7 +53,7 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
         return c if admin_user == "root" else sudo(c)
 
     def work(runner: Runner, host: HostSpec, cancel) -> InitVmReport:
-        result = runner.run(cmd, timeout=1800)
+        result = runner.run(api_cmd if placement.api_on(host.name) else cmd, timeout=1800)
         report = parse_init_vm(result.stdout)
         for name, wanted in ray_firewall(placement, host):  # check, then act
             if firewall.is_current(runner.run(admin(firewall.show(name)), check=False).stdout, wanted):
