@@ -16,6 +16,7 @@ to 1 h (Let's Encrypt allows 5 failed validations per name and hour); a success 
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -108,3 +109,35 @@ def ensure_placeholder(live_pem: str) -> Cmd:
               '[ $s = 0 ] || cat "$d/err" >&2; rm -rf "$d"; exit $s')
     return Cmd.of("sh", "-c", script, "sh", live_pem)
 
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The certificate HAProxy serves (:func:`certificate`): the placeholder, or the CA's."""
+
+    subject: str
+    issuer: str
+    not_after: str
+
+    @property
+    def placeholder(self) -> bool:
+        return self.subject == PLACEHOLDER_CN
+
+
+def certificate(live_pem: str) -> Cmd:
+    """Who the certificate HAProxy reads is for, who signed it, until when (the PEM's first one)."""
+    return Cmd.of("openssl", "x509", "-noout", "-subject", "-issuer", "-enddate", "-in", live_pem)
+
+
+def parse_certificate(stdout: str) -> Certificate | None:
+    """``subject=CN = x`` / ``issuer=...`` / ``notAfter=...`` lines (None: no certificate there)."""
+    fields = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+    if "subject" not in fields:
+        return None
+
+    def common_name(name: str) -> str:
+        found = re.search(r"CN\s*=\s*([^,/]+)", name)
+        return (found[1] if found else name).strip()
+
+    return Certificate(common_name(fields["subject"]), common_name(fields.get("issuer", "")),
+                       fields.get("notAfter", "").strip())

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pyalbert.commands import gpu, health, lock, release
 from pyalbert.commands.base import Cmd
 from pyalbert.config.deployment import resolved
-from pyalbert.engine import ray_status, unit_status, vllm_key
+from pyalbert.engine import edge_certificate, ray_status, unit_status, vllm_key
 from pyalbert.engine.context import RunContext
 from pyalbert.engine.fanout import (
     Interrupted,
@@ -123,8 +123,11 @@ def deploy_env(spec, *, service: str = "all", model: str | None = None, dry_run:
     out = Printer(quiet)
     factory = runners or ssh_runners(deployment)
     kind = "check" if check else "deploy"
-    return run_and_finish(host_plans, kind, "preflight" if check else "deploy", factory, out, ctx,
-                          message)
+    results = run_and_finish(host_plans, kind, "preflight" if check else "deploy", factory, out, ctx,
+                             message)
+    if not check and service in ("api", "all") and not model:
+        edge_certificate.report_certificates(deployment, results, factory, out)
+    return results
 
 
 class _Transcript(Printer):

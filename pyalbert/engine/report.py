@@ -23,6 +23,8 @@ class HostResult:
     error: str = ""
     #: vLLM server -> ("warm" | "cold", seconds until ready) of the starts this run made
     starts: dict[str, tuple[str, float]] = field(default_factory=dict)
+    #: what the run learnt after the host's deploy (the front door's ACME certificate)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -293,3 +293,67 @@ def test_haproxy_master_runs_the_loop_and_leaves_nothing_behind(tmp_path):
             master.kill()
             master.wait(10)
         log.close()
+
+
+PLACEHOLDER_OUT = ("subject=CN = albert-acme-placeholder\nissuer=CN = albert-acme-placeholder\n"
+                   "notAfter=Dec  5 06:10:26 2036 GMT\n")
+ISSUED_OUT = ("subject=CN = api.example.org\nissuer=C = US, O = Let's Encrypt, CN = R11\n"
+              "notAfter=Mar  2 06:10:26 2027 GMT\n")
+
+
+class Answers:
+    """A runner whose answers to ``openssl x509`` come from a list, the last one repeated."""
+
+    def __init__(self, *outputs: str):
+        self.outputs, self.asked = list(outputs), []
+
+    def run(self, cmd, check=True, **kw):
+        self.asked.append(cmd.render())
+        out = self.outputs.pop(0) if len(self.outputs) > 1 else self.outputs[0]
+        return Result(cmd, 0 if out else 1, out, "" if out else "Unable to load certificate")
+
+
+def test_certificate_fact_whole_command_and_parse():
+    assert acme.certificate("/srv/albert/edge-test/tls.pem").render() == (
+        "openssl x509 -noout -subject -issuer -enddate -in /srv/albert/edge-test/tls.pem")
+    assert acme.parse_certificate(PLACEHOLDER_OUT).placeholder
+    issued = acme.parse_certificate(ISSUED_OUT)
+    assert issued == acme.Certificate("api.example.org", "R11", "Mar  2 06:10:26 2027 GMT")
+    assert not issued.placeholder and acme.parse_certificate("") is None
+
+
+def test_deploy_note_waits_bounded_for_the_first_certificate_then_names_it():
+    from pyalbert.engine.edge_certificate import certificate_note
+
+    slept = []
+    runner = Answers("", PLACEHOLDER_OUT, PLACEHOLDER_OUT, ISSUED_OUT)
+    note = certificate_note(runner, "/x/tls.pem", "test", "https://ca/dir", wait_s=10, poll_s=1,
+                            sleep=slept.append)
+    assert note == ("front door certificate: issued by R11 for api.example.org, valid until "
+                    "Mar  2 06:10:26 2027 GMT")
+    assert slept == [1, 1, 1] and len(runner.asked) == 4
+    slept.clear()
+    note = certificate_note(Answers(PLACEHOLDER_OUT), "/x/tls.pem", "test", "https://ca/dir", wait_s=3,
+                            poll_s=1, sleep=slept.append)
+    assert note.startswith("front door certificate: still the self-signed placeholder after 3 s: "
+                           "the renewal loop keeps asking https://ca/dir") and slept == [1, 1, 1]
+    assert "albert-test-api" in note
+
+
+def test_deploy_report_notes_the_certificate_of_each_api_host_that_deployed(config_factory):
+    from pyalbert.config.deployment import resolved
+    from pyalbert.engine.edge_certificate import report_certificates
+    from pyalbert.engine.report import HostResult, Printer
+
+    config_factory.env(ENV + ACME)
+    config_factory.routing({"m": {"model": "org/m", "port": 8001}})
+    deployment = resolved(load_spec("test", config_factory.root))
+    ok, failed = HostResult("h", status="deployed"), HostResult("h", status="failed")
+    runners = []
+    report_certificates(deployment, [ok], lambda host: runners.append(Answers(ISSUED_OUT)) or runners[-1],
+                        Printer(quiet=True), wait_s=0)
+    assert ok.notes == ["front door certificate: issued by R11 for api.example.org, valid until "
+                        "Mar  2 06:10:26 2027 GMT"]
+    assert runners[0].asked == ["openssl x509 -noout -subject -issuer -enddate -in /srv/albert/edge-test/tls.pem"]
+    report_certificates(deployment, [failed], lambda host: Answers(ISSUED_OUT), Printer(quiet=True), wait_s=0)
+    assert failed.notes == []
