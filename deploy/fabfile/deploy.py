@@ -246,4 +246,16 @@ def down(c, env, config_dir=None, purge_cache=False):
                   if before else f"{host}: vLLM compile cache already empty")
 
 
-TASKS = (deploy, status, logs, rollback, releases, lock, unlock, link_gpu, unlink_gpu, smoke, down)
+@task(name="renew-cert", help=_ENV)
+@_errors
+def renew_cert(c, env, config_dir=None):
+    """Renew the front door's ACME certificate now ([edge] tls = "acme"), whatever its expiry."""
+    from pyalbert.engine.edge_certificate import renew_env
+
+    spec = _spec(env, config_dir)
+    for host, note in renew_env(spec, _runners(spec)).items():
+        print(f"{host}: {note}")
+
+
+TASKS = (deploy, status, logs, rollback, releases, lock, unlock, link_gpu, unlink_gpu, smoke, down,
+         renew_cert)

@@ -4,7 +4,8 @@ The renewal loop asks the CA in the background (:mod:`pyalbert.commands.acme`); 
 certificate arrives HAProxy serves a self-signed placeholder. The deploy waits a bounded time
 (:data:`FIRST_CERTIFICATE_WAIT_S`) for the CA's certificate only while the placeholder is served,
 then says which one it is, on each host of the api: ``issued by <CA> for <name>, valid until
-<date>`` or ``still the placeholder`` with where to look.
+<date>`` or ``still the placeholder`` with where to look. :func:`renew_env` (``fab renew-cert``)
+renews now, whatever the expiry.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from pyalbert.commands import acme
-from pyalbert.engine.fanout import RunnerFactory, fan_out
+from pyalbert.config.deployment import resolved
+from pyalbert.engine.fanout import RunnerFactory, fan_out, raise_errors, ssh_runners, values
 from pyalbert.engine.report import HostResult, Printer
+from pyalbert.errors import AlbertError
 from pyalbert.remote import Runner
 from pyalbert.runtimes.base import edge_name
-from pyalbert.runtimes.edge import acme_config
+from pyalbert.runtimes.edge import acme_config, renew_now
 
 #: how long a deploy waits for the first certificate (Let's Encrypt: usually a few seconds)
 FIRST_CERTIFICATE_WAIT_S = 30.0
@@ -61,3 +64,29 @@ def report_certificates(deployment, results: Sequence[HostResult], runners: Runn
         note = outcome.value or f"front door certificate: not asked ({outcome.error})"
         done[outcome.host].notes.append(note)
         out(outcome.host, note, "" if outcome.value and "placeholder" not in note else "yellow")
+
+
+def renew_env(spec, runners: RunnerFactory | None = None) -> dict[str, object]:
+    """Renew the front door's ACME certificate now on every api host (whatever its expiry), install
+    it and reload HAProxy gracefully: host -> the certificate's note afterwards."""
+    deployment = resolved(spec)
+    env = deployment.env
+    if env.edge.tls != "acme":
+        raise AlbertError(f"environment {env.name} has no automatic certificate to renew ([edge] tls = "
+                          f'"{env.edge.tls}"). Fix: set tls = "acme" in environments/{env.name}.toml '
+                          "(with acme_domains and acme_email) and deploy.")
+    cmd, live_pem = renew_now(env, env.runtime), acme_config(env).live_pem
+
+    def one(runner: Runner, host, cancel) -> str:
+        res = runner.run(cmd, check=False, timeout=600)
+        if not res.ok:
+            said = " ".join((res.stdout + res.stderr).strip().splitlines()[-3:]) or f"exit {res.exit_code}"
+            raise AlbertError(f"host {host.name}: the renewal failed ({said}); the front door keeps "
+                              "serving its certificate. Fix: see the front door's log (fab logs --service "
+                              "api) and the [edge] acme_* keys, then run fab renew-cert again.")
+        return certificate_note(runner, live_pem, env.name, env.edge.acme_directory, wait_s=0)
+
+    hosts = list({a.host.name: a.host for a in deployment.placement.api}.values())
+    results = values(fan_out(hosts, one, runners or ssh_runners(deployment)))
+    raise_errors(results, "renew-cert")
+    return results

@@ -357,3 +357,46 @@ def test_deploy_report_notes_the_certificate_of_each_api_host_that_deployed(conf
     assert runners[0].asked == ["openssl x509 -noout -subject -issuer -enddate -in /srv/albert/edge-test/tls.pem"]
     report_certificates(deployment, [failed], lambda host: Answers(ISSUED_OUT), Printer(quiet=True), wait_s=0)
     assert failed.notes == []
+
+
+class Renewing(Answers):
+    """The renewal script's answer (``exit``: its status), then ``openssl x509``'s."""
+
+    def __init__(self, exit_code: int, said: str, *outputs: str):
+        super().__init__(*outputs)
+        self.exit_code, self.said = exit_code, said
+
+    def run(self, cmd, check=True, **kw):
+        if "acme-renew.sh" in cmd.render():
+            self.asked.append(cmd.render())
+            return Result(cmd, self.exit_code, self.said, "")
+        return super().run(cmd, check, **kw)
+
+
+@pytest.mark.parametrize("runtime, renew", [
+    ("docker", "docker exec albert-test-api sh /srv/albert/edge-test/config/acme-renew.sh now"),
+    ("venv", "sh /srv/albert/edge-test/config/acme-renew.sh now"),
+])
+def test_renew_cert_renews_on_the_api_host_then_names_the_certificate(config_factory, runtime, renew):
+    from pyalbert.engine.edge_certificate import renew_env
+
+    config_factory.env(('runtime = "venv"\n' if runtime == "venv" else "") + ENV + ACME)
+    config_factory.routing({"m": {"model": "org/m", "port": 8001}})
+    runner = Renewing(0, "acme: installed a new certificate", ISSUED_OUT)
+    assert renew_env(load_spec("test", config_factory.root), lambda host: runner) == {
+        "h": "front door certificate: issued by R11 for api.example.org, valid until Mar  2 06:10:26 2027 GMT"}
+    assert runner.asked[0] == renew
+
+
+def test_renew_cert_failure_and_refusal_name_the_fix(config_factory):
+    from pyalbert.engine.edge_certificate import renew_env
+
+    config_factory.env(ENV + ACME)
+    config_factory.routing({"m": {"model": "org/m", "port": 8001}})
+    spec_ = load_spec("test", config_factory.root)
+    with pytest.raises(AlbertError, match=r"renew-cert failed on 1 of 1 host\(s\): host h: the renewal "
+                                          r"failed \(acme: no certificate\); the front door keeps"):
+        renew_env(spec_, lambda host: Renewing(1, "acme: no certificate", ISSUED_OUT))
+    config_factory.env(ENV + '[edge]\ntls = "file"\n')
+    with pytest.raises(AlbertError, match='no automatic certificate to renew .*tls = "file".*Fix: set tls = "acme"'):
+        renew_env(load_spec("test", config_factory.root), lambda host: None)
