@@ -120,6 +120,7 @@ class EngineClock:
             text = cmd.render()
             for verb in ("stop", "start"):
                 if f"supervise {verb} " in text and "-vllm-" in text:
+                    # one call stops and starts (a restart in place): counted as the start
                     return verb
             return "other"
 
@@ -147,19 +148,27 @@ def breakdown(load, clock: EngineClock, watch: ServerWatch) -> dict | None:
     first_failed = min(t for t in load.failed_at if t >= out[0])
     back = min((t for t in load.sent_at if t > max(load.failed_at)), default=float("nan"))
     outage = back - first_failed
-    stop, start = clock.first("stop", out[1]), clock.first("start", out[1])
+    start = clock.first("start", out[1])
+    # a restart in one call (`supervise start --replace`): no stop of its own (a later stop is
+    # another slot's)
+    stop = clock.first("stop", out[1])
+    if start and (stop is None or stop[0] > start[0]):
+        stop = (start[0], start[0])
     ready = clock.first("wait ready", out[1])
     back_in = clock.first("route in", out[1])
     server = watch.server_start(stop[0] if stop else out[1])
-    if not (stop and start and ready and back_in and server):
-        return {"outage": outage}
+    parts = {"stop": stop, "start": start, "wait ready": ready, "route in": back_in,
+             "server start": server}
+    if not all(parts.values()):
+        return {"outage": outage, "not seen": [k for k, v in parts.items() if not v],
+                "steps": sorted({w for w, _, _ in clock.events})}
     proc, healthy = server
     return {  # the outage is the sum of the parts from "server start" on
         "outage": outage, "server start": healthy - proc, "overhead": outage - (healthy - proc),
         "1st 503 -> stop (drain)": stop[0] - first_failed,
         "stop": stop[1] - stop[0],
         "stop -> start cmd": start[0] - stop[1],
-        "start cmd -> process": proc - start[0],
+        "start cmd (stop+start) -> process": proc - start[0],
         "healthy -> ready seen": ready[1] - healthy,
         "ready -> route in": back_in[1] - ready[1],
         "route in -> 1st OK": back - back_in[1],

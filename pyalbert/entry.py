@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pyalbert.errors import AlbertError
-from pyalbert.ui import console_err
 
 
 def exit_code(call: Callable[[], object]) -> int:
@@ -17,9 +16,13 @@ def exit_code(call: Callable[[], object]) -> int:
     try:
         result = call()
     except AlbertError as exc:
+        from pyalbert.ui import console_err  # rich: loaded only to print (~40 ms per call)
+
         console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
+        from pyalbert.ui import console_err
+
         console_err.print("[yellow]interrupted[/]")
         return 130
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -116,7 +116,7 @@ class NameLock:
         while not self.try_acquire():
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.05)
+            time.sleep(0.02)
         return True
 
     def close(self) -> None:
@@ -263,7 +263,13 @@ def start(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     lock = NameLock(state_dir, args.name)
-    if not lock.try_acquire():
+    if getattr(args, "replace", False) and _state_path(state_dir, args.name).exists():
+        # one call for a restart in place (a model's only replica out of service meanwhile):
+        # stop what runs under NAME, keep its lock, start the new command under it
+        if _stop(state_dir, args, lock, quiet=True):
+            lock.close()
+            return 1
+    elif not lock.try_acquire():
         current = status_of(state_dir, args.name)
         if current.get("running") and current.get("cmd") == args.cmd:
             print(f"{args.name}: already running (pid {current['pid']})")
@@ -289,7 +295,7 @@ def start(args: argparse.Namespace) -> int:
                     print(f"{args.name}: started")
                     return 0
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         print(f"{args.name}: did not start, see {state_dir / (args.name + '.log')}", file=sys.stderr)
         return 1
     os.setsid()
@@ -338,7 +344,8 @@ def stop(args: argparse.Namespace) -> int:
         lock.close()
 
 
-def _stop(state_dir: Path, args: argparse.Namespace, lock: NameLock) -> int:
+def _stop(state_dir: Path, args: argparse.Namespace, lock: NameLock, *, quiet: bool = False) -> int:
+    """Stop NAME; on success (0) this process holds its name lock."""
     state = status_of(state_dir, args.name)
     was_running = state["running"]
     if was_running:
@@ -347,7 +354,7 @@ def _stop(state_dir: Path, args: argparse.Namespace, lock: NameLock) -> int:
             os.kill(sup, signal.SIGTERM)
         deadline = time.monotonic() + args.stop_timeout + 5
         while time.monotonic() < deadline and _is(sup, sup_start, boot):
-            time.sleep(0.05)
+            time.sleep(0.02)
         if _is(sup, sup_start, boot):  # a stuck supervisor: kill the child's group, then it
             if _child_is_recorded(state):
                 _kill_group(state.get("pid"))
@@ -359,13 +366,15 @@ def _stop(state_dir: Path, args: argparse.Namespace, lock: NameLock) -> int:
         return 1
     state = status_of(state_dir, args.name)
     if state["state"] in ("absent", "stopped"):
-        print(f"{args.name}: stopped" if was_running else f"{args.name}: not running")
-        return 0
-    if state["state"] == "dead" and _child_is_recorded(state):
-        _kill_group(state.get("pid"))  # its supervisor was killed: the child may still serve
-    was = state["state"]
-    _mark_stopped(state_dir, state)  # like `docker rm`: no longer listed
-    print(f"{args.name}: stopped" if was_running else f"{args.name}: not running (was {was}); removed")
+        said = f"{args.name}: stopped" if was_running else f"{args.name}: not running"
+    else:
+        if state["state"] == "dead" and _child_is_recorded(state):
+            _kill_group(state.get("pid"))  # its supervisor was killed: the child may still serve
+        was = state["state"]
+        _mark_stopped(state_dir, state)  # like `docker rm`: no longer listed
+        said = f"{args.name}: stopped" if was_running else f"{args.name}: not running (was {was}); removed"
+    if not quiet:
+        print(said)
     return 0
 
 
@@ -406,6 +415,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p_start.add_argument("--max-restarts", type=int, default=5, help="per minute, then give up")
     p_start.add_argument("--restart-always", action="store_true", help="restart on exit code 0 too")
     p_start.add_argument("--stop-timeout", type=float, default=10)
+    p_start.add_argument("--replace", action="store_true",
+                         help="stop what runs under NAME first (a restart in one call)")
     p_start.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                          help="recorded in the state (release, config hash)")
     p_start.add_argument("cmd", nargs="+")

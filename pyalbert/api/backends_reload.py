@@ -15,8 +15,8 @@ colour polls it on its own (a SIGHUP with several workers makes uvicorn restart 
 endpoint would have to reach each worker of each colour, with a credential to guard); a colour
 started later reads the same folder, so no update is missed across an api redeploy; the engine
 on a model host only needs to write a file on the gateway's host, the one thing it already does.
-A scan is a ``stat`` of a few files every :data:`POLL_S` seconds; files are parsed only when one
-changed.
+A scan is a ``stat`` of a few files every :data:`POLL_S` seconds (~30 µs: 0.1% of a core at 20 Hz);
+files are parsed only when one changed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 #: how often a gateway worker looks at the routes folder (a ``stat`` of a few files; the engine
 #: waits one poll + a margin before it trusts a route is applied, and a model's only replica
 #: restarting in place is back in service within one poll of its route being written)
-POLL_S = 0.1
+POLL_S = 0.05
 #: what a client is told to wait when a model's only replica is out of rotation
 DEFAULT_RETRY_AFTER = 5
 

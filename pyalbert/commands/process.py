@@ -23,10 +23,12 @@ def state_dir(base_dir: str, env: str) -> str:
 
 def start(albert: str, state: str, name: str, argv: Sequence[str], *, env_file: str | None = None,
           cwd: str | None = None, labels: Mapping[str, str] | None = None,
-          stop_timeout: float = 10) -> Cmd:
-    """``albert supervise start NAME ... -- argv``: detached, restarted on crash."""
+          stop_timeout: float = 10, replace: bool = False) -> Cmd:
+    """``albert supervise start NAME ... -- argv``: detached, restarted on crash (``replace``:
+    whatever runs under NAME is stopped first, in the same call)."""
     return Cmd.of(
         albert, "supervise", "start", name, "--state-dir", state,
+        ("--replace" if replace else None),
         (["--env-file", env_file] if env_file else None),
         (["--cwd", cwd] if cwd else None),
         [["--label", f"{k}={v}"] for k, v in sorted((labels or {}).items())],

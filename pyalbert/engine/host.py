@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from pyalbert.commands import release
+from pyalbert.commands.base import Cmd
 from pyalbert.engine.fanout import Interrupted, RunnerFactory
 from pyalbert.engine.group_gate import GroupGate
 from pyalbert.engine.host_plans import manifest, orphans, units_from_manifest
@@ -242,13 +243,13 @@ class HostDeploy(HostSession):
         return u
 
     def _start(self, u: Unit, *, poll_s: float | None = None,
-               warm: bool | None | Literal["probe"] = "probe") -> None:
-        """Start ``u`` and wait until ready (``poll_s``: see :meth:`wait_ready`); a vLLM server
-        says whether its compile cache was warm (probed before the start, unless ``warm`` was
-        probed earlier) and how long it took."""
+               warm: bool | None | Literal["probe"] = "probe", cmd: Cmd | None = None) -> None:
+        """Start ``u`` (or run ``cmd``: its restart in place) and wait until ready (``poll_s``:
+        see :meth:`wait_ready`); a vLLM server says whether its compile cache was warm (probed
+        before the start, unless ``warm`` was probed earlier) and how long it took."""
         warm = facts.warm(self.r, u) if warm == "probe" else warm
         t0 = time.monotonic()
-        self.r.run(u.start)
+        self.r.run(cmd or u.start)
         self.wait_ready(u, poll_s=poll_s)
         if warm is not None:
             kind, seconds = "warm" if warm else "cold", time.monotonic() - t0

@@ -37,10 +37,10 @@ RESTART_RETRY_AFTER = 5
 #: (its next scan starts at most POLL_S after the write lands), plus a margin for a busy loop.
 #: For a model's only replica this wait is part of the outage; requests sent before it are
 #: counted by the server's gauges, which the drain waits out.
-GATEWAYS_APPLIED_S = POLL_S + 0.3
+GATEWAYS_APPLIED_S = POLL_S + 0.25
 #: readiness polls while a model's only replica restarts in place (its outage; else the
 #: context's ``ALBERT_READY_POLL_S``, 0.5 s)
-GAP_POLL_S = 0.1
+GAP_POLL_S = 0.05
 
 
 def choose(live: Unit | None, no_room: str | None) -> Literal["start", "beside", "restart"]:
@@ -216,14 +216,18 @@ class VllmReplace:
                 hd.gateways.point(slots, url_of(live))
 
             hd.undo.append(undo)
-            # before the gap, while the server still serves: its files, its compile cache probed
+            # before the gap, while the server still serves: its files, its runtime checked
+            # (a vLLM venv: `import vllm`, seconds), its compile cache probed
             for f in live.files:
                 self.r.run(f.cmd())
+            if live.prepare is not None:
+                self.r.run(live.prepare)
             warm = facts.warm(self.r, live)
             hd.gateways.point(slots, None, RESTART_RETRY_AFTER)
             self.drain(live)
-            self.r.run(live.stop)
-            hd._start(live, poll_s=GAP_POLL_S, warm=warm)
+            if live.replace is None:
+                self.r.run(live.stop)
+            hd._start(live, poll_s=GAP_POLL_S, warm=warm, cmd=live.replace)
             hd.gateways.point(slots, url_of(live))
 
     def drain(self, old: Unit) -> None:

@@ -93,6 +93,10 @@ class Unit:
     slots: VllmSlots | None = None
     #: files it reloads in place; its config hash then covers only its own command and image
     reload: Reload | None = None
+    #: a restart in place in one command (its heavy checks in ``prepare``, run before while the
+    #: old server still serves): stops what runs under the name and starts this; None: stop+start
+    replace: Cmd | None = None
+    prepare: Cmd | None = None
 
 
 @dataclass(frozen=True)

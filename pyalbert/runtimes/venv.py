@@ -100,15 +100,15 @@ class VenvRuntime:
                               **({"ray_head": head} if head else {})})
         file = env_file(release_dir, inst, inputs, environ)
         read_tree, tree = vllm_cache.read_once(cache)
-        start = combine(
-            self.ensure_vllm(inst.host, ray=inst.group is not None),
-            read_tree,
-            vllm_cache.ensure(tree),
-            vllm_cache.with_root(tree, process.start(
-                self.albert, self.state, inst.name, argv, env_file=file.path,
-                labels=self.labels("vllm", inst.model_id, inputs.release_id, digest))),
-        )
-        unit = Unit(name=inst.name, service="vllm", config_hash=digest, start=start,
+        prepare = self.ensure_vllm(inst.host, ray=inst.group is not None)
+
+        def launch(replace: bool) -> Cmd:
+            return combine(read_tree, vllm_cache.ensure(tree), vllm_cache.with_root(tree, process.start(
+                self.albert, self.state, inst.name, argv, env_file=file.path, replace=replace,
+                labels=self.labels("vllm", inst.model_id, inputs.release_id, digest))))
+
+        unit = Unit(name=inst.name, service="vllm", config_hash=digest,
+                    start=combine(prepare, launch(False)), replace=launch(True), prepare=prepare,
                     stop=self.stop(inst.name), probe=self.probe(inst.name),
                     logs=self.logs(inst.name, 40), ready=vllm_ready(env, inst, inputs),
                     model_id=inst.model_id, port=inst.port, files=vllm_auth_files(env, inputs),

@@ -245,3 +245,30 @@ def test_restart_times_are_recorded(state_dir):
     final = wait_for(lambda: (s := state(state_dir, "bad"))["state"] == "failed" and s, timeout=20)
     assert len(final["restart_times"]) == final["restarts"] == 2
     assert all(abs(t - time.time()) < 60 for t in final["restart_times"])
+
+
+def test_start_with_replace_stops_what_runs_under_the_name_and_starts_the_new_command(state_dir):
+    """A restart in place in one call: the old process (and its group) is gone, the new command
+    runs under the name, a fresh supervisor; a name that never ran simply starts."""
+    albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", SERVER)
+    old = state(state_dir, "svc")
+    out = albert("start", "svc", "--state-dir", str(state_dir), "--replace", "--",
+                 PY, "-c", SERVER + " # v2")
+    assert out.returncode == 0 and "started" in out.stdout, out.stdout + out.stderr
+    now = state(state_dir, "svc")
+    assert now["running"] and now["cmd"][-1].endswith("# v2")
+    assert now["supervisor_pid"] != old["supervisor_pid"]
+    from pyalbert.supervisor import identity
+
+    assert identity(old["pid"]) is None and identity(old["supervisor_pid"]) is None  # gone (or a zombie)
+    fresh = albert("start", "other", "--state-dir", str(state_dir), "--replace", "--", PY, "-c", SERVER)
+    assert fresh.returncode == 0 and state(state_dir, "other")["running"]
+
+
+def test_replace_of_a_crash_looping_name_starts_the_new_command(state_dir):
+    albert("start", "svc", "--state-dir", str(state_dir), "--", PY, "-c", "import sys; sys.exit(3)")
+    wait_for(lambda: state(state_dir, "svc")["restarts"] >= 1)
+    out = albert("start", "svc", "--state-dir", str(state_dir), "--replace", "--", PY, "-c", SERVER)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: "hello" in (state_dir / "svc.log").read_text())
+    assert state(state_dir, "svc")["state"] == "running"

@@ -186,8 +186,9 @@ class ScriptedHost:
     def say(self, text: str, style: str = "") -> None:
         self.log.append(f"say: {text}")
 
-    def _start(self, u: Unit, poll_s: float | None = None, warm="probe") -> None:
-        self.log.append(f"start {u.name} ({u.config_hash})" + (f" polls {poll_s:g}s" if poll_s else "")
+    def _start(self, u: Unit, poll_s: float | None = None, warm="probe", cmd=None) -> None:
+        verb = "replace" if cmd is not None and cmd == u.replace else "start"
+        self.log.append(f"{verb} {u.name} ({u.config_hash})" + (f" polls {poll_s:g}s" if poll_s else "")
                         + ("" if warm == "probe" else f" warm={warm}"))
         if u.config_hash in self.fail_ready:
             raise AlbertError(f"{u.name} was not ready")
@@ -266,7 +267,28 @@ def test_without_room_it_says_so_takes_the_replica_out_then_restarts_in_place():
     assert "no room on host h for a second m server (GPU 0: 0.90 used + 0.90)" in said[0]
     assert steps(host) == ["write /srv/auth.header", "probe compile cache", "route -> out of rotation",
                            "in flight 1", "in flight 0", "stop vllm-m",
-                           "start vllm-m (new) polls 0.1s warm=True", "route -> http://127.0.0.1:8000"]
+                           f"start vllm-m (new) polls {GAP_POLL_S:g}s warm=True", "route -> http://127.0.0.1:8000"]
+
+
+def test_a_unit_that_restarts_in_one_call_has_its_checks_run_before_the_gap():
+    """The venv runtime: `import vllm` (prepare) runs while the server still serves; the gap holds
+    the drain and one call that stops and starts (no separate stop)."""
+    host = ScriptedHost(running={"vllm-m"}, in_flight=[0],
+                        previous={"vllm-m": unit("vllm-m", 8000, "old")})
+    u = planned("new", no_room="no RAM")
+    u = Unit(**{**u.__dict__, "prepare": Cmd.of("check-vllm"), "replace": Cmd.of("restart", "vllm-m")})
+    orig = host.run
+
+    def run(cmd, check=True):
+        if str(cmd).startswith("check-vllm"):
+            host.log.append("check vllm")
+        return orig(cmd, check)
+
+    host.r = type("R", (), {"run": staticmethod(run)})()
+    VllmReplace(host).run(u)
+    assert steps(host) == ["check vllm", "route -> out of rotation", "in flight 0",
+                           f"replace vllm-m (new) polls {GAP_POLL_S:g}s warm=None",
+                           "route -> http://127.0.0.1:8000"]
 
 
 def test_nothing_running_starts_the_first_slot():
@@ -334,7 +356,8 @@ def test_readiness_polls_faster_during_the_gap_and_checks_crash_loops_at_the_usu
     from pyalbert.engine.session import HostSession
 
     log: list[str] = []
-    ready_after = [25]
+    every = round(4 * 0.5 / GAP_POLL_S)  # the crash-loop check: every 4 polls of 0.5 s
+    ready_after = [every + 5]
 
     def poll_ready(u, healthy, last):
         ready_after[0] -= 1
@@ -347,7 +370,7 @@ def test_readiness_polls_faster_during_the_gap_and_checks_crash_loops_at_the_usu
     session._refuse_crash_loop = lambda u: log.append("crash-loop check")
     u = unit("vllm-m", 8000, "new")
     session.wait_ready(u, poll_s=GAP_POLL_S)
-    assert log.count("wait 0.1") == 24 and log.count("crash-loop check") == 1  # at poll 20
+    assert log.count(f"wait {GAP_POLL_S:g}") == every + 4 and log.count("crash-loop check") == 1
     log.clear()
     ready_after[0] = 9
     session.wait_ready(u)
