@@ -29,7 +29,8 @@ def test_start_head_whole_string():
     cmd = ray.start_head("10.0.0.1", PORTS, ray="/opt/albert/ray-venv/bin/ray", num_gpus=8, block=True,
                          interface="ens5")
     assert cmd.render() == (
-        "env VLLM_HOST_IP=10.0.0.1 GLOO_SOCKET_IFNAME=ens5 NCCL_SOCKET_IFNAME=ens5 "
+        "env VLLM_HOST_IP=10.0.0.1 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 "
+        "GLOO_SOCKET_IFNAME=ens5 NCCL_SOCKET_IFNAME=ens5 "
         "/opt/albert/ray-venv/bin/ray start --head --port 6379 --ray-client-server-port 10001 "
         "--include-dashboard false --node-ip-address 10.0.0.1 --object-manager-port 8076 "
         "--node-manager-port 8077 --runtime-env-agent-port 8078 --dashboard-agent-grpc-port 8079 "
@@ -44,7 +45,8 @@ def test_start_worker_whole_string():
     cmd = ray.start_worker(ray.head_address("10.0.0.1", ports), "10.0.0.2", ports, num_cpus=4,
                            temp_dir="/data/albert/ray")
     assert cmd.render() == (
-        "env VLLM_HOST_IP=10.0.0.2 ray start --address 10.0.0.1:7000 --node-ip-address 10.0.0.2 "
+        "env VLLM_HOST_IP=10.0.0.2 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 "
+        "ray start --address 10.0.0.1:7000 --node-ip-address 10.0.0.2 "
         "--object-manager-port 7001 --node-manager-port 7002 --runtime-env-agent-port 7003 "
         "--dashboard-agent-grpc-port 7004 --dashboard-agent-listen-port 7005 "
         "--metrics-export-port 7006 --min-worker-port 7100 --max-worker-port 7199 --num-cpus 4 "
@@ -57,7 +59,8 @@ def test_a_head_starts_without_the_last_starts_address_file():
                                       "/tmp/ray-a")
     assert cmd.render().startswith(
         "sh -c 'rm -f -- \"$0\"; exec \"$@\"' /tmp/ray-a/ray_current_cluster "
-        "env VLLM_HOST_IP=10.0.0.1 ray start --head --port 6379 ")
+        "env VLLM_HOST_IP=10.0.0.1 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 "
+        "ray start --head --port 6379 ")
 
 
 def test_dashboard_is_bound_to_the_private_address_never_all_interfaces():

@@ -77,7 +77,8 @@ def test_venv_units_head_then_vllm_worker_alone(config_factory):
     argv = shlex.split(node.start.render().split(" -- ", 1)[1])
     assert argv == [
         "sh", "-c", 'rm -f -- "$0"; exec "$@"', "/tmp/ray-test-gpu-a/ray_current_cluster",
-        "env", "VLLM_HOST_IP=10.1.0.1", "GLOO_SOCKET_IFNAME=priv0", "NCCL_SOCKET_IFNAME=priv0",
+        "env", "VLLM_HOST_IP=10.1.0.1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0",
+        "GLOO_SOCKET_IFNAME=priv0", "NCCL_SOCKET_IFNAME=priv0",
         "/opt/vllm/bin/ray", "start", "--head", "--port", "46379",
         "--ray-client-server-port", "10001", "--include-dashboard", "false",
         "--node-ip-address", "10.1.0.1", "--object-manager-port", "8076",
@@ -87,7 +88,7 @@ def test_venv_units_head_then_vllm_worker_alone(config_factory):
         "--max-worker-port", "10100", "--num-gpus", "2", "--temp-dir", "/tmp/ray-test-gpu-a",
         "--disable-usage-stats", "--block"]
     worker_argv = shlex.split(worker.units[0].start.render().split(" -- ", 1)[1])
-    assert worker_argv[4:8] == ["/opt/vllm/bin/ray", "start", "--address", "10.1.0.1:46379"]
+    assert worker_argv[5:9] == ["/opt/vllm/bin/ray", "start", "--address", "10.1.0.1:46379"]
     assert "--head" not in worker_argv and "--temp-dir" in worker_argv
     # both nodes are ready when the head lists the two
     assert node.ready == ray.ClusterReady("10.1.0.1:46379", 2, ("/opt/vllm/bin/ray",))
