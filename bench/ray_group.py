@@ -25,13 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import pytest  # noqa: E402 (tools_on patches the environment with pytest's MonkeyPatch)
-
 from pyalbert.config import load_spec  # noqa: E402
 from pyalbert.engine.operations import deploy_env, down_env  # noqa: E402
 from tests.integration.test_ray_cluster import link_hosts  # noqa: E402
-from tests.support.hosts import HostFactory, ssh_environ  # noqa: E402
-from tests.support.ray_group import write_config  # noqa: E402
+from tests.support.hosts import HostFactory  # noqa: E402
+from tests.support.ray_group import group_environ, write_config  # noqa: E402
 from tests.support.runtimes import fake_vllm_python, tools_on  # noqa: E402
 
 
@@ -63,10 +61,7 @@ def main() -> int:
             for host in (a, b):
                 (root / f"tools-{host.name}").mkdir()
                 tools_on(host, python, root / f"tools-{host.name}")
-            with pytest.MonkeyPatch.context() as mp:
-                for key, value in ssh_environ([a, b], root).items():
-                    mp.setenv(key, value)
-                mp.setenv("ALBERT_READY_POLL_S", "0.5")
+            with group_environ([a, b], root):
                 write_config(root / "one", "benchone", a, b, head_ip, worker_ip, group=False)
                 write_config(root / "group", "benchgrp", a, b, head_ip, worker_ip, group=True)
                 one = row("one host", root / "one", "benchone")

@@ -21,20 +21,23 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from pyalbert.commands import ray, release
-from pyalbert.config import load_spec
 from pyalbert.devtools.testhosts import NamespaceHost
-from pyalbert.engine.operations import deploy_env, down_env, status_env
-from pyalbert.errors import AlbertError
+from pyalbert.engine.operations import down_env, status_env
 from tests.integration.test_ray_cluster import RAY_BIN, link_hosts, wait_for
-from tests.support.hosts import ssh_environ
-from tests.support.ray_group import API_PORT, GCS, NODE_MANAGER, gateway_chat, write_config
+from tests.support import ray_group
+from tests.support.ray_group import (
+    API_PORT,
+    GCS,
+    NODE_MANAGER,
+    check_a_failed_change_rolls_the_group_back,
+    serving,
+    write_config,
+)
 from tests.support.runtimes import TOOLS_BASE, fake_vllm_python, tools_on
 
 pytestmark = pytest.mark.skipif(not Path(RAY_BIN).exists(), reason=f"no Ray at {RAY_BIN}")
@@ -42,21 +45,7 @@ pytestmark = pytest.mark.skipif(not Path(RAY_BIN).exists(), reason=f"no Ray at {
 ENV = "raygrp"
 
 
-@dataclass
-class Group:
-    a: NamespaceHost
-    b: NamespaceHost
-    head_ip: str
-    worker_ip: str
-    root: Path
-
-    @property
-    def address(self) -> str:
-        return f"{self.head_ip}:{GCS}"
-
-    def spec(self):
-        return load_spec(ENV, self.root)
-
+class Group(ray_group.Group):
     def state(self, host: NamespaceHost) -> dict[str, dict]:
         """The supervisor's records on ``host``: unit name -> state."""
         out = host.run(f"cat {TOOLS_BASE}/run-{ENV}/*.json 2>/dev/null || true").stdout
@@ -69,14 +58,6 @@ class Group:
             found[value["name"]] = value
         return found
 
-    def chat(self) -> httpx.Response | str:
-        return gateway_chat(self.a.address, API_PORT)
-
-    def nodes(self) -> ray.ClusterStatus | None:
-        res = self.a.run(["sh", "-c", ray.status(self.address, ray=RAY_BIN).render()],
-                         check=False, timeout=60)
-        return ray.parse_status(res.stdout) if res.returncode == 0 else None
-
 
 @pytest.fixture(scope="module")
 def group(make_host, tmp_path_factory):
@@ -87,21 +68,12 @@ def group(make_host, tmp_path_factory):
         tools_on(host, python, tmp_path_factory.mktemp(f"tools-{host.name}"))
     root = write_config(tmp_path_factory.mktemp("raygrp-config"), ENV, a, b, head_ip, worker_ip,
                         ray_engine=True)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in ssh_environ([a, b], root).items():
-            mp.setenv(key, value)
-        mp.setenv("ALBERT_READY_POLL_S", "0.5")
-        g = Group(a, b, head_ip, worker_ip, root)
-        try:
-            yield g
-        finally:
-            down_env(g.spec())
+    with serving(Group(a, b, head_ip, worker_ip, root, ENV, GCS, API_PORT, [RAY_BIN])) as g:
+        yield g
 
 
 def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
-    t0 = time.monotonic()
-    results = deploy_env(group.spec(), quiet=True)
-    print(f"\ngroup deployed in {time.monotonic() - t0:.1f}s")
+    results = group.deploy("group deployed")
     assert {r.host: r.status for r in results} == {group.a.name: "deployed",
                                                    group.b.name: "deployed"}
     status = group.nodes()
@@ -111,10 +83,13 @@ def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
     assert {node, f"albert-{ENV}-vllm-tiny"} <= set(head)
     assert set(worker) == {node}  # a worker host runs its node only
     # the head forgets its last start's address file first (else a restart may refuse)
-    assert head[node]["cmd"][:4] == ["sh", "-c", 'rm -f -- "$0"; exec "$@"',
-                                     f"/tmp/ray-{ENV}-{group.a.name}/ray_current_cluster"]
-    assert head[node]["cmd"][8:11] == [RAY_BIN, "start", "--head"]
-    assert worker[node]["cmd"][4:8] == [RAY_BIN, "start", "--address", group.address]
+    head_cmd, worker_cmd = head[node]["cmd"], worker[node]["cmd"]
+    assert head_cmd[:4] == ["sh", "-c", 'rm -f -- "$0"; exec "$@"',
+                            f"/tmp/ray-{ENV}-{group.a.name}/ray_current_cluster"]
+    at = head_cmd.index(RAY_BIN)
+    assert head_cmd[at:at + 3] == [RAY_BIN, "start", "--head"]
+    at = worker_cmd.index(RAY_BIN)
+    assert worker_cmd[at:at + 4] == [RAY_BIN, "start", "--address", group.address]
     # the head's server: the arguments and the Ray environment it was started with
     vllm = head[f"albert-{ENV}-vllm-tiny"]
     cmd = vllm["cmd"]
@@ -132,9 +107,7 @@ def test_the_gateway_has_one_backend_the_head(group):
 
 
 def test_a_rerun_changes_nothing(group):
-    t0 = time.monotonic()
-    results = deploy_env(group.spec(), quiet=True)
-    print(f"\nno-op re-run in {time.monotonic() - t0:.1f}s")
+    results = group.deploy("no-op re-run")
     assert {r.status for r in results} == {"unchanged"}
 
 
@@ -151,8 +124,8 @@ def test_status_shows_the_nodes_and_their_resources(group):
 
 def test_a_dead_worker_takes_the_model_out_until_the_group_reforms(group):
     node, server = f"albert-{ENV}-ray-ab", f"albert-{ENV}-vllm-tiny"
-    before, serving = group.state(group.b)[node], group.state(group.a)[server]
-    old_ids = {n.node_id for n in group.nodes().nodes}
+    before, first = group.state(group.b)[node], group.state(group.a)[server]
+    formed = group.nodes()
     # kill -9 the worker host's Ray: its node's process group (ray start, raylet...) and the rest
     t0 = time.monotonic()
     group.b.run(["kill", "-KILL", "--", f"-{before['pid']}"])
@@ -182,57 +155,19 @@ def test_a_dead_worker_takes_the_model_out_until_the_group_reforms(group):
     print(f"the model answered again {time.monotonic() - t0:.1f}s after the kill")
     assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
     restarted = group.state(group.a)[server]
-    assert restarted["pid"] != serving["pid"] and restarted["restarts"] >= 1
+    assert restarted["pid"] != first["pid"] and restarted["restarts"] >= 1
     log = group.a.run(["cat", f"{TOOLS_BASE}/run-{ENV}/{server}.log"]).stdout
     assert "EngineDeadError" in log, log[-2000:]
-    # Ray lists the dead node until its health checks give up on it (the model may serve before)
-    reformed = wait_for("the group to re-form with a new worker node",
-                        lambda: (st := group.nodes()) and len(st.nodes) == 2
-                        and {n.node_id for n in st.nodes} != old_ids and st, 150)
-    assert sorted(n.cpus for n in reformed.nodes) == [1, 1]
+    # the group re-forms with a new worker node (the dead one is listed a while)
+    group.two_nodes(not_as=formed)
 
 
 def test_a_failed_change_rolls_the_whole_group_back(group):
-    """A change of the group's nodes (both hosts) whose server then fails on the head: the worker
-    host does not record the new release while the head rolls back: it rolls back with it, no
-    host records the failed release, and the group serves the previous release again without a
-    re-run (the head's previous node restarts although the worker's raylet, which names the
-    head's address, is visible: the hosts share a PID namespace)."""
-    toml, routing = group.root / "environments" / f"{ENV}.toml", group.root / "llm_routing_table.json"
-    good_toml, good_routing = toml.read_text(), routing.read_text()
-    before = {h.name: current_release(group, h) for h in (group.a, group.b)}
-    table = json.loads(good_routing)
-    table["tiny"]["env"] = {**table["tiny"]["env"], "FAKE_VLLM_FAIL": "exit"}
-    toml.write_text(good_toml.replace("num_cpus = 1", "num_cpus = 2"))  # both nodes change
-    routing.write_text(json.dumps(table))
-    try:
-        with pytest.raises(AlbertError) as failed:
-            deploy_env(group.spec(), quiet=True)
-    finally:
-        toml.write_text(good_toml)
-        routing.write_text(good_routing)
-    text = str(failed.value)
-    log = group.a.run(["sh", "-c", f"tail -n 30 {TOOLS_BASE}/run-{ENV}/albert-{ENV}-ray-ab.log"],
-                      check=False).stdout
-    print(f"\nthe failed deploy: {text}\nthe head's node log:\n{log}")
-    # the worker does not keep a release its group does not run: it rolls back with the head
-    assert f"{group.b.name} (rolled back)" in text, text
-    assert f"{group.a.name} of the same host group" in text, text
-    assert {h.name: current_release(group, h) for h in (group.a, group.b)} == before
-    assert "NOT serving" not in text and f"{group.a.name} (rolled back)" in text, text
-    # the rollback itself brought the previous release back: it serves, nothing to re-run
-    answer = wait_for("the group to serve the previous release",
-                      lambda: isinstance(r := group.chat(), httpx.Response)
-                      and r.status_code == 200 and r, 150)
-    assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
-    wait_for("the group's previous nodes (1 CPU each)",  # the replaced ones may linger a while
-             lambda: (st := group.nodes()) and sorted(n.cpus for n in st.nodes) == [1, 1], 150)
-    assert {r.status for r in deploy_env(group.spec(), quiet=True)} == {"unchanged"}
-
-
-def current_release(group: Group, host: NamespaceHost) -> str:
-    link = host.run(["sh", "-c", release.current(TOOLS_BASE).render()], check=False).stdout
-    return release.parse_current(link)
+    """The hosts share a PID namespace here: the worker's raylet, which names the head's
+    address, is visible when the head's previous node starts again (``ray start --head`` would
+    refuse: "already running", unless its last address file is gone)."""
+    log = ["sh", "-c", f"tail -n 30 {TOOLS_BASE}/run-{ENV}/albert-{ENV}-ray-ab.log"]
+    check_a_failed_change_rolls_the_group_back(group, TOOLS_BASE, log)
 
 
 def test_down_leaves_no_ray_process(group):
