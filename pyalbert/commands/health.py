@@ -73,6 +73,14 @@ def models_listed(stdout: str) -> list[str]:
         return []
 
 
+def parse_models_once_healthy(stdout: str) -> tuple[int, list[str]]:
+    """``(/health status, model ids listed)`` of :meth:`ReadyCheck.models_once_healthy`."""
+    first, _, body = stdout.partition("\n")
+    if not first.startswith("@health "):
+        return 0, []
+    return parse_status(first), models_listed(body)
+
+
 @dataclass(frozen=True)
 class ReadyCheck:
     """How to tell a server is ready: ``/health`` is 200, then ``/v1/models`` lists ``model``."""
@@ -96,6 +104,23 @@ class ReadyCheck:
 
     def models(self) -> Cmd:
         return get_json(f"{self.base}/v1/models", header_file=self.header_file)
+
+    def models_once_healthy(self, within_s: float) -> Cmd:
+        """On the host: poll ``/health`` every 20 ms for at most ``within_s``; once it is 200,
+        print ``@health 200`` and the ``/v1/models`` body (:func:`parse_models_once_healthy`).
+        One call instead of a poll per round trip: a model out of service is seen ready within
+        ~20 ms, not within an SSH poll interval plus two round trips."""
+        script = (
+            'end=$(( $(date +%s%N) / 1000000 + $1 )); '
+            'while :; do '
+            'code=$(curl -s -o /dev/null -w "%{http_code}" --max-time 1 "$2"); '
+            'if [ "$code" = 200 ]; then echo "@health 200"; '
+            'if [ -n "$4" ]; then exec curl -s --max-time 3 -H "@$4" "$3"; fi; '
+            'exec curl -s --max-time 3 "$3"; fi; '
+            'if [ "$(( $(date +%s%N) / 1000000 ))" -ge "$end" ]; then echo "@health $code"; exit 0; fi; '
+            'sleep 0.02; done')
+        return Cmd.of("sh", "-c", script, "ready", str(round(within_s * 1000)),
+                      f"{self.base}{self.path}", f"{self.base}/v1/models", self.header_file or "")
 
     def display(self) -> str:
         what = f", /v1/models lists {self.model}" if self.model else ""

@@ -30,6 +30,11 @@ class NotReady(AlbertError):
     pass
 
 
+#: during a restart in place each readiness call waits on the host itself (polls every 20 ms)
+#: for at most this long: the model is seen back within ~20 ms + one round trip
+HOST_WAIT_S = 1.0
+
+
 class HostSession:
     def __init__(self, runner: Runner, hp: HostPlan, out: Printer, cancel: threading.Event,
                  ctx: RunContext, *, message: str = ""):
@@ -103,18 +108,20 @@ class HostSession:
         """``/health`` is 200 then ``/v1/models`` lists the model; refused/503 are waited out.
 
         ``poll_s``: a shorter interval than the context's, while the model is out of service (a
-        restart in place); the crash-loop check keeps its own pace (every 4 polls of the context)."""
+        restart in place), each call then waiting on the host (:data:`HOST_WAIT_S`); the
+        crash-loop check keeps its own pace (every 4 polls of the context)."""
         if u.ready is None:
             return
         t0 = time.monotonic()
         deadline = t0 + self.hp.ready_timeout_s
         poll = poll_s or self.ctx.poll_s
-        every = max(4, round(4 * self.ctx.poll_s / poll))
+        here = HOST_WAIT_S if poll_s else 0.0
+        every = max(1 if here else 4, round(4 * self.ctx.poll_s / (poll + here)))
         healthy, polls, last = False, 0, "no answer"
         while True:
             if not quiet:
                 self.check_cancel()
-            ready, healthy, last = self._poll_ready(u, healthy, last)
+            ready, healthy, last = self._poll_ready(u, healthy, last, here)
             if ready:
                 break
             polls += 1
@@ -132,13 +139,25 @@ class HostSession:
         if not quiet:
             self.say(f"{u.name} ready in {time.monotonic() - t0:.1f}s")
 
-    def _poll_ready(self, u: Unit, healthy: bool, last: str) -> tuple[bool, bool, str]:
-        """One poll: (ready, healthy, what was last seen)."""
+    def _poll_ready(self, u: Unit, healthy: bool, last: str, here_s: float = 0.0
+                    ) -> tuple[bool, bool, str]:
+        """One poll: (ready, healthy, what was last seen); ``here_s``: the host polls /health
+        itself for that long, then lists the models in the same call."""
         assert u.ready is not None
         if isinstance(u.ready, ClusterReady):  # a Ray node: the head lists the whole group
             res = self.r.run(u.ready.cmd(), check=False)
             ready, seen = u.ready.judge(res.stdout) if res.known else (True, "")
             return ready, ready, seen
+        if here_s and not healthy and u.ready.model is not None:
+            res = self.r.run(u.ready.models_once_healthy(here_s), check=False)
+            if not res.known:
+                return True, True, last
+            code, ids = health.parse_models_once_healthy(res.stdout)
+            if code != 200:
+                return False, False, f"/health answered {code or 'nothing'}"
+            if u.ready.model in ids:
+                return True, True, last
+            return False, True, f"/v1/models lists {ids or 'nothing'}"
         if not healthy:
             res = self.r.run(u.ready.health(), check=False)
             code = health.parse_status(res.stdout)

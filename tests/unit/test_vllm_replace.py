@@ -347,19 +347,21 @@ def test_the_drain_waits_out_a_gateway_scan_before_reading_the_gauges():
     assert steps(host) == [f"wait {waits[0]:g}", "in flight 1", "wait 0.2", "in flight 0"]
 
 
-def test_readiness_polls_faster_during_the_gap_and_checks_crash_loops_at_the_usual_pace():
-    """A restart in place polls every GAP_POLL_S (the outage ends when readiness is seen); the
-    crash-loop check (two status calls) keeps the pace of every 4 polls of the context."""
+def test_readiness_waits_on_the_host_during_the_gap_and_checks_crash_loops_at_the_usual_pace():
+    """A restart in place: each readiness call waits on the host (HOST_WAIT_S, polling there
+    every 20 ms), calls follow each other every GAP_POLL_S; the crash-loop check (two status
+    calls) keeps the pace of every 4 polls of the context (2 s); a deploy's readiness polls
+    over SSH every 0.5 s."""
     from types import SimpleNamespace
 
     from pyalbert.engine.context import RunContext
-    from pyalbert.engine.session import HostSession
+    from pyalbert.engine.session import HOST_WAIT_S, HostSession
 
     log: list[str] = []
-    every = round(4 * 0.5 / GAP_POLL_S)  # the crash-loop check: every 4 polls of 0.5 s
-    ready_after = [every + 5]
+    ready_after = [5]
 
-    def poll_ready(u, healthy, last):
+    def poll_ready(u, healthy, last, here=0.0):
+        log.append(f"poll here={here:g}")
         ready_after[0] -= 1
         return ready_after[0] <= 0, False, "503"
 
@@ -370,11 +372,55 @@ def test_readiness_polls_faster_during_the_gap_and_checks_crash_loops_at_the_usu
     session._refuse_crash_loop = lambda u: log.append("crash-loop check")
     u = unit("vllm-m", 8000, "new")
     session.wait_ready(u, poll_s=GAP_POLL_S)
-    assert log.count(f"wait {GAP_POLL_S:g}") == every + 4 and log.count("crash-loop check") == 1
+    assert log.count(f"poll here={HOST_WAIT_S:g}") == 5 and log.count(f"wait {GAP_POLL_S:g}") == 4
+    assert log.count("crash-loop check") == 2  # after polls 2 and 4 (~2 s each)
     log.clear()
     ready_after[0] = 9
     session.wait_ready(u)
-    assert log.count("wait 0.5") == 8 and log.count("crash-loop check") == 2  # polls 4 and 8
+    assert log.count("poll here=0") == 9 and log.count("wait 0.5") == 8
+    assert log.count("crash-loop check") == 2  # polls 4 and 8
+
+
+def test_the_host_side_wait_reports_health_then_the_models_listed(tmp_path):
+    """The gap's readiness call, run here by a real shell against a real HTTP server: nothing
+    listening -> the status it saw after its budget; healthy -> the model list in the same call."""
+    import http.server
+    import subprocess
+    import threading
+
+    from pyalbert.commands.health import ReadyCheck, parse_models_once_healthy
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"{}" if self.path == "/health" else b'{"data": [{"id": "m"}]}'
+            self.send_response(200 if self.headers.get("X-Key") == "k" or self.path == "/health"
+                               else 401)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    header = tmp_path / "h"
+    header.write_text("X-Key: k\n")
+    try:
+        check = ReadyCheck(srv.server_address[1], "m", header_file=str(header))
+        out = subprocess.run(["bash", "-c", check.models_once_healthy(1).render()],
+                             capture_output=True, text=True, timeout=30).stdout
+        assert parse_models_once_healthy(out) == (200, ["m"])
+        import socket
+
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        down = ReadyCheck(closed, "m")
+        out = subprocess.run(["bash", "-c", down.models_once_healthy(0.2).render()],
+                             capture_output=True, text=True, timeout=30).stdout
+        assert parse_models_once_healthy(out) == (0, [])
+    finally:
+        srv.shutdown()
 
 
 def test_the_crash_loop_check_asks_once_when_state_and_restarts_are_one_command():
