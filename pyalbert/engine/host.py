@@ -235,6 +235,7 @@ class HostDeploy(HostSession):
                 self.r.run(old.start, check=False)
                 self.wait_ready(old, quiet=True)
 
+        undo.ray_node = u.service == "ray"  # type: ignore[attr-defined]  # see _roll_back
         self.undo.append(undo)
         self.r.run(u.stop)
         for f in u.files:
@@ -329,7 +330,9 @@ class HostDeploy(HostSession):
         why = "interrupted (Ctrl-C)" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         self.say(f"{why}; rolling back {len(self.undo)} unit(s) to the previous release", "yellow")
         broken: list[str] = []
-        for step in reversed(self.undo):
+        # a group's Ray node before the server on it: a server restored first starts on the failed
+        # release's node (docker: joins that node container's PID namespace for good) and dies
+        for step in sorted(reversed(self.undo), key=lambda s: not getattr(s, "ray_node", False)):
             try:
                 step()  # each waits until the previous release's unit is ready again
             except Exception as err:  # noqa: BLE001 - keep undoing the others

@@ -166,8 +166,9 @@ def test_a_failed_change_rolls_the_whole_group_back(group):
     """The hosts share a PID namespace here: the worker's raylet, which names the head's
     address, is visible when the head's previous node starts again (``ray start --head`` would
     refuse: "already running", unless its last address file is gone)."""
-    log = ["sh", "-c", f"tail -n 30 {TOOLS_BASE}/run-{ENV}/albert-{ENV}-ray-ab.log"]
-    check_a_failed_change_rolls_the_group_back(group, TOOLS_BASE, log)
+    def log(unit: str) -> list[str]:
+        return ["sh", "-c", f"tail -n 30 {TOOLS_BASE}/run-{ENV}/albert-{ENV}-{unit}.log"]
+    check_a_failed_change_rolls_the_group_back(group, TOOLS_BASE, log("ray-ab"), log("vllm-tiny"))
 
 
 def test_down_leaves_no_ray_process(group):

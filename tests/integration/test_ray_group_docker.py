@@ -14,28 +14,29 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
-from pyalbert.commands import ray
-from pyalbert.config import load_spec
 from pyalbert.devtools.testhosts import NamespaceHost
-from pyalbert.engine.operations import deploy_env, down_env, status_env
+from pyalbert.engine.operations import down_env, status_env
 from tests.integration.test_ray_cluster import link_hosts, wait_for
-from tests.support.hosts import environment_toml, ssh_environ
+from tests.support import ray_group
+from tests.support.hosts import environment_toml
 from tests.support.images import HAPROXY_IMAGE, ensure_haproxy_image, ensure_ray_image
-from tests.support.ray_group import gateway_chat
+from tests.support.ray_group import (
+    check_a_failed_change_rolls_the_group_back,
+    ray_ports,
+    ray_toml,
+    serving,
+)
 from tests.support.runtimes import STORAGE
 
 ENV = "raydock"
 BASE = f"/home/gitlab/albert-{ENV}"
-GCS = 48379
-NODE_MANAGER = 48382
+PORTS = 48000  # the venv group tests' are 47000's: both may run at once
+GCS, NODE_MANAGER = ray_ports(PORTS)["gcs"], ray_ports(PORTS)["node_manager"]
 MODEL_PORT = 18561
 API_PORT = 18590
 #: the fake's Ray executor, a few seconds of "loading" before it listens (as vLLM)
@@ -63,22 +64,7 @@ port = {API_PORT}
 ready_timeout_s = 150
 base_dir = "{BASE}"
 
-[ray]
-interface = "priv0"
-num_cpus = 1
-
-[ray.ports]
-gcs = {GCS}
-client_server = 48380
-object_manager = 48381
-node_manager = {NODE_MANAGER}
-runtime_env_agent = 48383
-dashboard_agent_grpc = 48384
-dashboard_agent_listen = 48385
-metrics_export = 48386
-min_worker = 48400
-max_worker = 48420
-
+{ray_toml(PORTS)}
 [groups.ab]
 hosts = ["{a.name}", "{b.name}"]
 """)
@@ -91,21 +77,7 @@ hosts = ["{a.name}", "{b.name}"]
                         f'services = ["vllm"]\n')
 
 
-@dataclass
-class Group:
-    a: NamespaceHost
-    b: NamespaceHost
-    head_ip: str
-    worker_ip: str
-    root: Path
-
-    @property
-    def address(self) -> str:
-        return f"{self.head_ip}:{GCS}"
-
-    def spec(self):
-        return load_spec(ENV, self.root)
-
+class Group(ray_group.Group):
     def containers(self, host: NamespaceHost) -> dict[str, str]:
         """Containers of the environment on ``host``, running or not: name -> state."""
         out = host.run(["docker", "ps", "-a", "--filter", f"label=albert.env={ENV}",
@@ -114,18 +86,6 @@ class Group:
 
     def inspect(self, host: NamespaceHost, name: str) -> dict:
         return json.loads(host.run(["docker", "inspect", name]).stdout)[0]
-
-    def chat(self) -> httpx.Response | str:
-        return gateway_chat(self.a.address, API_PORT)
-
-    def nodes(self) -> ray.ClusterStatus | None:
-        """``ray status`` in the head's node container (None: no answer)."""
-        cmd = ray.status(self.address, ray=["docker", "exec", NODE, "ray"])
-        res = self.a.run(cmd.render(), check=False, timeout=60)
-        try:
-            return ray.parse_status(res.stdout) if res.returncode == 0 else None
-        except ray.RayStatusError:
-            return None
 
 
 @pytest.fixture(scope="module")
@@ -146,21 +106,13 @@ def group(make_host, tmp_path_factory):
         "model": "albert-test/tiny", "port": MODEL_PORT, "max_model_len": 512,
         "pipeline_parallel_size": 2, "env": RAY_ENGINE_ENV}}))
     (STORAGE / "tiny").mkdir(parents=True, exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in ssh_environ([a, b], root).items():
-            mp.setenv(key, value)
-        mp.setenv("ALBERT_READY_POLL_S", "0.5")
-        g = Group(a, b, head_ip, worker_ip, root)
-        try:
-            yield g
-        finally:
-            down_env(g.spec())
+    ray_in_node = ["docker", "exec", NODE, "ray"]  # `ray status` in the head's node container
+    with serving(Group(a, b, head_ip, worker_ip, root, ENV, GCS, API_PORT, ray_in_node)) as g:
+        yield g
 
 
 def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
-    t0 = time.monotonic()
-    results = deploy_env(group.spec(), quiet=True)
-    print(f"\ngroup deployed in {time.monotonic() - t0:.1f}s")
+    results = group.deploy("group deployed")
     assert {r.host: r.status for r in results} == {group.a.name: "deployed",
                                                    group.b.name: "deployed"}, results
     head, worker = group.containers(group.a), group.containers(group.b)
@@ -203,9 +155,7 @@ def test_the_gateway_has_one_backend_the_head(group):
 
 def test_a_rerun_changes_nothing(group):
     before = {h.name: group.inspect(h, NODE)["Id"] for h in (group.a, group.b)}
-    t0 = time.monotonic()
-    results = deploy_env(group.spec(), quiet=True)
-    print(f"\nno-op re-run in {time.monotonic() - t0:.1f}s")
+    results = group.deploy("no-op re-run")
     assert {r.status for r in results} == {"unchanged"}, results
     assert {h.name: group.inspect(h, NODE)["Id"] for h in (group.a, group.b)} == before
 
@@ -221,12 +171,10 @@ def test_status_shows_the_nodes_and_their_resources(group):
     assert head["not_serving"] == [] and worker["not_serving"] == []
 
 
-@pytest.mark.xfail(strict=False, reason="passed alone here (2026-12-02) but failed in a full "
-                   "fresh-clone run: not understood yet (issue 17 note); the venv group test "
-                   "covers a dead worker with the real gateway")
 def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
     before = group.inspect(group.b, NODE)["State"]
     server = group.inspect(group.a, VLLM)["RestartCount"]
+    formed = group.nodes()
     # the worker's Ray dies (ray start --block: the container's main process, and so the rest)
     group.b.run(["kill", "-KILL", str(before["Pid"])])
     # the head's server loses its worker actor and exits: the gateway refuses the model (the
@@ -251,13 +199,28 @@ def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
                     lambda: (s := group.inspect(group.b, NODE))["State"]["Running"]
                     and s["State"]["Pid"] != before["Pid"] and s, 60)
     assert back["RestartCount"] == 1
-    answer = wait_for("the model to answer through the gateway again",
-                      lambda: isinstance(r := group.chat(), httpx.Response)
-                      and r.status_code == 200 and r, 150)
+    try:
+        answer = wait_for("the model to answer through the gateway again",
+                          lambda: isinstance(r := group.chat(), httpx.Response)
+                          and r.status_code == 200 and r, 150)
+    finally:
+        log = group.a.run(["docker", "logs", "--tail", "15", VLLM], check=False)
+        print(f"the head's server, last lines:\n{log.stdout}{log.stderr}\nray status: {group.nodes()}")
     assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
     assert group.inspect(group.a, VLLM)["RestartCount"] > server
-    reformed = group.nodes()
-    assert reformed is not None and sorted(n.cpus for n in reformed.nodes) == [1, 1], reformed
+    # the group re-forms with the restarted worker node (the dead one is listed a while: reading
+    # the list once, as before, could see it beside the new one in a loaded run)
+    group.two_nodes(not_as=formed)
+
+
+def test_a_failed_change_rolls_the_whole_group_back(group):
+    """As on the venv runtime. Here the head's server joins its node container's PID namespace,
+    resolved to that container when the server's is created: restored before its node, it joined
+    the failed release's node container, died with it and docker could never restart it
+    ('container <id> is not running'): 'rolled back' but not serving."""
+    def log(name: str) -> list[str]:
+        return ["docker", "logs", "--tail", "30", name]
+    check_a_failed_change_rolls_the_group_back(group, BASE, log(NODE), log(VLLM))
 
 
 def test_down_leaves_no_ray_container(group):

@@ -233,14 +233,15 @@ def current_release(host: NamespaceHost, base: str) -> str:
     return release.parse_current(link)
 
 
-def check_a_failed_change_rolls_the_group_back(group: Group, base: str,
-                                               node_log: Sequence[str]) -> None:
+def check_a_failed_change_rolls_the_group_back(group: Group, base: str, node_log: Sequence[str],
+                                               server_log: Sequence[str]) -> None:
     """A change of the group's nodes (both hosts: ``num_cpus`` 1 -> 2) whose server then fails
     on the head (the fake vLLM exits): the worker host does not record the new release while the
     head rolls back, it rolls back with it; no host records the failed release; the rollback
     itself brings the previous release back (both nodes restart, the head's although a raylet
     naming its address may be visible), so the group serves it without a re-run, and a re-run
-    changes nothing. ``base``: the hosts' deploy folder; ``node_log``: the head node's last lines."""
+    changes nothing. ``base``: the hosts' deploy folder; ``node_log``, ``server_log``: commands
+    printing the head's node's and server's last lines."""
     toml = group.root / "environments" / f"{group.env}.toml"
     routing = group.root / "llm_routing_table.json"
     good_toml, good_routing = toml.read_text(), routing.read_text()
@@ -265,9 +266,14 @@ def check_a_failed_change_rolls_the_group_back(group: Group, base: str,
     assert {h.name: current_release(h, base) for h in (group.a, group.b)} == before
     # the rollback itself brought the previous release back: it serves, nothing to re-run
     t0 = time.monotonic()
-    answer = wait_for("the group to serve the previous release",
-                      lambda: isinstance(r := group.chat(), httpx.Response)
-                      and r.status_code == 200 and r, 150)
+    try:
+        answer = wait_for("the group to serve the previous release",
+                          lambda: isinstance(r := group.chat(), httpx.Response)
+                          and r.status_code == 200 and r, 150)
+    except AssertionError:
+        log = group.a.run(list(server_log), check=False)
+        print(f"the head's server:\n{log.stdout}{log.stderr}\nray status: {group.nodes()}")
+        raise
     print(f"the previous release answered {time.monotonic() - t0:.1f}s after the rollback")
     assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
     group.two_nodes()  # the previous nodes (1 CPU each)

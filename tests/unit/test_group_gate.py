@@ -103,3 +103,26 @@ def test_ctrl_c_ends_the_wait():
 
 def test_a_group_of_one_host_is_no_group():
     assert GroupGate({"g": frozenset({"a"})}).members == {}
+
+
+def test_a_rollback_restores_the_group_node_before_the_server_on_it():
+    """Deployed in order (node, then the server on it), undone in reverse, but a Ray node's undo
+    first: the previous server starts on the previous node, never on the failed release's."""
+    from pyalbert.engine.host import HostDeploy
+
+    done: list[str] = []
+
+    def step(name: str, ray_node: bool = False):
+        def undo() -> None:
+            done.append(name)
+        undo.ray_node = ray_node
+        return undo
+
+    said: list[str] = []
+    host = SimpleNamespace(name="head", say=lambda text, style="": said.append(text),
+                           result=SimpleNamespace(status=""), prev_id="r1",
+                           undo=[step("api colour"), step("node", ray_node=True), step("server"),
+                                 step("edge reload")])
+    HostDeploy._roll_back(host, AlbertError("the server did not start"))
+    assert done == ["node", "edge reload", "server", "api colour"]
+    assert host.result.status == "rolled back" and host.undo == []
