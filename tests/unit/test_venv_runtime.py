@@ -77,6 +77,20 @@ def test_vllm_unit_is_a_supervised_process_from_a_managed_venv(venv_plans):
     assert "HF_TOKEN=hf_secret" in env_file.content and "VLLM_LOGGING_LEVEL=INFO" in env_file.content
 
 
+def test_a_restart_in_place_checks_the_vllm_venv_before_the_gap_and_is_one_call(venv_plans):
+    """``prepare`` (``import vllm``: seconds with torch) runs while the old server still serves;
+    ``replace`` starts the same command with ``--replace`` and imports nothing itself."""
+    runtime, (hp,) = venv_plans
+    unit = next(u for u in hp.units if isinstance(u, Unit))
+    assert "import vllm" in unit.prepare.render() and unit.start.render().startswith(
+        unit.prepare.render())
+    replace = unit.replace.render()
+    assert "import vllm" not in replace and "pip install" not in replace
+    assert replace == unit.start.render().removeprefix(unit.prepare.render() + " && ").replace(
+        " supervise start albert-test-vllm-small --state-dir /srv/albert/run-test ",
+        " supervise start albert-test-vllm-small --state-dir /srv/albert/run-test --replace ")
+
+
 def test_config_hash_is_stable_across_releases(config_factory, venv_plans):
     runtime, (hp,) = venv_plans
     spec = load_spec("test", config_factory.root)
