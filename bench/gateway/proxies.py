@@ -10,7 +10,8 @@ reference. Each context manager yields (url, proxy pid).
 HAProxy variants, to measure a tuning before it goes into the template, side by side:
 ``haproxy@REV`` renders the template as it was at git revision REV (the "before" of a change),
 ``haproxy~TWEAK`` applies one of :data:`TWEAKS` to the rendered config (several: ``~a~b``); both
-combine with ``+tls``.
+combine with ``+tls``. ``~uds`` is not a config edit alone: the gateway listens on a unix socket
+(``gateway_uds.py``) and HAProxy's server is ``unix@`` that socket.
 """
 
 from __future__ import annotations
@@ -54,7 +55,20 @@ TWEAKS = {
     "maxpoll": _global("tune.maxpollevents 64"),
     "recvenough": _global("tune.recv_enough 1024"),
     "idlepool": _global("tune.idle-pool.shared off"),
+    "threads2": lambda cfg: re.sub(r"nbthread \d+", "nbthread 2", cfg),
 }
+
+
+#: ``haproxy~uds``: HAProxy reaches its gateway over a unix socket instead of loopback TCP
+UDS = "uds"
+
+
+def tweaks(target: str) -> list[str]:
+    return re.findall(r"~([^~@+]+)", target)
+
+
+def uses_uds(target: str) -> bool:
+    return UDS in tweaks(target)
 
 
 def base_name(target: str) -> str:
@@ -67,14 +81,15 @@ def missing(name: str) -> str:
     binary = BINARIES.get(base_name(name))
     if binary and not shutil.which(binary):
         return f"{binary} not installed (./scripts/bootstrap installs it)"
-    unknown = [t for t in re.findall(r"~([^~@+]+)", name) if t not in TWEAKS]
+    unknown = [t for t in tweaks(name) if t not in TWEAKS and t != UDS]
     if unknown:
         return f"unknown tweak {', '.join(unknown)} (known: {', '.join(TWEAKS)})"
     return ""
 
 
-def haproxy_config(variant: str, config: edge.EdgeConfig) -> str:
-    """The config of ``variant`` (``@REV``: the template at that git revision; ``~TWEAK``...)."""
+def haproxy_config(variant: str, config: edge.EdgeConfig, uds: Path | None = None) -> str:
+    """The config of ``variant`` (``@REV``: the template at that git revision; ``~TWEAK``...;
+    ``uds``: the gateway's unix socket, for ``~uds``)."""
     rev = re.search(r"@([^~+]+)", variant)
     if rev:
         text = subprocess.run(["git", "show", f"{rev.group(1)}:pyalbert/templates/haproxy.cfg.j2"],
@@ -82,7 +97,11 @@ def haproxy_config(variant: str, config: edge.EdgeConfig) -> str:
         cfg = _jinja().from_string(text).render(c=config)
     else:
         cfg = edge.render_config(config)
-    for tweak in re.findall(r"~([^~@+]+)", variant):
+    if uds is not None:
+        cfg = re.sub(r"(\n    server gateway )127\.0\.0\.1:\d+", rf"\g<1>unix@{uds}", cfg)
+    for tweak in tweaks(variant):
+        if tweak == UDS:
+            continue
         changed = TWEAKS[tweak](cfg)
         if changed == cfg:
             raise RuntimeError(f"tweak {tweak} changes nothing in this config")
@@ -91,11 +110,11 @@ def haproxy_config(variant: str, config: edge.EdgeConfig) -> str:
 
 
 def haproxy_argv(work: Path, port: int, upstream_port: int, ca: Path | None,
-                 variant: str = "haproxy") -> list[str]:
+                 variant: str = "haproxy", uds: Path | None = None) -> list[str]:
     config = edge.EdgeConfig(env="bench", port=port, servers=(("gateway", upstream_port),),
                              socket=str(work / "haproxy.sock"), state_file=str(work / "state"),
                              address="127.0.0.1", tls_pem=str(ca / "server.pem") if ca else None)
-    (work / "haproxy.cfg").write_text(haproxy_config(variant, config))
+    (work / "haproxy.cfg").write_text(haproxy_config(variant, config, uds))
     return edge.serve_argv(str(work / "haproxy.cfg"))
 
 
@@ -152,12 +171,13 @@ ARGV = {"edge.py": edge_py_argv, "haproxy": haproxy_argv, "nginx": nginx_argv, "
 
 
 @contextmanager
-def proxy(name: str, work: Path, port: int, upstream_port: int, ca: Path | None, process):
+def proxy(name: str, work: Path, port: int, upstream_port: int, ca: Path | None, process,
+          uds: Path | None = None):
     """Run proxy ``name`` (a HAProxy variant too) on ``port`` (TLS with ``ca``'s server
-    certificate when given)."""
+    certificate when given; ``uds``: the gateway's unix socket instead of ``upstream_port``)."""
     work.mkdir(parents=True, exist_ok=True)
     if base_name(name) == "haproxy":
-        argv = haproxy_argv(work, port, upstream_port, ca, name)
+        argv = haproxy_argv(work, port, upstream_port, ca, name, uds)
     else:
         argv = ARGV[name](work, port, upstream_port, ca)
     scheme = "https" if ca else "http"

@@ -4,13 +4,16 @@
     .venv/bin/python bench/gateway/run.py --targets direct,gateway,edge.py,haproxy,haproxy+tls,nginx,nginx+tls,caddy,caddy+tls
                                           [--whitelist-mode off|flag|redact]
     .venv/bin/python bench/gateway/run.py --targets direct,gateway,haproxy@REV,haproxy,haproxy~nodelay
-                                          (a HAProxy tuning before/after: bench/gateway/proxies.py)
+                                          (a HAProxy tuning before/after: bench/gateway/proxies.py;
+                                          haproxy~uds: HAProxy to its gateway over a unix socket)
+                                          [--rounds 3: the list measured 3 times in turn; the
+                                          front-door CPU shares are medians over the rounds]
 
 One instant fake upstream (tests/support/fake_upstream.py, its own process), one load tool for
 every target (bench/gateway/load.py: closed-loop keep-alive clients), concurrency 1 and 64, plain
 and streamed chat completions. Each target is one server process (workers = 1), started alone,
 measured, stopped. Printed side by side: req/s, p50/p99, added p50 vs direct, server CPU ms per
-request (user+system from /proc over the measured window), SSE chunks/s, and the ratios the
+request (every thread's run time, /proc/<pid>/task/*/schedstat in ns, over the measured window), SSE chunks/s, and the ratios the
 targets of issue 8 are about (its CPU target is for whitelist mode ``off``, the default here;
 ``--whitelist-mode flag`` measures the answer checks too). The naive proxy and LiteLLM run from a separate venv
 (``--setup`` creates it in .cache/bench/venv); without it they are reported as skipped.
@@ -50,14 +53,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90, verify: str | bool = True) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90, verify: str | bool = True,
+              uds: Path | None = None) -> None:
+    """Until ``url`` answers (``uds``: asked over that unix socket)."""
     deadline = time.monotonic() + timeout
+    transport = httpx.HTTPTransport(uds=str(uds)) if uds else None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=1, verify=verify).status_code < 500:
-                return
+            with httpx.Client(transport=transport, verify=verify, timeout=1) as client:
+                if client.get(url).status_code < 500:
+                    return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
@@ -66,11 +73,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90, verify: str
 
 @contextmanager
 def process(argv: list[str], ready_url: str, env: dict | None = None, cwd: Path = REPO,
-            verify: str | bool = True):
+            verify: str | bool = True, uds: Path | None = None):
     proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_http(ready_url, proc, verify=verify)
+        wait_http(ready_url, proc, verify=verify, uds=uds)
         yield proc
     finally:
         proc.terminate()
@@ -115,17 +122,20 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
         yield upstream, [], None
 
     @contextmanager
-    def gateway():
+    def gateway(uds: Path | None = None):
+        """The gateway on a loopback port, or on the unix socket ``uds`` (gateway_uds.py)."""
         import hashlib
 
         keys = workdir / "keys.json"
         keys.write_text(json.dumps([{"name": "bench", "sha256": hashlib.sha256(key.encode()).hexdigest()}]))
         port = free_port()
-        argv = [sys.executable, "-c", "from pyalbert.cli import run; run()", "api",
+        start = [str(HERE / "gateway_uds.py")] if uds else ["-c", "from pyalbert.cli import run; run()"]
+        argv = [sys.executable, *start, "api",
                 "--backends", json.dumps({"fake": [upstream]}), "--keys", str(keys),
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                 "--whitelist-mode", whitelist_mode]
-        with process(argv, f"http://127.0.0.1:{port}/health") as proc:
+        with process(argv, f"http://127.0.0.1:{port}/health", {"BENCH_UDS": str(uds)} if uds else None,
+                     uds=uds) as proc:
             yield f"http://127.0.0.1:{port}", [proc.pid], key
 
     @contextmanager
@@ -156,11 +166,13 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
     def front(name: str, tls: bool):
         @contextmanager
         def behind_proxy():
-            with gateway() as (gw_url, gw_pids, gw_key):
+            work = workdir / (name.replace("@", "-").replace("~", "-") + ("-tls" if tls else ""))
+            work.mkdir(parents=True, exist_ok=True)
+            uds = work / "gateway.sock" if proxies.uses_uds(name) else None
+            with gateway(uds) as (gw_url, gw_pids, gw_key):
                 upstream_port = int(gw_url.rsplit(":", 1)[1])
-                work = workdir / (name.replace("@", "-").replace("~", "-") + ("-tls" if tls else ""))
                 ca = make_test_ca(workdir / "ca") if tls else None
-                with proxies.proxy(name, work, free_port(), upstream_port, ca, process) as (url, pid):
+                with proxies.proxy(name, work, free_port(), upstream_port, ca, process, uds) as (url, pid):
                     yield url, [*gw_pids, pid], gw_key
         return behind_proxy
 
@@ -184,7 +196,7 @@ def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(results: dict, skipped: dict) -> None:
+def report(results: dict, skipped: dict, rounds: dict) -> None:
     names = list(results)
     for scenario, c in SCENARIOS:
         tag = f"{scenario} c={c}"
@@ -204,7 +216,7 @@ def report(results: dict, skipped: dict) -> None:
                   f"{r['errors']:>8}")
     for name, why in skipped.items():
         print(f"\n{name}: skipped: {why}")
-    front_doors(results)
+    front_doors(results, rounds)
     g = results.get("gateway", {})
     if not g:
         return
@@ -234,32 +246,48 @@ def report(results: dict, skipped: dict) -> None:
         print(f"  {'PASS' if ok else 'MISS'}  {label:<34} measured {value:,.2f}")
 
 
-def front_doors(results: dict) -> None:
-    """Issue 16: what each proxy adds to the gateway, side by side, and its targets. The proxy's
-    CPU is its own process tree's, as a share of the gateway's over the same requests."""
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def front_doors(results: dict, rounds: dict) -> None:
+    """Issue 16: what each proxy adds to the gateway, side by side, and its targets.
+
+    CPU per streamed request two ways, each the median over ``--rounds`` (min-max shown):
+    ``own % gw`` is the proxy's process tree as a share of its own gateway's over the same
+    requests (one run, so a busy spell on the machine hits both); ``path +%`` is issue 16's
+    definition (its edge.py "+94%"): proxy + gateway behind it over the gateway alone, which
+    compares separate runs (noisier) and counts what the gateway saves or pays behind a proxy."""
     g = results.get("gateway", {})
     doors = [n for n in results if proxies.base_name(n) in proxies.PROXIES]
     if not g or not doors:
         return
     g1, gs64 = g.get("plain c=1"), g.get("stream c=64")
+    alone = {tag: median([r["cpu_ms_per_req"] for r in rounds["gateway"][tag]])
+             for tag in ("plain c=64", "stream c=64")}
     print("\n== front door (issue 16): what the proxy adds to the gateway ==")
-    print(f"{'path':<14}{'+p50 c=1 ms':>12}{'proxy cpu/req':>14}{'% gw':>7}{'proxy cpu/stream':>17}{'% gw':>7}"
-          f"{'streams/s c=64':>15}")
+    print(f"{'path':<14}{'+p50 c=1 ms':>12}{'proxy cpu/req':>14}{'own % gw':>9}{'proxy cpu/stream':>17}"
+          f"{'own % gw (min-max)':>20}{'path +%':>9}{'streams/s c=64':>15}")
 
-    def shares(r):  # (proxy ms, gateway ms) per request, from the run with the most requests
-        gw, proxy = r["cpu_ms_per_req_each"]
-        return proxy, gw
+    def shares(name: str, tag: str):
+        """(proxy ms, own %, min %, max %, path +%) per request, medians over the rounds."""
+        runs = [r["cpu_ms_per_req_each"] for r in rounds[name][tag]]  # [gateway, proxy] each
+        own = [100 * proxy / gw for gw, proxy in runs]
+        path = 100 * median([gw + proxy for gw, proxy in runs]) / alone[tag] - 100
+        return median([proxy for _, proxy in runs]), median(own), min(own), max(own), path
 
-    print(f"{'gateway alone':<14}{'-':>12}{g1['cpu_ms_per_req']:>14.3f}{'':>7}"
-          f"{gs64['cpu_ms_per_req']:>17.3f}{'':>7}{gs64['rps']:>15.0f}")
+    print(f"{'gateway alone':<14}{'-':>12}{alone['plain c=64']:>14.3f}{'':>9}"
+          f"{alone['stream c=64']:>17.3f}{'':>20}{'':>9}{gs64['rps']:>15.0f}")
     checks = []
     for name in doors:
         r = results[name]
         added = r["plain c=1"]["p50_ms"] - g1["p50_ms"]
-        req, req_gw = shares(r["plain c=64"])
-        stream, stream_gw = shares(r["stream c=64"])
-        print(f"{name:<14}{added:>12.3f}{req:>14.3f}{100 * req / req_gw:>6.0f}%{stream:>17.3f}"
-              f"{100 * stream / stream_gw:>6.0f}%{r['stream c=64']['rps']:>15.0f}")
+        req, req_own, *_ = shares(name, "plain c=64")
+        stream, own, low, high, path = shares(name, "stream c=64")
+        print(f"{name:<14}{added:>12.3f}{req:>14.3f}{req_own:>8.0f}%{stream:>17.3f}"
+              f"{f'{own:.1f}% ({low:.0f}-{high:.0f})':>20}{path:>8.0f}%{r['stream c=64']['rps']:>15.0f}")
         if name == "edge.py":
             continue
         if name.endswith("+tls"):
@@ -269,9 +297,10 @@ def front_doors(results: dict) -> None:
                 checks.append((f"{name}: TLS keep-alive adds <= 0.1 ms p50", more, 0.1))
         else:
             checks.append((f"{name}: adds <= 0.15 ms p50 at c=1", added, 0.15))
-            checks.append((f"{name}: CPU per stream <= 25% of gateway's", 100 * stream / stream_gw, 25))
+            checks.append((f"{name}: own CPU per stream <= 25% of gateway's", own, 25))
+            checks.append((f"{name}: path CPU per stream <= gateway alone +25%", path, 25))
     for label, value, limit in checks:
-        print(f"  {'PASS' if value <= limit else 'MISS'}  {label:<48} measured {value:,.3f}")
+        print(f"  {'PASS' if value <= limit else 'MISS'}  {label:<50} measured {value:,.3f}")
 
 
 def main() -> None:
@@ -292,6 +321,7 @@ def main() -> None:
     if args.setup and not (BENCH_VENV / "bin" / "litellm").exists():
         setup_venv()
     results: dict[str, dict] = {}
+    rounds: dict[str, dict[str, list]] = {}  # every round's run of each target and scenario
     skipped: dict[str, str] = {}
     port = free_port()
     fake_argv = [sys.executable, "-m", "tests.support.fake_upstream", "--port", str(port),
@@ -309,17 +339,21 @@ def main() -> None:
                     with target() as (url, pids, key):
                         cafile = str(Path(tmp) / "ca" / "ca.pem") if url.startswith("https") else None
                         for scenario, c in SCENARIOS:
+                            tag = f"{scenario} c={c}"
                             runs = [load(url, scenario, c, args.duration, pids, key, cafile)
                                     for _ in range(args.repeat)]
-                            runs += [results[name][f"{scenario} c={c}"]] if round_no else []
-                            results.setdefault(name, {})[f"{scenario} c={c}"] = max(runs, key=lambda r: r["rps"])
+                            rounds.setdefault(name, {}).setdefault(tag, []).append(
+                                max(runs, key=lambda r: r["rps"]))
+                            runs += [results[name][tag]] if round_no else []
+                            results.setdefault(name, {})[tag] = max(runs, key=lambda r: r["rps"])
                 except (RuntimeError, subprocess.CalledProcessError) as exc:
                     skipped[name] = f"failed: {exc}"
                     results.pop(name, None)
+                    rounds.pop(name, None)
     print(f"gateway whitelist mode: {args.whitelist_mode}")
-    report(results, skipped)
+    report(results, skipped, rounds)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "skipped": skipped}, indent=2))
+        args.json.write_text(json.dumps({"results": results, "rounds": rounds, "skipped": skipped}, indent=2))
 
 
 if __name__ == "__main__":
