@@ -33,6 +33,10 @@ class NotReady(AlbertError):
 #: during a restart in place each readiness call waits on the host itself (polls every 20 ms)
 #: for at most this long: the model is seen back within ~20 ms + one round trip
 HOST_WAIT_S = 1.0
+#: a Ray node that exits while its group's other nodes restart (a worker whose head is not up
+#: yet: `ray start --address` gives up) is restarted by its runtime and joins later: its
+#: restarts are not a crash loop until this long after its start
+RAY_JOIN_GRACE_S = 60.0
 
 
 class HostSession:
@@ -118,6 +122,7 @@ class HostSession:
         here = HOST_WAIT_S if poll_s else 0.0
         every = max(1 if here else 4, round(4 * self.ctx.poll_s / (poll + here)))
         healthy, polls, last = False, 0, "no answer"
+        judge_crashes_from = t0 + (RAY_JOIN_GRACE_S if u.service == "ray" else 0.0)
         while True:
             if not quiet:
                 self.check_cancel()
@@ -125,7 +130,7 @@ class HostSession:
             if ready:
                 break
             polls += 1
-            if polls % every == 0:
+            if polls % every == 0 and time.monotonic() >= judge_crashes_from:
                 self._refuse_crash_loop(u)
             if time.monotonic() > deadline:
                 raise NotReady(

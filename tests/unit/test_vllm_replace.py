@@ -381,6 +381,46 @@ def test_readiness_waits_on_the_host_during_the_gap_and_checks_crash_loops_at_th
     assert log.count("crash-loop check") == 2  # polls 4 and 8
 
 
+def test_a_ray_node_restarting_while_its_group_restarts_is_not_a_crash_loop_at_once(monkeypatch):
+    """A worker node whose head restarts too exits (`ray start --address` gives up) and is
+    restarted by its runtime: within RAY_JOIN_GRACE_S its restarts are not judged; after it, and
+    at once for a vLLM server, they are."""
+    from types import SimpleNamespace
+
+    from pyalbert.engine import session as session_mod
+    from pyalbert.engine.context import RunContext
+    from pyalbert.engine.session import HostSession, NotReady
+
+    def waiting(u, grace: float) -> list[str]:
+        monkeypatch.setattr(session_mod, "RAY_JOIN_GRACE_S", grace)
+        log: list[str] = []
+        polls = [12]
+
+        def poll_ready(u, healthy, last, here=0.0):
+            polls[0] -= 1
+            return polls[0] <= 0, False, "not all nodes"
+
+        def crash_check(u):
+            log.append("crash-loop check")
+            raise NotReady("exited before it was ready")
+
+        s = HostSession.__new__(HostSession)
+        s.ctx, s.hp = RunContext("me", poll_s=0.5), SimpleNamespace(ready_timeout_s=600)
+        s.cancel = SimpleNamespace(wait=lambda x: None, is_set=lambda: False)
+        s._poll_ready, s.say, s._refuse_crash_loop = poll_ready, lambda *a: None, crash_check
+        try:
+            s.wait_ready(u)
+            log.append("ready")
+        except NotReady:
+            log.append("refused")
+        return log
+
+    node = Unit(**{**unit("albert-e-ray-m", 6379, "new").__dict__, "service": "ray"})
+    assert waiting(node, grace=600) == ["ready"]
+    assert waiting(node, grace=0) == ["crash-loop check", "refused"]
+    assert waiting(unit("vllm-m", 8000, "new"), grace=600) == ["crash-loop check", "refused"]
+
+
 def test_the_host_side_wait_reports_health_then_the_models_listed(tmp_path):
     """The gap's readiness call, run here by a real shell against a real HTTP server: nothing
     listening -> the status it saw after its budget; healthy -> the model list in the same call."""
