@@ -36,11 +36,13 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
     secrets = provision_secrets(environ)  # missing variables: fail before any connection
     script = read_script()
     env = spec.env
-    cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
-                  dry_run=dry_run, as_root=admin_user == "root")  # the same on every host
     edge_port = edge_low_port(env.api.port, env.edge.redirect_port)
-    api_cmd = init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
-                      dry_run=dry_run, as_root=admin_user == "root", edge_port=edge_port)  # the front door's host
+
+    def init_cmd(host: HostSpec) -> Cmd:
+        """The same on every host, plus the front door's low port on the api's hosts."""
+        return init_vm(script, secrets, user=user, storage_dir=env.storage_dir, gpu=gpu,  # type: ignore[arg-type]
+                       dry_run=dry_run, as_root=admin_user == "root",
+                       edge_port=edge_port if placement.api_on(host.name) else None)
 
     factory = runners or ssh_runners(spec)
 
@@ -53,7 +55,7 @@ def provision_hosts(spec, *, admin_user: str = "root", dry_run: bool = False, gp
         return c if admin_user == "root" else sudo(c)
 
     def work(runner: Runner, host: HostSpec, cancel) -> InitVmReport:
-        result = runner.run(api_cmd if placement.api_on(host.name) else cmd, timeout=1800)
+        result = runner.run(init_cmd(host), timeout=1800)
         report = parse_init_vm(result.stdout)
         for name, wanted in ray_firewall(placement, host):  # check, then act
             if firewall.is_current(runner.run(admin(firewall.show(name)), check=False).stdout, wanted):
