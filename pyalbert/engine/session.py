@@ -106,7 +106,7 @@ class HostSession:
                 return
             self.cancel.wait(0.1)
         raise NotReady(f"host {self.name}: {u.name} does not listen on port {u.port} after "
-                       f"{timeout:g}s. Logs:\n{self.tail(u)}")
+                       f"{timeout:g}s.\nLogs:\n{self.tail(u)}")
 
     def wait_ready(self, u: Unit, *, quiet: bool = False, poll_s: float | None = None) -> None:
         """``/health`` is 200 then ``/v1/models`` lists the model; refused/503 are waited out.
@@ -136,7 +136,7 @@ class HostSession:
                 raise NotReady(
                     f"host {self.name}: {u.name} was not ready after {self.hp.ready_timeout_s:g}s "
                     f"({last}). Fix: read the log lines below; raise deploy.ready_timeout_s if the "
-                    f"model only loads slowly. Last log lines:\n{self.tail(u)}")
+                    f"model only loads slowly.\nLast log lines:\n{self.tail(u)}")
             if not quiet:
                 self.cancel.wait(poll)
             else:
@@ -180,5 +180,5 @@ class HostSession:
     def _refuse_crash_loop(self, u: Unit) -> None:
         running, restarts = facts.running_and_restarts(self.r, self.rt, u)
         if not running or restarts > 0:
-            raise NotReady(f"host {self.name}: {u.name} exited before it was ready. "
+            raise NotReady(f"host {self.name}: {u.name} exited before it was ready.\n"
                            f"Last log lines:\n{self.tail(u)}")

@@ -126,3 +126,26 @@ def test_a_rollback_restores_the_group_node_before_the_server_on_it():
     HostDeploy._roll_back(host, AlbertError("the server did not start"))
     assert done == ["node", "edge reload", "server", "api colour"]
     assert host.result.status == "rolled back" and host.undo == []
+
+
+def test_a_host_failing_before_ready_gives_its_group_the_reason_not_a_log_header(monkeypatch):
+    """The other hosts of the group quote the first line of the failed host's error: that line
+    is the reason (the server exited), the log lines come after it and are not cut to a bare
+    'Last log lines:'."""
+    from pyalbert.engine import session as session_mod
+    from pyalbert.engine.session import HostSession, NotReady
+
+    s = HostSession.__new__(HostSession)
+    s.name, s.rt = "head", None
+    s.r = SimpleNamespace(run=lambda cmd, check=False: SimpleNamespace(
+        stdout="loading\nValueError: no GPU left\n", known=True))
+    monkeypatch.setattr(session_mod.facts, "running_and_restarts", lambda r, rt, u: (False, 0))
+    with pytest.raises(NotReady) as err:
+        s._refuse_crash_loop(unit("albert-s-vllm-big", "vllm"))
+    assert str(err.value).splitlines()[-1] == "    ValueError: no GPU left"
+
+    gate = GroupGate({"g": frozenset({"head", "worker"})})
+    gate.failed("head", str(err.value))
+    with pytest.raises(AlbertError) as rolled:
+        gate.wait_all("worker", threading.Event())
+    assert "(host head: albert-s-vllm-big exited before it was ready.)" in str(rolled.value)
