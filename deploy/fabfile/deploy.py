@@ -51,6 +51,12 @@ def _runners(spec):
     return ssh_runners(spec, SshMaterial.from_environ(spec.env.ssh))
 
 
+def _print_states(states: dict[str, str]) -> None:
+    """One line per host: what the task left there."""
+    for host, state in states.items():
+        print(f"{host}: {state}")
+
+
 _ENV = {"env": "environment name (config/environments/NAME.toml)",
         "config-dir": "config folder (default: ./config or $ALBERT_CONFIG_DIR)"}
 
@@ -192,8 +198,7 @@ def unlock(c, env, config_dir=None):
     from pyalbert.engine.operations import unlock_env
 
     spec = _spec(env, config_dir)
-    for host, state in unlock_env(spec, _runners(spec)).items():
-        print(f"{host}: {state}")
+    _print_states(unlock_env(spec, _runners(spec)))
 
 
 @task(name="link-gpu", help=_ENV)
@@ -203,8 +208,7 @@ def link_gpu(c, env, config_dir=None):
     from pyalbert.engine.gpu_lease import link_gpu_env as link
 
     spec = _spec(env, config_dir)
-    for host, state in link(spec, _runners(spec), ctx=_ctx()).items():
-        print(f"{host}: {state}")
+    _print_states(link(spec, _runners(spec), ctx=_ctx()))
 
 
 @task(name="unlink-gpu", help=_ENV)
@@ -214,8 +218,7 @@ def unlink_gpu(c, env, config_dir=None):
     from pyalbert.engine.gpu_lease import unlink_gpu_env as unlink
 
     spec = _spec(env, config_dir)
-    for host, state in unlink(spec, _runners(spec), ctx=_ctx()).items():
-        print(f"{host}: {state}")
+    _print_states(unlink(spec, _runners(spec), ctx=_ctx()))
 
 
 @task(help=_ENV)
