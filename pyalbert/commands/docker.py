@@ -43,13 +43,16 @@ def run(
     entrypoint: str | None = None,
     user: str | Raw | None = None,
     pid: str | None = None,
+    init: bool = False,
 ) -> Cmd:
     """``docker run -d --name NAME ...``: secrets only through ``--env-file`` (never ``-e``).
 
-    ``pid``: ``--pid`` (``container:OTHER``: see OTHER's processes, as a Ray driver must)."""
+    ``pid``: ``--pid`` (``container:OTHER``: see OTHER's processes, as a Ray driver must);
+    ``init``: docker's init (tini) is the container's PID 1, reaping the zombies of its namespace."""
     return Cmd.of(
         "docker", "run", "-d", "--name", name,
         ("--restart", restart) if restart else None,
+        "--init" if init else None,
         "--ipc=host" if ipc_host else None,
         ("--network", network) if network else None,
         ("--pid", pid) if pid else None,
@@ -63,6 +66,19 @@ def run(
         image,
         list(command),
     )
+
+
+#: what a PID-namespace holder runs: nothing, for ever (coreutils' sleep: in every vLLM image)
+HOLD = ("sleep", "infinity")
+
+
+def pid_holder(name: str, image: str, *, labels: Mapping[str, str] | None = None) -> Cmd:
+    """A container that only holds a PID namespace for others to join (``--pid container:NAME``),
+    as a Kubernetes pod's pause container: docker's init as PID 1 (it reaps what the joiners
+    orphan) running :data:`HOLD`, no network, restarted like every unit. Joined containers keep
+    the namespace when one of them dies, so docker can restart that one into it."""
+    return run(name, image, HOLD[1:], entrypoint=HOLD[0], network="none", init=True,
+               labels=labels)
 
 
 def kill_signal(name: str, sig: str = "HUP") -> Cmd:

@@ -25,6 +25,17 @@ from pyalbert.errors import AlbertError
 from pyalbert.runtimes import facts
 from pyalbert.runtimes.base import ApiSwap, Unit
 
+#: undone first, in this order: a group's PID-namespace holder (docker), then its Ray node, then
+#: the rest in reverse. A node restored after the server on it: the server started on the failed
+#: release's node and died; a holder restored after its node: the node joined the failed
+#: release's holder (``--pid container:`` is pinned at create) and died with it.
+UNDO_FIRST = ("ray-pid", "ray")
+
+
+def undo_rank(step: Callable[[], None]) -> int:
+    service = getattr(step, "service", None)
+    return UNDO_FIRST.index(service) if service in UNDO_FIRST else len(UNDO_FIRST)
+
 
 class HostDeploy(HostSession):
     """Everything one host does in one deploy or rollback."""
@@ -235,7 +246,7 @@ class HostDeploy(HostSession):
                 self.r.run(old.start, check=False)
                 self.wait_ready(old, quiet=True)
 
-        undo.ray_node = u.service == "ray"  # type: ignore[attr-defined]  # see _roll_back
+        undo.service = u.service  # type: ignore[attr-defined]  # see _roll_back
         self.undo.append(undo)
         self.r.run(u.stop)
         for f in u.files:
@@ -330,9 +341,7 @@ class HostDeploy(HostSession):
         why = "interrupted (Ctrl-C)" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         self.say(f"{why}; rolling back {len(self.undo)} unit(s) to the previous release", "yellow")
         broken: list[str] = []
-        # a group's Ray node before the server on it: a server restored first starts on the failed
-        # release's node (docker: joins that node container's PID namespace for good) and dies
-        for step in sorted(reversed(self.undo), key=lambda s: not getattr(s, "ray_node", False)):
+        for step in sorted(reversed(self.undo), key=undo_rank):
             try:
                 step()  # each waits until the previous release's unit is ready again
             except Exception as err:  # noqa: BLE001 - keep undoing the others

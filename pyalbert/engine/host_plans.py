@@ -80,7 +80,7 @@ def deploy_plans(placement: Placement, inputs: DeployInputs, runtime: Runtime | 
             for group in placement.groups_on(host.name):  # Ray nodes first: vLLM joins them
                 if inputs.model and group.model_id != inputs.model:
                     continue
-                units.append(runtime.ray_unit(group, placement, host, inputs))
+                units += runtime.group_units(group, placement, host, inputs)
                 checks += ray_units.node_checks(group, host)
             for inst in placement.vllm_on(host.name):
                 if inputs.model and inst.model_id != inputs.model:
@@ -200,8 +200,8 @@ def _recorded_ready(u: Unit) -> dict:
     if isinstance(u.ready, ClusterReady):
         return {"ready_ray": {"address": u.ready.address, "nodes": u.ready.nodes,
                               "ray": list(u.ready.ray)}}
-    if u.ready is None:
-        return {}
+    if u.ready is None:  # ready once started (a group's PID-namespace holder)
+        return {"ready": None}
     return {"ready_host": u.ready.host, "ready_header": u.ready.header_file,
             **({"ready_path": u.ready.path} if u.ready.path != "/health" else {})}
 
@@ -222,6 +222,9 @@ def units_from_manifest(data: Mapping, runtime: Runtime | None = None) -> list[U
             assert edge is not None, "an api entry follows its edge"
             out.append(ApiSwap(edge=edge, colours=colours, upstream_file=u["upstream_file"],
                                read_upstream=api_cmd.read_upstream(u["upstream_file"])))
+            continue
+        if "ready" in u and u["ready"] is None:
+            out.append(_recorded_unit(u, runtime, None))
             continue
         if "ready_ray" in u:
             ray = u["ready_ray"]
@@ -271,11 +274,13 @@ def _recorded_reload(r: Mapping | None) -> Reload | None:
 
 
 def orphans(running: Sequence[Mapping[str, str]], hp: HostPlan) -> list[str]:
-    """Pure: containers of this env on the host that the plan no longer names."""
+    """Pure: containers of this env on the host that the plan no longer names, a group's
+    PID-namespace holder after the others (stopped first, it would kill what joined it)."""
     if not hp.remove_orphans:
         return []
     keep = hp.names()
-    return sorted(r["name"] for r in running if r["name"] not in keep)
+    gone = [r for r in running if r["name"] not in keep]
+    return [r["name"] for r in sorted(gone, key=lambda r: (r.get("service") == "ray-pid", r["name"]))]
 
 
 def release_id(now_utc: str, plans_material: object) -> str:

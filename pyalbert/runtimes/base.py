@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from pyalbert.runtimes.checks import Check
     from pyalbert.runtimes.slots import VllmSlots
 
-ServiceName = Literal["vllm", "api", "edge", "prometheus", "ray"]
+ServiceName = Literal["vllm", "api", "edge", "prometheus", "ray", "ray-pid"]
 
 
 def config_hash(material: Mapping[str, object]) -> str:
@@ -152,6 +152,10 @@ class Runtime(Protocol):
 
     def ray_unit(self, group: RayGroup, placement: Placement, host: HostSpec,
                  inputs: DeployInputs) -> Unit: ...
+
+    #: the group's units on ``host`` in start order (its Ray node, after what the node needs)
+    def group_units(self, group: RayGroup, placement: Placement, host: HostSpec,
+                    inputs: DeployInputs) -> list[Unit]: ...
 
     def probe(self, name: str) -> Cmd: ...
 

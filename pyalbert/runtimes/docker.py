@@ -39,12 +39,17 @@ def session_volume(group: RayGroup, host: HostSpec) -> str:
     containers that mount it.
 
     vLLM on the head is a driver of the head's node: ``ray.init`` finds the node's raylet among
-    the processes it can see (its container shares the node container's PID namespace) and
+    the processes it can see (both containers join the group's :meth:`DockerRuntime.pid_holder`) and
     connects to the raylet's and object store's unix sockets in this folder; without either it
     fails (``No node info found matching attributes``).
     """
     temp = group.temp_dir(host)
     return f"{temp}:{temp}"
+
+
+def pid_holder_name(group: RayGroup) -> str:
+    """The container holding the PID namespace that the head's node and vLLM containers join."""
+    return f"{group.unit_name()}-pid"
 
 
 class DockerRuntime:
@@ -65,10 +70,11 @@ class DockerRuntime:
             env, inst, inputs, {"VLLM_CACHE_ROOT": vllm_cache.IN_CONTAINER, **ray_units.vllm_env(inst)}))
         cache = vllm_cache.docker_tree(env.storage_dir, env.images.vllm)
         head = ray_units.node_cmd(inst.group, inst.host, self.ray_bin(env)).render() if split else None
+        holder = self.pid_holder(inst.group, placement, inputs) if split else None
         digest = config_hash({"image": env.images.vllm, "args": args, "port": inst.port,
                               "gpus": list(inst.gpu_ids), "storage": env.storage_dir,
                               "env": hashed_environ(environ), "cache": cache,
-                              **({"ray_head": head} if head else {})})
+                              **({"ray_head": head, "pid": holder.config_hash} if holder else {})})
         file = env_file(release_dir, inst, inputs, environ)
         start = combine(vllm_cache.ensure(cache), docker.run(
             inst.name, env.images.vllm, args, network="host" if split else None,
@@ -78,7 +84,7 @@ class DockerRuntime:
                      f"{cache}:{vllm_cache.IN_CONTAINER}",
                      *([session_volume(inst.group, inst.host)] if split else [])],
             env_file=file.path, gpu_ids=inst.gpu_ids, ipc_host=True,
-            pid=f"container:{inst.group.unit_name()}" if split else None,
+            pid=f"container:{holder.name}" if holder else None,
             labels=labels(env.name, "vllm", inst.model_id, inputs.release_id, digest),
         ))
         unit = Unit(
@@ -94,20 +100,47 @@ class DockerRuntime:
     def ray_bin(env: EnvironmentSpec) -> str:
         return env.ray.executable or "ray"
 
+    def group_units(self, group: RayGroup, placement: Placement, host: HostSpec,
+                    inputs: DeployInputs) -> list[Unit]:
+        """The group's units on ``host`` in start order: on the head the PID-namespace holder
+        (:meth:`pid_holder`) then the node, on a worker the node."""
+        node = self.ray_unit(group, placement, host, inputs)
+        return [self.pid_holder(group, placement, inputs), node] if group.is_head(host) else [node]
+
+    def pid_holder(self, group: RayGroup, placement: Placement, inputs: DeployInputs) -> Unit:
+        """The head's PID namespace, held by a container of its own that the head's node and vLLM
+        containers join. vLLM must see its node's raylet, and ``--pid container:X`` is pinned
+        to X's container: joined to the node itself, the server died with a node that crashed
+        and docker could not restart it into the restarted node. Its config hash covers only its
+        image and command (a new one restarts the node and vLLM: both hash it)."""
+        env = placement.spec.env
+        name = pid_holder_name(group)
+        digest = config_hash({"image": env.images.vllm, "command": list(docker.HOLD),
+                              "init": True, "network": "none"})
+        start = docker.pid_holder(name, env.images.vllm, labels=labels(
+            env.name, "ray-pid", group.model_id, inputs.release_id, digest))
+        return Unit(name=name, service="ray-pid", config_hash=digest, start=start,
+                    stop=docker.stop(name, 5), probe=docker.inspect_state(name),
+                    logs=docker.logs(name, 40), ready=None, model_id=group.model_id)
+
     def ray_unit(self, group: RayGroup, placement: Placement, host: HostSpec,
                  inputs: DeployInputs) -> Unit:
         """The group's Ray node on ``host``: a container of the vLLM image (the same Ray and vLLM
         everywhere) on the host's network, the weights mounted where the head's vLLM names them,
-        its session folder on the host (:func:`session_volume`)."""
+        its session folder on the host (:func:`session_volume`); the head's in its group's PID
+        namespace (:meth:`pid_holder`)."""
         env = placement.spec.env
         name = group.unit_name()
         tokens = [str(t) for t in ray_units.node_cmd(group, host, self.ray_bin(env)).tokens]
         volumes = [f"{env.storage_dir}/{group.model_id}:{MODEL_MOUNT}/{group.model_id}:ro",
                    session_volume(group, host)]
+        holder = self.pid_holder(group, placement, inputs) if group.is_head(host) else None
         digest = config_hash({"image": env.images.vllm, "args": tokens, "volumes": volumes,
-                              "gpus": host.gpus, "network": "host"})
+                              "gpus": host.gpus, "network": "host",
+                              **({"pid": holder.config_hash} if holder else {})})
         start = docker.run(name, env.images.vllm, tokens[1:], entrypoint=tokens[0], network="host",
                            volumes=volumes, gpu_ids=tuple(range(host.gpus)), ipc_host=True,
+                           pid=f"container:{holder.name}" if holder else None,
                            labels=labels(env.name, "ray", group.model_id, inputs.release_id, digest))
         return Unit(name=name, service="ray", config_hash=digest, start=start,
                     stop=docker.stop(name, 30), probe=docker.inspect_state(name),
@@ -121,16 +154,18 @@ class DockerRuntime:
         env = placement.spec.env
         upstream = f"{edge_dir(env)}/upstream"
         api = api_files(env, placement, inputs, release_dir)
+        sockets = api_cmd.sockets_dir(edge_dir(env))  # the front door's way in, same path inside
         serve = api_cmd.serve_args(env.name, env.api.port, keys=api.keys,
                                    whitelist=env.whitelist.configured, workers=env.api.workers,
                                    upstream_key=api.upstream_key, host="127.0.0.1",
-                                   routes=routes.IN_CONTAINER)
+                                   routes=routes.IN_CONTAINER, uds=sockets)
         digest = config_hash({"image": env.images.api, "args": serve, "port": env.api.port,
                               "network": "host", "files": api.material(release_dir)})
         into = api_cmd.IN_CONTAINER
         volumes = [f"{release_dir}/backends.json:{into}/backends.json:ro",
                    f"{release_dir}/config:{into}/config:ro",
-                   f"{routes.routes_dir(env.deploy.base_dir, env.name)}:{routes.IN_CONTAINER}:ro"]
+                   f"{routes.routes_dir(env.deploy.base_dir, env.name)}:{routes.IN_CONTAINER}:ro",
+                   f"{sockets}:{sockets}"]
         if api.keys:
             volumes.append(f"{release_dir}/keys.json:{into}/keys.json:ro")
         if api.upstream_key:
@@ -145,12 +180,14 @@ class DockerRuntime:
             args = api_cmd.serve_args(env.name, spare, keys=api.keys,
                                       whitelist=env.whitelist.configured, workers=env.api.workers,
                                       upstream_key=api.upstream_key, host="127.0.0.1",
-                                      routes=routes.IN_CONTAINER)
-            start = docker.run(
+                                      routes=routes.IN_CONTAINER,
+                                      uds=api_cmd.socket_path(edge_dir(env), colour))
+            # made by the deploy user before docker would make a missing one root's
+            start = combine(Cmd.of("mkdir", "-p", sockets), docker.run(
                 name, env.images.api, args[1:], entrypoint=args[0], network="host", volumes=volumes,
                 user=docker.AS_DEPLOY_USER,
                 labels=labels(env.name, "api", colour, inputs.release_id, digest),
-            )
+            ))
             colours[colour] = Unit(
                 name=name, service="api", config_hash=digest, start=start,
                 stop=docker.stop(name), probe=docker.inspect_state(name),

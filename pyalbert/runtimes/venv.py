@@ -115,6 +115,11 @@ class VenvRuntime:
                     warm_probe=vllm_cache.has_compiled(cache))
         return unit, [file]
 
+    def group_units(self, group: RayGroup, placement: Placement, host: HostSpec,
+                    inputs: DeployInputs) -> list[Unit]:
+        """The group's node (the head's processes share the host's PID namespace already)."""
+        return [self.ray_unit(group, placement, host, inputs)]
+
     def ray_unit(self, group: RayGroup, placement: Placement, host: HostSpec,
                  inputs: DeployInputs) -> Unit:
         """The group's Ray node on ``host`` under the supervisor (restarted when it dies)."""

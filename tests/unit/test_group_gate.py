@@ -105,26 +105,28 @@ def test_a_group_of_one_host_is_no_group():
     assert GroupGate({"g": frozenset({"a"})}).members == {}
 
 
-def test_a_rollback_restores_the_group_node_before_the_server_on_it():
-    """Deployed in order (node, then the server on it), undone in reverse, but a Ray node's undo
-    first: the previous server starts on the previous node, never on the failed release's."""
+def test_a_rollback_restores_the_group_holder_then_node_before_the_server_on_it():
+    """Deployed in order (the PID-namespace holder, the node, then the server on it), undone in
+    reverse, but the holder's undo first, then the node's: the previous node joins the previous
+    holder and the previous server starts on the previous node, never on the failed release's."""
     from pyalbert.engine.host import HostDeploy
 
     done: list[str] = []
 
-    def step(name: str, ray_node: bool = False):
+    def step(name: str, service: str | None = None):
         def undo() -> None:
             done.append(name)
-        undo.ray_node = ray_node
+        if service:
+            undo.service = service
         return undo
 
     said: list[str] = []
     host = SimpleNamespace(name="head", say=lambda text, style="": said.append(text),
                            result=SimpleNamespace(status=""), prev_id="r1",
-                           undo=[step("api colour"), step("node", ray_node=True), step("server"),
-                                 step("edge reload")])
+                           undo=[step("api colour", "api"), step("holder", "ray-pid"),
+                                 step("node", "ray"), step("server", "vllm"), step("edge reload")])
     HostDeploy._roll_back(host, AlbertError("the server did not start"))
-    assert done == ["node", "edge reload", "server", "api colour"]
+    assert done == ["holder", "node", "edge reload", "server", "api colour"]
     assert host.result.status == "rolled back" and host.undo == []
 
 

@@ -127,7 +127,7 @@ def test_docker_nodes_are_containers_of_the_vllm_image_on_the_hosts_network(conf
     assert "ray start --address 10.1.0.1:46379" in text
     assert node.ready == ray.ClusterReady("10.1.0.1:46379", 2,
                                           ("docker", "exec", "albert-test-ray-ab", "ray"))
-    vllm = units(hps["gpu-a"])[1].start.render()
+    vllm = units(hps["gpu-a"])[2].start.render()
     assert "--network host" in vllm and " -p 127.0.0.1" not in vllm
     assert "--host 127.0.0.1" in vllm and "--distributed-executor-backend ray" in vllm
 
@@ -137,11 +137,68 @@ def test_docker_vllm_on_the_head_is_a_driver_of_the_head_node(config_factory):
     unix sockets in the node's session folder: the server's container shares both with the
     head's node container (else ray.init: 'No node info found matching attributes')."""
     hps = plans(config_factory, "docker")
-    node, vllm = (u.start.render() for u in units(hps["gpu-a"]))
+    _, node, vllm = (u.start.render() for u in units(hps["gpu-a"]))
     session = "-v /tmp/ray-test-gpu-a:/tmp/ray-test-gpu-a "
     assert session in node and "--temp-dir /tmp/ray-test-gpu-a " in node
-    assert "--pid container:albert-test-ray-ab " in vllm and session in vllm
-    assert "--pid" not in node
+    assert session in vllm
+
+
+def test_docker_head_node_and_vllm_join_the_groups_pid_namespace_holder(config_factory):
+    """The head's PID namespace is held by a container of its own, started before the node, and
+    both the node and the server join it: a crashed node restarts into it and so does the server
+    (joined to the node itself, the server could never be restarted: issue 17). A worker's node
+    keeps its own namespace."""
+    hps = plans(config_factory, "docker")
+    head, worker = units(hps["gpu-a"]), units(hps["gpu-b"])
+    assert [(u.name, u.service) for u in head] == [
+        ("albert-test-ray-ab-pid", "ray-pid"), ("albert-test-ray-ab", "ray"),
+        ("albert-test-vllm-llama", "vllm")]
+    holder, node, vllm = head
+    assert holder.start.render() == (
+        "docker run -d --name albert-test-ray-ab-pid --restart unless-stopped --init "
+        "--network none --label albert.env=test --label albert.service=ray-pid "
+        "--label albert.model=llama --label albert.release=20260101-000000-abcdef "
+        f"--label albert.config-hash={holder.config_hash} --entrypoint sleep "
+        "vllm/vllm-openai:v0.6.3 infinity")
+    assert holder.ready is None and holder.stop.render().startswith("{ docker stop -t 5 ")
+    for joined in (node, vllm):
+        assert " --pid container:albert-test-ray-ab-pid " in joined.start.render()
+    assert [u.name for u in worker] == ["albert-test-ray-ab"]
+    assert "--pid" not in worker[0].start.render()
+
+
+def test_only_a_new_holder_restarts_the_holder_and_a_new_holder_restarts_node_and_server(
+        config_factory):
+    """A change of the node or the server keeps the holder (restarting it would kill both); a new
+    image is a new holder, and then a new node and server (they joined the old one)."""
+    before = {u.name: u.config_hash for u in units(plans(config_factory, "docker")["gpu-a"])}
+    config_factory.env(ENV.format(runtime="docker").replace('interface = "priv0"', 'num_cpus = 4'))
+    spec = load_spec("test", config_factory.root)
+    hp = deploy_plans(spec.placement, DeployInputs(release_id="r2", service="vllm"))[0]
+    changed = {u.name for u in units(hp) if before[u.name] != u.config_hash}
+    assert changed == {"albert-test-ray-ab", "albert-test-vllm-llama"}
+    config_factory.env(ENV.format(runtime="docker").replace(
+        "[deploy]", '[images]\nvllm = "vllm/vllm-openai:v0.7.0"\n\n[deploy]'))
+    spec = load_spec("test", config_factory.root)
+    hp = deploy_plans(spec.placement, DeployInputs(release_id="r3", service="vllm"))[0]
+    assert all(before[u.name] != u.config_hash for u in units(hp))
+
+
+def test_the_holder_is_recorded_ready_once_started_and_is_removed_after_what_joined_it(
+        config_factory):
+    from pyalbert.engine.host_plans import orphans
+
+    hp = plans(config_factory, "docker", service="all")["gpu-a"]
+    doc = manifest(hp, {}, who="t", when="now", previous=None)
+    holder = units_from_manifest(doc, DockerRuntime())[0]
+    assert holder.name == "albert-test-ray-ab-pid" and holder.ready is None
+    assert holder.start.render() == hp.units[0].start.render()
+    running = [{"name": "albert-test-ray-old-pid", "service": "ray-pid"},
+               {"name": "albert-test-ray-old", "service": "ray"},
+               {"name": "albert-test-vllm-old", "service": "vllm"},
+               {"name": "albert-test-ray-ab-pid", "service": "ray-pid"}]
+    assert orphans(running, hp) == ["albert-test-ray-old", "albert-test-vllm-old",
+                                    "albert-test-ray-old-pid"]
 
 
 def test_docker_model_on_one_host_keeps_its_own_pid_namespace(config_factory):
