@@ -81,15 +81,17 @@ class Ctx:
 
 
 def client_address(scope: dict) -> str | None:
-    """The client as the front door saw it: HAProxy on this host overwrites X-Forwarded-For with
-    the address it accepted; trusted only from a loopback peer (the gateway binds 127.0.0.1)."""
+    """The client as the front door saw it. HAProxy overwrites X-Forwarded-For with the address
+    it accepted and reaches the gateway over its unix socket (``--uds``, mode 0600): a connection
+    there has no peer address (``client`` is None) and its X-Forwarded-For is trusted. On the TCP
+    port the peer is the client itself: its X-Forwarded-For is never read."""
     client = scope.get("client")
-    peer = client[0] if client else None
-    if peer in ("127.0.0.1", "::1"):
-        for name, value in scope.get("headers", ()):
-            if name == b"x-forwarded-for":
-                return value.decode("latin-1").rsplit(",", 1)[-1].strip() or peer
-    return peer
+    if client:
+        return client[0]
+    for name, value in scope.get("headers", ()):
+        if name == b"x-forwarded-for":
+            return value.decode("latin-1").rsplit(",", 1)[-1].strip() or None
+    return None
 
 
 class Gateway:

@@ -27,6 +27,8 @@ class GatewaySettings:
     env: str = "local"
     host: str = "0.0.0.0"
     port: int = 8080
+    #: a unix socket served beside the port: the front door's way in (X-Forwarded-For trusted there)
+    uds: str | None = None
     workers: int = 1
     whitelist_mode: str = "off"
     whitelist_path: str | None = None

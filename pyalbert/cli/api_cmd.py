@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     common_env(parser, required=False)
     parser.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=None, help="port (default: api.port)")
+    parser.add_argument("--uds", default=None, metavar="PATH",
+                        help="also listen on this unix socket (the front door's; its "
+                             "X-Forwarded-For is trusted, never the TCP port's)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: api.workers)")
     parser.add_argument("--backends", default=None, metavar="JSON|FILE",
                         help='routing override: {"model id": ["http://host:port", ...]}')
@@ -49,7 +52,7 @@ def settings_from_args(args: argparse.Namespace):
 
     backends = parse_backends(args.backends) if args.backends else None
     overrides = {
-        "host": args.host, "port": args.port, "workers": args.workers,
+        "host": args.host, "port": args.port, "uds": args.uds, "workers": args.workers,
         "whitelist_mode": args.whitelist_mode,
         "whitelist_path": str(Path(args.whitelist)) if args.whitelist else None,
         "keys_path": args.keys,

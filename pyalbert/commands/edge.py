@@ -54,8 +54,8 @@ class EdgeConfig:
 
     env: str
     port: int
-    #: (server name, 127.0.0.1 port): the colours
-    servers: tuple[tuple[str, int], ...]
+    #: (server name, HAProxy address): the colours, ``unix@<socket>`` (or ``127.0.0.1:<port>``)
+    servers: tuple[tuple[str, str], ...]
     socket: str
     state_file: str
     address: str = "0.0.0.0"

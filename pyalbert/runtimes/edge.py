@@ -10,7 +10,9 @@ only when its own command or image changes. Before anything changes, the preflig
 
 venv runtime: the host's ``/usr/sbin/haproxy`` (Debian's package) under ``albert supervise``;
 docker runtime: ``images.edge`` with ``--network host``, as the deploy user. The stats socket and
-the servers' state live in ``<base>/edge-<env>/`` (the blue/green switch: :mod:`pyalbert.commands.edge`).
+the servers' state live in ``<base>/edge-<env>/`` (the blue/green switch: :mod:`pyalbert.commands.edge`),
+the colours' unix sockets in its ``sockets/`` (HAProxy's servers are ``unix@`` there; docker: the
+same folder is mounted at the same path into the edge and both api containers).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def renew_now(env: EnvironmentSpec, runtime: str) -> Cmd:
 def edge_config(env: EnvironmentSpec, folder: str, scratch: bool = False) -> edge_cmd.EdgeConfig:
     """The config HAProxy reads from ``folder`` (``scratch``: the check's own socket and state)."""
     place = folder if scratch else edge_dir(env)
-    servers = tuple((c, api_cmd.spare_port(env.api.port, c)) for c in api_cmd.COLOURS)
+    servers = tuple((c, f"unix@{api_cmd.socket_path(edge_dir(env), c)}") for c in api_cmd.COLOURS)
     tls, auto = env.edge.tls, env.edge.tls == "acme"
     pem = {"file": f"{folder}/{CERT}", "acme": f"{place}/{ACME_PEM}"}.get(tls)
     return edge_cmd.EdgeConfig(
@@ -222,6 +224,6 @@ def acme_volumes(env: EnvironmentSpec) -> list[str]:
 def point_at(env: EnvironmentSpec, release_dir: str) -> Cmd:
     """Point :func:`config_link` at ``release_dir``'s edge files atomically (symlink + rename)."""
     link = config_link(env)
-    return combine(Cmd.of("mkdir", "-p", edge_dir(env)),
+    return combine(Cmd.of("mkdir", "-p", edge_dir(env), api_cmd.sockets_dir(edge_dir(env))),
                    Cmd.of("ln", "-sfn", f"{release_dir}/edge", f"{link}.tmp"),
                    Cmd.of("mv", "-Tf", f"{link}.tmp", link))

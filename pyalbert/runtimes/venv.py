@@ -153,10 +153,12 @@ class VenvRuntime:
                     *(["--upstream-key", f"{release_dir}/upstream.key"] if api.upstream_key else []),
                     *(["--whitelist", api.whitelist] if api.whitelist else []),
                     "--routes", routes.routes_dir(env.deploy.base_dir, env.name),
-                    "--host", "127.0.0.1", "--port", str(spare), "--workers", str(env.api.workers)]
+                    "--host", "127.0.0.1", "--port", str(spare),
+                    "--uds", (uds := api_cmd.socket_path(edge_dir(env), colour)),
+                    "--workers", str(env.api.workers)]
             # what runs, not where: the same for both colours and for every release dir
             digest = config_hash({**material, "argv": [a.replace(release_dir, "<release>")
-                                                       for a in argv if a != str(spare)]})
+                                                       for a in argv if a not in (str(spare), uds)]})
             colours[colour] = Unit(
                 name=name, service="api", config_hash=digest,
                 start=process.start(self.albert, self.state, name, argv,

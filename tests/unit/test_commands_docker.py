@@ -187,6 +187,9 @@ def test_api_builders():
         "albert", "api", "--env", "prod", "--config-dir", "/etc/albert/config",
         "--backends", "/etc/albert/backends.json", "--keys", "/etc/albert/keys.json",
         "--host", "0.0.0.0", "--port", "8080", "--workers", "2"]
+    assert api.serve_args("prod", 8080, keys=False, whitelist=False, uds="/e/sockets/blue.sock")[-7:] == [
+        "--host", "0.0.0.0", "--port", "8080", "--uds", "/e/sockets/blue.sock", "--workers", "1"][-7:]
+    assert api.socket_path("/srv/albert/edge-prod", "green") == "/srv/albert/edge-prod/sockets/green.sock"
 
 
 def test_spare_ports_stay_below_the_ephemeral_range():

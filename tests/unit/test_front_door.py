@@ -48,7 +48,9 @@ def test_plain_config_both_colours_limits_and_forwarded_for(config_factory):
     _, files, _ = unit(spec(config_factory))
     cfg = next(f.content for f in files if f.path.endswith("haproxy.cfg"))
     assert "    bind 0.0.0.0:8443\n" in cfg and " ssl " not in cfg
-    assert "server blue 127.0.0.1:24886 check" in cfg and "server green 127.0.0.1:24887 check" in cfg
+    # each colour on its unix socket (no loopback TCP), health-checked there
+    assert "server blue unix@/srv/albert/edge-test/sockets/blue.sock check inter 1s" in cfg
+    assert "server green unix@/srv/albert/edge-test/sockets/green.sock check inter 1s" in cfg
     assert "gt 2000000 }" in cfg and "tune.bufsize 33792" in cfg  # [api] limits at the door
     assert "http-request set-header X-Forwarded-For %[src]" in cfg  # overwritten, never appended
     assert "stats socket /srv/albert/edge-test/haproxy.sock mode 600 level admin" in cfg
@@ -68,6 +70,8 @@ def test_tls_config_h2_redirect_and_secret_certificate(config_factory):
     # a new certificate is a reload (files digest), never a restart (config hash)
     rotated, _, _ = unit(spec(config_factory, TLS), cert="NEW CERT")
     assert rotated.config_hash == edge.config_hash and rotated.reload.digest != edge.reload.digest
+    assert edge.start.render().startswith(
+        "mkdir -p /srv/albert/edge-test /srv/albert/edge-test/sockets && ln -sfn")
     assert edge.reload.apply.render().endswith(
         "/srv/albert/tools/bin/albert supervise signal albert-test-api USR2 --state-dir /srv/albert/run-test")
 
@@ -101,3 +105,19 @@ def test_haproxy_check_accepts_a_good_certificate_and_names_a_bad_one(config_fac
     verdict = bad.judge(run(bad), HOST)
     assert verdict is not None and verdict.startswith("haproxy refused the front door's config")
     assert "nothing was changed" in verdict and "ALBERT_TLS_CERT" in verdict
+
+
+
+def test_venv_colours_serve_their_socket_and_share_one_config_hash(config_factory):
+    from pyalbert.config import resolve_placement
+    from pyalbert.engine.host_plans import deploy_plans
+
+    config_factory.env('runtime = "venv"\n' + ENV)
+    config_factory.routing({"m": {"model": "org/m", "port": 8001}})
+    (plan,) = deploy_plans(resolve_placement(load_spec("test", config_factory.root)),
+                           DeployInputs(release_id="r1"))
+    swap = next(u for u in plan.units if hasattr(u, "colours"))
+    blue, green = swap.colours["blue"].start.render(), swap.colours["green"].start.render()
+    assert "--port 24886 --uds /srv/albert/edge-test/sockets/blue.sock --workers 1" in blue
+    assert "--port 24887 --uds /srv/albert/edge-test/sockets/green.sock --workers 1" in green
+    assert swap.colours["blue"].config_hash == swap.colours["green"].config_hash

@@ -101,12 +101,19 @@ def test_api_swap_colours_edge_and_files(plan):
     swap = cpu.units[0]
     blue, green = swap.colours["blue"], swap.colours["green"]
     assert (blue.port, green.port) == (24160, 24161)
-    assert "--network host" in blue.start.render() and " -p " not in blue.start.render()
+    run = blue.start.render().split(" && ", 1)[1]
+    assert "--network host" in run and " -p " not in run  # no port published
     assert "--entrypoint albert" in blue.start.render()
     assert blue.start.render().endswith(
         "api --env test --config-dir /etc/albert/config --backends /etc/albert/backends.json "
         "--keys /etc/albert/keys.json --routes /etc/albert-routes --host 127.0.0.1 --port 24160 "
-        "--workers 1")
+        "--uds /srv/albert/edge-test/sockets/blue.sock --workers 1")
+    # the colours' socket folder: made by the deploy user, mounted at the same path (the edge
+    # container mounts the whole edge folder)
+    assert blue.start.render().startswith("mkdir -p /srv/albert/edge-test/sockets && docker run")
+    assert "-v /srv/albert/edge-test/sockets:/srv/albert/edge-test/sockets " in blue.start.render()
+    assert "--uds /srv/albert/edge-test/sockets/green.sock" in green.start.render()
+    assert blue.config_hash == green.config_hash
     assert swap.edge.name == "albert-test-api"
     assert "--network host" in swap.edge.start.render()
     assert swap.edge.start.render().endswith(
@@ -122,7 +129,8 @@ def test_api_swap_colours_edge_and_files(plan):
     assert set(files) == {"backends.json", "keys.json", "config/environments/test.toml",
                           "config/llm_routing_table.json", "/srv/albert/routes-test/README",
                           "edge/haproxy.cfg", "edge/edge.sha"}
-    assert "server green 127.0.0.1:24161 check" in files["edge/haproxy.cfg"].content
+    assert ("server green unix@/srv/albert/edge-test/sockets/green.sock check"
+            in files["edge/haproxy.cfg"].content)
     assert files["keys.json"].secret and not files["backends.json"].secret
     assert json.loads(files["backends.json"].content) == {
         "small": ["http://10.0.0.1:8001"], "big": ["http://10.0.0.1:8002"]}

@@ -19,6 +19,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="albert api")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--uds", default=None)
     parser.add_argument("--backends", required=True)
     parser.add_argument("--upstream-key", default=None)
     parser.add_argument("--routes", default=None)
@@ -67,7 +68,7 @@ def main(argv=None):
                     errors.append(f"{url}: {exc}")
             return self.send_json(502, {"error": f"upstream: {'; '.join(errors)}"})
 
-    serve(ApiHandler, args.host, args.port, "fake albert api")
+    serve(ApiHandler, args.host, args.port, "fake albert api", uds=args.uds)
 
 
 def routes(folder, model) -> dict:

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import sys
@@ -32,19 +33,39 @@ class Server(ThreadingHTTPServer):
                         conn.shutdown(socket.SHUT_RDWR)
 
 
-def serve(handler, host, port, name):
-    server = Server((host, port), handler)
+class UnixServer(Server):
+    """The same server on a unix socket (the gateway's ``--uds``: the front door's way in)."""
+
+    address_family = socket.AF_UNIX
+
+    def server_bind(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.server_address)  # a stale socket of a stopped gateway
+        self.socket.bind(self.server_address)
+        os.chmod(self.server_address, 0o600)
+        self.server_name, self.server_port = "localhost", 0
+
+
+def serve(handler, host, port, name, uds=None):
+    servers = [Server((host, port), handler), *([UnixServer(uds, handler)] if uds else [])]
 
     def stop(signum, frame):
         print(f"{name}: SIGTERM, draining", flush=True)
-        server.close_idle()
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        for server in servers:
+            server.close_idle()
+            threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"{name}: listening on {host}:{port}", flush=True)
-    server.serve_forever(poll_interval=0.1)
-    server.server_close()
+    print(f"{name}: listening on {host}:{port}" + (f" and {uds}" if uds else ""), flush=True)
+    others = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1}) for s in servers[1:]]
+    for thread in others:
+        thread.start()
+    servers[0].serve_forever(poll_interval=0.1)
+    for thread in others:
+        thread.join()
+    for server in servers:
+        server.server_close()
     print(f"{name}: stopped", flush=True)
     sys.exit(0)
 
