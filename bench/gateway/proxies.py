@@ -10,8 +10,9 @@ reference. Each context manager yields (url, proxy pid).
 HAProxy variants, to measure a tuning before it goes into the template, side by side:
 ``haproxy@REV`` renders the template as it was at git revision REV (the "before" of a change),
 ``haproxy~TWEAK`` applies one of :data:`TWEAKS` to the rendered config (several: ``~a~b``); both
-combine with ``+tls``. ``~uds`` is not a config edit alone: the gateway listens on a unix socket
-(``gateway_uds.py``) and HAProxy's server is ``unix@`` that socket.
+combine with ``+tls``. HAProxy reaches its gateway as the deploy ships it: over the gateway's
+unix socket (``albert api --uds``, the server ``unix@`` that socket); ``~tcp`` is the same over
+loopback TCP (the gateway's port: what shipped before), for comparison.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ TWEAKS = {
 }
 
 
-#: ``haproxy~uds``: HAProxy reaches its gateway over a unix socket instead of loopback TCP
-UDS = "uds"
+#: ``haproxy~tcp``: HAProxy reaches its gateway over loopback TCP instead of its unix socket
+TCP = "tcp"
 
 
 def tweaks(target: str) -> list[str]:
@@ -68,7 +69,8 @@ def tweaks(target: str) -> list[str]:
 
 
 def uses_uds(target: str) -> bool:
-    return UDS in tweaks(target)
+    """HAProxy's targets reach the gateway over its unix socket, unless ``~tcp``."""
+    return base_name(target) == "haproxy" and TCP not in tweaks(target)
 
 
 def base_name(target: str) -> str:
@@ -81,26 +83,25 @@ def missing(name: str) -> str:
     binary = BINARIES.get(base_name(name))
     if binary and not shutil.which(binary):
         return f"{binary} not installed (./scripts/bootstrap installs it)"
-    unknown = [t for t in tweaks(name) if t not in TWEAKS and t != UDS]
+    unknown = [t for t in tweaks(name) if t not in TWEAKS and t != TCP]
     if unknown:
         return f"unknown tweak {', '.join(unknown)} (known: {', '.join(TWEAKS)})"
     return ""
 
 
-def haproxy_config(variant: str, config: edge.EdgeConfig, uds: Path | None = None) -> str:
-    """The config of ``variant`` (``@REV``: the template at that git revision; ``~TWEAK``...;
-    ``uds``: the gateway's unix socket, for ``~uds``)."""
+def haproxy_config(variant: str, config: edge.EdgeConfig) -> str:
+    """The config of ``variant`` (``@REV``: the template at that git revision; ``~TWEAK``...)."""
     rev = re.search(r"@([^~+]+)", variant)
     if rev:
         text = subprocess.run(["git", "show", f"{rev.group(1)}:pyalbert/templates/haproxy.cfg.j2"],
                               cwd=HERE, check=True, capture_output=True, text=True).stdout
-        cfg = _jinja().from_string(text).render(c=config)
+        # templates before the unix socket wrote "127.0.0.1:<port>" around the server's address
+        cfg = _jinja().from_string(text).render(c=config).replace("127.0.0.1:unix@", "unix@")
+        cfg = re.sub(r"127\.0\.0\.1:127\.0\.0\.1:", "127.0.0.1:", cfg)
     else:
         cfg = edge.render_config(config)
-    if uds is not None:
-        cfg = re.sub(r"(\n    server gateway )127\.0\.0\.1:\d+", rf"\g<1>unix@{uds}", cfg)
     for tweak in tweaks(variant):
-        if tweak == UDS:
+        if tweak == TCP:
             continue
         changed = TWEAKS[tweak](cfg)
         if changed == cfg:
@@ -111,10 +112,11 @@ def haproxy_config(variant: str, config: edge.EdgeConfig, uds: Path | None = Non
 
 def haproxy_argv(work: Path, port: int, upstream_port: int, ca: Path | None,
                  variant: str = "haproxy", uds: Path | None = None) -> list[str]:
-    config = edge.EdgeConfig(env="bench", port=port, servers=(("gateway", upstream_port),),
+    server = f"unix@{uds}" if uds else f"127.0.0.1:{upstream_port}"
+    config = edge.EdgeConfig(env="bench", port=port, servers=(("gateway", server),),
                              socket=str(work / "haproxy.sock"), state_file=str(work / "state"),
                              address="127.0.0.1", tls_pem=str(ca / "server.pem") if ca else None)
-    (work / "haproxy.cfg").write_text(haproxy_config(variant, config, uds))
+    (work / "haproxy.cfg").write_text(haproxy_config(variant, config))
     return edge.serve_argv(str(work / "haproxy.cfg"))
 
 

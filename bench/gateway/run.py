@@ -5,7 +5,8 @@
                                           [--whitelist-mode off|flag|redact]
     .venv/bin/python bench/gateway/run.py --targets direct,gateway,haproxy@REV,haproxy,haproxy~nodelay
                                           (a HAProxy tuning before/after: bench/gateway/proxies.py;
-                                          haproxy~uds: HAProxy to its gateway over a unix socket)
+                                          haproxy~tcp: HAProxy to its gateway over loopback TCP
+                                          instead of its unix socket, as shipped)
                                           [--rounds 3: the list measured 3 times in turn; the
                                           front-door CPU shares are medians over the rounds]
 
@@ -53,16 +54,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90, verify: str | bool = True,
-              uds: Path | None = None) -> None:
-    """Until ``url`` answers (``uds``: asked over that unix socket)."""
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90, verify: str | bool = True) -> None:
+    """Until ``url`` answers."""
     deadline = time.monotonic() + timeout
-    transport = httpx.HTTPTransport(uds=str(uds)) if uds else None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
         try:
-            with httpx.Client(transport=transport, verify=verify, timeout=1) as client:
+            with httpx.Client(verify=verify, timeout=1) as client:
                 if client.get(url).status_code < 500:
                     return
         except httpx.TransportError:
@@ -73,11 +72,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90, verify: str
 
 @contextmanager
 def process(argv: list[str], ready_url: str, env: dict | None = None, cwd: Path = REPO,
-            verify: str | bool = True, uds: Path | None = None):
+            verify: str | bool = True):
     proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_http(ready_url, proc, verify=verify, uds=uds)
+        wait_http(ready_url, proc, verify=verify)
         yield proc
     finally:
         proc.terminate()
@@ -123,19 +122,17 @@ def targets(upstream: str, workdir: Path, wanted: list[str], whitelist_mode: str
 
     @contextmanager
     def gateway(uds: Path | None = None):
-        """The gateway on a loopback port, or on the unix socket ``uds`` (gateway_uds.py)."""
+        """The gateway on a loopback port, and on the unix socket ``uds`` too (``--uds``)."""
         import hashlib
 
         keys = workdir / "keys.json"
         keys.write_text(json.dumps([{"name": "bench", "sha256": hashlib.sha256(key.encode()).hexdigest()}]))
         port = free_port()
-        start = [str(HERE / "gateway_uds.py")] if uds else ["-c", "from pyalbert.cli import run; run()"]
-        argv = [sys.executable, *start, "api",
+        argv = [sys.executable, "-c", "from pyalbert.cli import run; run()", "api",
                 "--backends", json.dumps({"fake": [upstream]}), "--keys", str(keys),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--whitelist-mode", whitelist_mode]
-        with process(argv, f"http://127.0.0.1:{port}/health", {"BENCH_UDS": str(uds)} if uds else None,
-                     uds=uds) as proc:
+                "--host", "127.0.0.1", "--port", str(port), *(["--uds", str(uds)] if uds else []),
+                "--workers", "1", "--whitelist-mode", whitelist_mode]
+        with process(argv, f"http://127.0.0.1:{port}/health") as proc:
             yield f"http://127.0.0.1:{port}", [proc.pid], key
 
     @contextmanager
