@@ -252,11 +252,13 @@ def median(values: list[float]) -> float:
 def front_doors(results: dict, rounds: dict) -> None:
     """Issue 16: what each proxy adds to the gateway, side by side, and its targets.
 
-    CPU per streamed request two ways, each the median over ``--rounds`` (min-max shown):
+    CPU per streamed request three ways, each the median over ``--rounds`` (min-max shown):
     ``own % gw`` is the proxy's process tree as a share of its own gateway's over the same
-    requests (one run, so a busy spell on the machine hits both); ``path +%`` is issue 16's
-    definition (its edge.py "+94%"): proxy + gateway behind it over the gateway alone, which
-    compares separate runs (noisier) and counts what the gateway saves or pays behind a proxy."""
+    requests (one run, so a busy spell on the machine hits both); ``% alone`` is the proxy's
+    over the gateway alone's (the gateway as clients reached it before there was a proxy);
+    ``path +%`` is issue 16's definition (its edge.py "+94%"): proxy + gateway behind it over
+    the gateway alone, which compares separate runs (noisier) and counts what the gateway saves
+    or pays behind a proxy (over a unix socket it pays less than on TCP)."""
     g = results.get("gateway", {})
     doors = [n for n in results if proxies.base_name(n) in proxies.PROXIES]
     if not g or not doors:
@@ -266,7 +268,7 @@ def front_doors(results: dict, rounds: dict) -> None:
              for tag in ("plain c=64", "stream c=64")}
     print("\n== front door (issue 16): what the proxy adds to the gateway ==")
     print(f"{'path':<14}{'+p50 c=1 ms':>12}{'proxy cpu/req':>14}{'own % gw':>9}{'proxy cpu/stream':>17}"
-          f"{'own % gw (min-max)':>20}{'path +%':>9}{'streams/s c=64':>15}")
+          f"{'own % gw (min-max)':>20}{'% alone':>9}{'path +%':>9}{'streams/s c=64':>15}")
 
     def shares(name: str, tag: str):
         """(proxy ms, own %, min %, max %, path +%) per request, medians over the rounds."""
@@ -276,7 +278,7 @@ def front_doors(results: dict, rounds: dict) -> None:
         return median([proxy for _, proxy in runs]), median(own), min(own), max(own), path
 
     print(f"{'gateway alone':<14}{'-':>12}{alone['plain c=64']:>14.3f}{'':>9}"
-          f"{alone['stream c=64']:>17.3f}{'':>20}{'':>9}{gs64['rps']:>15.0f}")
+          f"{alone['stream c=64']:>17.3f}{'':>20}{'':>9}{'':>9}{gs64['rps']:>15.0f}")
     checks = []
     for name in doors:
         r = results[name]
@@ -284,7 +286,8 @@ def front_doors(results: dict, rounds: dict) -> None:
         req, req_own, *_ = shares(name, "plain c=64")
         stream, own, low, high, path = shares(name, "stream c=64")
         print(f"{name:<14}{added:>12.3f}{req:>14.3f}{req_own:>8.0f}%{stream:>17.3f}"
-              f"{f'{own:.1f}% ({low:.0f}-{high:.0f})':>20}{path:>8.0f}%{r['stream c=64']['rps']:>15.0f}")
+              f"{f'{own:.1f}% ({low:.0f}-{high:.0f})':>20}{100 * stream / alone['stream c=64']:>8.1f}%"
+              f"{path:>8.0f}%{r['stream c=64']['rps']:>15.0f}")
         if name == "edge.py":
             continue
         if name.endswith("+tls"):
