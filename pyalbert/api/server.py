@@ -69,16 +69,17 @@ def bind_unix(path: str, backlog: int) -> socket.socket:
                               "remove it, or pass another --uds.")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # no moment where others could connect
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        sock.bind(path)
+        old_umask = os.umask(0o177)  # the socket file: no moment where others could connect
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
     except OSError as exc:
         sock.close()
         raise AlbertError(f"the gateway cannot listen on the unix socket {path} "
                           f"({exc.strerror}). Fix: make its folder writable by this user.") from None
-    finally:
-        os.umask(old_umask)
     os.chmod(path, UDS_MODE)
     sock.listen(backlog)
     sock.set_inheritable(True)

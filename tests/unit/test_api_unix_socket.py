@@ -57,9 +57,9 @@ def stop(proc: subprocess.Popen) -> str:
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
 def test_both_sockets_served_and_forwarded_for_trusted_on_the_unix_socket_only(tmp_path, workers):
-    uds = tmp_path / "sockets" / "blue.sock"  # its folder is made when missing
+    uds = tmp_path / "sockets" / "blue.sock"
     uds.parent.mkdir()
-    uds.parent.joinpath("blue.sock").touch()  # not a socket: refused, never deleted
+    uds.touch()  # not a socket: refused, never deleted
     proc = subprocess.run([sys.executable, "-c", "from pyalbert.cli import run; run()", "api",
                            "--backends", BACKENDS, "--no-auth", "--port", str(free_port()),
                            "--uds", str(uds)], capture_output=True, text=True, timeout=60)
@@ -93,6 +93,14 @@ def test_client_address_reads_forwarded_for_only_without_a_peer():
     assert client_address({"client": ("127.0.0.1", 5000), "headers": xff}) == "127.0.0.1"
     assert client_address({"client": ("10.0.0.5", 5000), "headers": xff}) == "10.0.0.5"
     assert client_address({"client": None, "headers": []}) is None
+
+
+def test_a_missing_folder_is_made_searchable_and_the_socket_private(tmp_path):
+    sock = bind_unix(str(tmp_path / "edge" / "sockets" / "green.sock"), 16)
+    sock.close()
+    for folder in (tmp_path / "edge", tmp_path / "edge" / "sockets"):
+        assert stat.S_IMODE(folder.stat().st_mode) & 0o700 == 0o700  # the user may enter it
+    assert stat.S_IMODE((tmp_path / "edge" / "sockets" / "green.sock").stat().st_mode) == 0o600
 
 
 def test_a_socket_where_no_folder_can_be_is_a_clear_error(tmp_path):
