@@ -305,7 +305,7 @@ class HostDeploy(HostSession):
         self.r.run(new.stop)
         self.r.run(new.start)
         self.wait_ready(new)
-        started = {swap.edge.name: self._switch_edge(swap, target, edge)}
+        started = {swap.edge.name: self._switch_edge(swap, target, edge, live)}
         self.undo.clear()  # the switch is done: the new api serves
         for k, c in swap.colours.items():
             if k != target:
@@ -314,17 +314,30 @@ class HostDeploy(HostSession):
         self.say(f"api switched to {target}", "green")
         return started
 
-    def _switch_edge(self, swap: ApiSwap, target: str, edge: facts.UnitState) -> str:
+    def _switch_edge(self, swap: ApiSwap, target: str, edge: facts.UnitState,
+                     live: str | None = None) -> str:
         """Switch the front door to ``target`` (HAProxy's runtime API: new requests go there at
         once, the old colour's finish); the front door is (re)started first when its own command
-        or image changed, reloaded when only its files did. Returns the release it runs from."""
-        if edge.running and edge.config_hash == swap.edge.config_hash:
-            if swap.edge.reload is not None and self._reads_other_files(swap.edge):
-                self._reload(swap.edge)
-                self.r.run(swap.switch(target))
-                return self.hp.release_id
-            self.r.run(swap.switch(target))
+        or image changed, reloaded when only its files did. Returns the release it runs from.
+
+        A front door that runs is switched first, before it reloads or restarts: its worker sends
+        new requests to ``target`` at once and saves that state, which the next worker loads
+        (server-state-file), so no worker of the new config ever routes to ``live`` (on the first
+        deploy of the gateway on its unix socket, ``live`` is older and listens on TCP alone). A
+        failure after that switch switches back to ``live`` before ``target`` stops (undo)."""
+        same = edge.running and edge.config_hash == swap.edge.config_hash
+        reload = same and swap.edge.reload is not None and self._reads_other_files(swap.edge)
+        if edge.running:  # checked when it is the only switch (a front door to restart may be older)
+            self.r.run(swap.switch(target), check=same and not reload)
+            if live is not None:
+                back = swap.switch(live)
+                self.undo.append(lambda: self.r.run(back, check=False))
+        if same and not reload:
             return edge.release
+        if reload:
+            self._reload(swap.edge)
+            self.r.run(swap.switch(target))
+            return self.hp.release_id
         self.say(f"starting the front door {swap.edge.name} on port {swap.edge.port}")
         self.r.run(release.ensure_dir(swap.upstream_file.rsplit("/", 1)[0]))
         for f in swap.edge.files:

@@ -121,3 +121,57 @@ def test_venv_colours_serve_their_socket_and_share_one_config_hash(config_factor
     assert "--port 24886 --uds /srv/albert/edge-test/sockets/blue.sock --workers 1" in blue
     assert "--port 24887 --uds /srv/albert/edge-test/sockets/green.sock --workers 1" in green
     assert swap.colours["blue"].config_hash == swap.colours["green"].config_hash
+
+
+def edge_switching(running: bool, same_hash: bool, files_changed: bool, reload_fails: bool = False):
+    """The engine's front-door switch on a stub host: what ran (with its check flag), the
+    undo steps too when it failed."""
+    from types import SimpleNamespace
+
+    from pyalbert.engine.host import HostDeploy
+
+    ran: list[tuple[str, bool]] = []
+    s = HostDeploy.__new__(HostDeploy)
+    s.undo, s.hp, s.say = [], SimpleNamespace(release_id="r2"), lambda *a, **k: None
+    s.r = SimpleNamespace(run=lambda cmd, check=True: ran.append((str(cmd), check)))
+    s._reads_other_files = lambda u: files_changed
+
+    def reload(u):
+        ran.append(("reload", True))
+        if reload_fails:
+            raise AlbertError("the new worker did not come up")
+    s._reload, s.wait_port = reload, lambda u: ran.append(("wait port", True))
+    edge = SimpleNamespace(name="albert-e-edge", port=443, config_hash="new", reload=object(),
+                           files=(), stop="stop edge", start="start edge")
+    swap = SimpleNamespace(edge=edge, switch=lambda colour: f"switch {colour}",
+                           upstream_file="/srv/edge-e/upstream")
+    state = SimpleNamespace(running=running, config_hash="new" if same_hash else "old",
+                            release="r1")
+    try:
+        s._switch_edge(swap, "green", state, live="blue")
+    except AlbertError:
+        for step in reversed(s.undo):  # what the engine's rollback runs
+            step()
+    return ran
+
+
+def test_a_front_door_is_switched_before_it_reloads_and_switched_back_on_failure():
+    """New requests go to the new colour on the running worker first: the worker a reload starts
+    loads that state, so it never routes to the old colour at an address of the new config (the
+    old colour, older code, may not listen there: the gateway's first unix socket). A failed
+    reload switches back before the new colour stops."""
+    ran = edge_switching(running=True, same_hash=True, files_changed=True)
+    assert ran == [("switch green", False), ("reload", True), ("switch green", True)]
+    ran = edge_switching(running=True, same_hash=True, files_changed=True, reload_fails=True)
+    assert [c for c, _ in ran] == ["switch green", "reload", "switch blue"]
+
+
+def test_an_unchanged_front_door_is_switched_once_and_a_new_one_after_it_starts():
+    ran = edge_switching(running=True, same_hash=True, files_changed=False)
+    assert ran == [("switch green", True)]
+    ran = edge_switching(running=True, same_hash=False, files_changed=False)
+    assert [c for c, _ in ran][0] == "switch green" and ran[-1] == ("switch green", True)
+    assert [c for c, _ in ran].index("start edge") < len(ran) - 1
+    ran = edge_switching(running=False, same_hash=False, files_changed=False)
+    assert [c for c, _ in ran if c.startswith("switch")] == ["switch green"]
+    assert ran[-1] == ("switch green", True)
