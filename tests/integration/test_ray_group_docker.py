@@ -187,17 +187,11 @@ def test_status_shows_the_nodes_and_their_resources(group):
     assert head["not_serving"] == [] and worker["not_serving"] == []
 
 
-def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
-    before = group.inspect(group.b, NODE)["State"]
-    server = group.inspect(group.a, VLLM)["RestartCount"]
-    formed = group.nodes()
-    # the worker's Ray dies (ray start --block: the container's main process, and so the rest)
-    group.b.run(["kill", "-KILL", str(before["Pid"])])
-    # the head's server loses its worker actor and exits: the gateway refuses the model (the
-    # gap may be short, docker restarts the server at once: sampled every 0.1 s, every answer kept).
-    # The docker runtime's api here is the fake gateway (the api image of these tests): it says
-    # 502 for an upstream that does not answer; the real gateway's 503 + Retry-After for a dead
-    # group is test_ray_group_deploy's (venv runtime).
+def wait_refused(group) -> httpx.Response:
+    """Until the gateway refuses the model: the fake gateway's 502 (the docker runtime's api here
+    is the fake gateway, the api image of these tests; the real gateway's 503 + Retry-After for
+    a dead group is test_ray_group_deploy's). The gap may be short (docker restarts the server
+    at once): sampled every 0.1 s, every answer kept and printed."""
     seen: list[str] = []
 
     def refusal():
@@ -206,9 +200,19 @@ def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
         return isinstance(r, httpx.Response) and r.status_code == 502 and r
 
     try:
-        refused = wait_for("the gateway to refuse the model", refusal, 90, step=0.1)
+        return wait_for("the gateway to refuse the model", refusal, 90, step=0.1)
     finally:
         print("\nanswers after the kill:", sorted({a[:60]: seen.count(a) for a in seen}.items()))
+
+
+def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
+    before = group.inspect(group.b, NODE)["State"]
+    server = group.inspect(group.a, VLLM)["RestartCount"]
+    formed = group.nodes()
+    # the worker's Ray dies (ray start --block: the container's main process, and so the rest)
+    group.b.run(["kill", "-KILL", str(before["Pid"])])
+    # the head's server loses its worker actor and exits: the gateway refuses the model
+    refused = wait_refused(group)
     assert "upstream: http://127.0.0.1:" in refused.text, refused.text
     # docker restarts the node, the group re-forms, docker restarts the server, it serves again
     back = wait_for("docker to restart the worker's node",
@@ -241,17 +245,7 @@ def test_a_crashed_head_node_comes_back_with_the_model_without_a_deploy(group):
     formed = group.nodes()
     group.a.run(["kill", "-KILL", str(before["State"]["Pid"])])
     t0 = time.monotonic()
-    seen: list[str] = []
-
-    def refusal():  # the fake gateway's 502 (see the dead worker's test)
-        r = group.chat()
-        seen.append(f"{r.status_code} {r.text[:80]}" if isinstance(r, httpx.Response) else r)
-        return isinstance(r, httpx.Response) and r.status_code == 502 and r
-
-    try:
-        wait_for("the gateway to refuse the model", refusal, 90, step=0.1)
-    finally:
-        print("\nanswers after the kill:", sorted({a[:60]: seen.count(a) for a in seen}.items()))
+    wait_refused(group)
     back = wait_for("docker to restart the head's node",
                     lambda: (s := group.inspect(group.a, NODE))["State"]["Running"]
                     and s["State"]["Pid"] != before["State"]["Pid"] and s, 60)
