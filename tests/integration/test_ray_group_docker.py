@@ -205,6 +205,27 @@ def wait_refused(group) -> httpx.Response:
         print("\nanswers after the kill:", sorted({a[:60]: seen.count(a) for a in seen}.items()))
 
 
+def wait_node_restarted(group, host, pid: int, what: str) -> dict:
+    """Until docker runs the node container on ``host`` again (another main process than
+    ``pid``); its `docker inspect`."""
+    return wait_for(f"docker to restart {what}",
+                    lambda: (s := group.inspect(host, NODE))["State"]["Running"]
+                    and s["State"]["Pid"] != pid and s, 60)
+
+
+def wait_answering(group, timeout: float) -> httpx.Response:
+    """Until the model answers through the gateway again (the head's server log, the containers
+    and `ray status` printed either way)."""
+    try:
+        return wait_for("the model to answer through the gateway again",
+                        lambda: isinstance(r := group.chat(), httpx.Response)
+                        and r.status_code == 200 and r, timeout)
+    finally:
+        log = group.a.run(["docker", "logs", "--tail", "15", VLLM], check=False)
+        print(f"the head's server, last lines:\n{log.stdout}{log.stderr}\n"
+              f"containers: {group.containers(group.a)}\nray status: {group.nodes()}")
+
+
 def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
     before = group.inspect(group.b, NODE)["State"]
     server = group.inspect(group.a, VLLM)["RestartCount"]
@@ -215,17 +236,9 @@ def test_a_dead_worker_takes_the_model_out_until_docker_restarts_it(group):
     refused = wait_refused(group)
     assert "upstream: http://127.0.0.1:" in refused.text, refused.text
     # docker restarts the node, the group re-forms, docker restarts the server, it serves again
-    back = wait_for("docker to restart the worker's node",
-                    lambda: (s := group.inspect(group.b, NODE))["State"]["Running"]
-                    and s["State"]["Pid"] != before["Pid"] and s, 60)
+    back = wait_node_restarted(group, group.b, before["Pid"], "the worker's node")
     assert back["RestartCount"] == 1
-    try:
-        answer = wait_for("the model to answer through the gateway again",
-                          lambda: isinstance(r := group.chat(), httpx.Response)
-                          and r.status_code == 200 and r, 150)
-    finally:
-        log = group.a.run(["docker", "logs", "--tail", "15", VLLM], check=False)
-        print(f"the head's server, last lines:\n{log.stdout}{log.stderr}\nray status: {group.nodes()}")
+    answer = wait_answering(group, 150)
     assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
     assert group.inspect(group.a, VLLM)["RestartCount"] > server
     # the group re-forms with the restarted worker node (the dead one is listed a while: reading
@@ -246,18 +259,9 @@ def test_a_crashed_head_node_comes_back_with_the_model_without_a_deploy(group):
     group.a.run(["kill", "-KILL", str(before["State"]["Pid"])])
     t0 = time.monotonic()
     wait_refused(group)
-    back = wait_for("docker to restart the head's node",
-                    lambda: (s := group.inspect(group.a, NODE))["State"]["Running"]
-                    and s["State"]["Pid"] != before["State"]["Pid"] and s, 60)
+    back = wait_node_restarted(group, group.a, before["State"]["Pid"], "the head's node")
     assert back["Id"] == before["Id"] and back["RestartCount"] > before["RestartCount"]
-    try:
-        answer = wait_for("the model to answer through the gateway again",
-                          lambda: isinstance(r := group.chat(), httpx.Response)
-                          and r.status_code == 200 and r, 240)
-    finally:
-        log = group.a.run(["docker", "logs", "--tail", "15", VLLM], check=False)
-        print(f"the head's server, last lines:\n{log.stdout}{log.stderr}\n"
-              f"containers: {group.containers(group.a)}\nray status: {group.nodes()}")
+    answer = wait_answering(group, 240)
     print(f"the model answered again {time.monotonic() - t0:.1f}s after the head's node died")
     assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
     # the same server container, restarted by docker; the same namespace, kept by its holder
